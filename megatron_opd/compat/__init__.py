@@ -1,0 +1,1 @@
+"""Explicit, version-pinned patches to third-party internals (never applied at import time)."""
