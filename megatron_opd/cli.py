@@ -1,0 +1,54 @@
+"""The `megatron-opd` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from megatron_opd.config import ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron-opd", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("train", "run an asynchronous OPD run (all processes on this machine)"),
+                        ("prepare", "make (or reuse) the quickstart teacher and student init")):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--config", help="YAML config (defaults when omitted)")
+        sp.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotlist overrides, e.g. train.steps=20 run.dir=runs/x")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:  # a bad config fails here, before any process starts
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"megatron-opd: config error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "prepare":
+        from megatron_opd.prepare import prepare
+
+        prepared = prepare(cfg, progress=cfg.logging.progress)
+        print(json.dumps({"teacher": str(prepared.teacher_dir), "student_init": str(prepared.student_dir),
+                          **{k: v for k, v in prepared.meta.items() if isinstance(v, dict)}}, indent=2))
+        return 0
+    from megatron_opd.launch import ProcessDied, Terminated, train
+
+    try:
+        summary = train(cfg)
+    except (ProcessDied, FileExistsError) as e:
+        print(f"megatron-opd: {e}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, Terminated):
+        print("megatron-opd: interrupted; all processes stopped", file=sys.stderr)
+        return 130
+    print(json.dumps(summary, indent=2))
+    print(f"megatron-opd: run artifacts in {cfg.run.dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

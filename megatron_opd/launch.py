@@ -1,0 +1,212 @@
+"""`megatron-opd train`: run every process of an OPD run on this machine and supervise them.
+
+Starts the teacher and rollout SGLang servers, then the learner and the orchestrator, wires them
+(HTTP to SGLang, ZeroMQ to the learner) through `wiring.json` in the run directory, and shuts
+every process group down on success, on Ctrl-C / SIGTERM, and as soon as any of them dies (the
+error names the process and shows the tail of its log).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_opd.config import Config, dump_config
+from megatron_opd.metrics import plot_curves, read_metrics
+from megatron_opd.wiring import RunWiring
+
+
+class ProcessDied(RuntimeError):
+    pass
+
+
+class Terminated(Exception):
+    """SIGTERM (e.g. scancel / preemption) turned into an exception so cleanup runs."""
+
+
+def _die_with_parent() -> None:
+    # PR_SET_PDEATHSIG: if the supervisor is SIGKILLed, its direct children get SIGTERM.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+    @classmethod
+    def spawn(cls, name: str, args: list[str], log: Path, env: dict | None = None) -> "Child":
+        fh = open(log, "ab")
+        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, preexec_fn=_die_with_parent,
+                                env={**os.environ, **(env or {})})
+        fh.close()
+        return cls(name, proc, log)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            _signal_group(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        _signal_group(self.proc.pid, signal.SIGKILL)  # whatever of its group is left
+        self.proc.wait()
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    run_dir = Path(cfg.run.dir).resolve()
+    if (run_dir / "metrics.jsonl").exists():
+        if not cfg.run.overwrite:
+            raise FileExistsError(f"run.dir: {run_dir} already holds a run "
+                                  "(set run.overwrite=true to replace it)")
+        for name in ("metrics.jsonl", "curves.png", "summary.json"):
+            (run_dir / name).unlink(missing_ok=True)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    return run_dir
+
+
+def train(cfg: Config) -> dict:
+    from megatron_opd.prepare import prepare
+    from megatron_opd.serving.sglang_server import SGLangServer
+
+    run_dir = prepare_run_dir(cfg)
+    prepared = prepare(cfg, progress=cfg.logging.progress)
+    logs = run_dir / "logs"
+    servers = [
+        SGLangServer("teacher", str(prepared.teacher_dir), _free_port(), str(logs / "teacher.log")),
+        SGLangServer("rollout", str(prepared.student_dir), _free_port(), str(logs / "rollout.log"),
+                     extra_args=("--weight-version", "0")),
+    ]
+    children: list[Child] = []
+    previous_term = signal.signal(signal.SIGTERM, _raise_terminated)
+    t_start = time.time()
+    try:
+        for s in servers:
+            s.start()
+        print(f"[megatron-opd] starting SGLang servers (logs in {logs})", flush=True)
+        for s in servers:
+            s.wait_ready(timeout=cfg.server.start_timeout_s)
+        wiring = RunWiring(
+            run_dir=str(run_dir), rollout_urls=[servers[1].url], teacher_urls=[servers[0].url],
+            samples_endpoint=f"tcp://127.0.0.1:{_free_port()}",
+            control_endpoint=f"tcp://127.0.0.1:{_free_port()}",
+            teacher_dir=str(prepared.teacher_dir), student_dir=str(prepared.student_dir),
+            weight_sync_master_port=_free_port())
+        wiring.save(run_dir / "wiring.json")
+        py = [sys.executable, "-m"]
+        learner_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+                       "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "OMP_NUM_THREADS": "1"}
+        children.append(Child.spawn("learner", py + ["megatron_opd.learner.main", "--run-dir",
+                                                     str(run_dir)], logs / "learner.log", learner_env))
+        children.append(Child.spawn("orchestrator", py + ["megatron_opd.orchestrator", "--run-dir",
+                                                          str(run_dir)], logs / "orchestrator.log",
+                                    {"OMP_NUM_THREADS": "1"}))
+        t_train = time.time()
+        _supervise(cfg, run_dir, servers, children)
+        train_seconds = time.time() - t_train
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        for c in reversed(children):
+            c.stop()
+        for s in servers:
+            s.stop()
+    records = read_metrics(run_dir / "metrics.jsonl")
+    plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+    summary = _summary(records, train_seconds, time.time() - t_start, prepared.meta)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(f"signal {signum}")
+
+
+def _supervise(cfg: Config, run_dir: Path, servers, children: list[Child]) -> None:
+    """Wait for the learner to finish; fail fast, naming the process, if anything dies."""
+    from tqdm import tqdm
+
+    learner = children[0]
+    bar = tqdm(total=cfg.train.steps, desc="train", unit="step", disable=not cfg.logging.progress)
+    metrics_path = run_dir / "metrics.jsonl"
+    try:
+        while True:
+            code = learner.proc.poll()
+            if code == 0:
+                break
+            if code is not None:
+                raise ProcessDied(f"learner exited with code {code}; last lines of {learner.log}:\n"
+                                  + log_tail(learner.log))
+            for c in children[1:]:
+                if c.proc.poll() is not None:
+                    raise ProcessDied(f"{c.name} exited with code {c.proc.returncode}; last lines "
+                                      f"of {c.log}:\n" + log_tail(c.log))
+            for s in servers:
+                if not s.alive():
+                    raise ProcessDied(f"SGLang server {s.name} died; last lines of {s.log_path}:\n"
+                                      + log_tail(Path(s.log_path)))
+            _update_bar(bar, metrics_path)
+            time.sleep(0.5)
+        _update_bar(bar, metrics_path)
+    finally:
+        bar.close()
+
+
+def _update_bar(bar, metrics_path: Path) -> None:
+    if not metrics_path.exists():
+        return
+    records = [r for r in read_metrics(metrics_path) if "train/loss" in r]
+    if len(records) > bar.n:
+        last = records[-1]
+        bar.update(len(records) - bar.n)
+        bar.set_postfix(loss=f"{last['train/loss']:.3f}", kl=f"{last['eval/reverse_kl']:.3f}",
+                        acc=f"{last['eval/accuracy']:.2f}", v=last["weights/version"])
+
+
+def _summary(records: list[dict], train_seconds: float, total_seconds: float, prepared: dict) -> dict:
+    first = next(r for r in records if r.get("eval/version") == 0)
+    last = records[-1]
+    kl0, kl1 = first["eval/reverse_kl"], last["eval/reverse_kl"]
+    return {
+        "steps": max(r["step"] for r in records if "train/loss" in r) + 1,
+        "final_version": last["weights/version"],
+        "eval/reverse_kl": {"initial": kl0, "final": kl1, "relative_drop": 1 - kl1 / kl0},
+        "eval/accuracy": {"initial": first["eval/accuracy"], "final": last["eval/accuracy"]},
+        "teacher_accuracy": prepared.get("teacher", {}).get("eval_accuracy"),
+        "train_seconds": train_seconds,
+        "total_seconds": total_seconds,
+    }

@@ -1,0 +1,1 @@
+"""The learner: megatron-core model, batches, objective, optimizer, weight publishing."""

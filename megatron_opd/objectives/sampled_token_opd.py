@@ -1,0 +1,56 @@
+"""Sampled-token on-policy distillation (ALGORITHMS.md §1).
+
+k_t = log pi(y_t|c_t) - log q(y_t|c_t) is a one-sample estimate of the per-token reverse KL;
+A_t = -lambda * sg(k_t) (optionally a gamma-discounted suffix sum), trained with the clipped
+importance-sampled policy gradient of §6 against pi_old.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_opd.objectives.policy_gradient import clipped_policy_gradient, masked_mean
+
+
+def opd_advantages(kl_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor,
+                   kl_coef: float, discount: float = 0.0) -> torch.Tensor:
+    """A_t = -lambda * sum_{s>=t} gamma^(s-t) m_s k_s (gamma = 0: the token's own k_t). [..., T]."""
+    mask = mask.to(kl_logprobs.dtype)
+    k = torch.where(mask > 0, (kl_logprobs - teacher_logprobs).detach(), torch.zeros_like(kl_logprobs))
+    if discount > 0:
+        out = torch.zeros_like(k)
+        running = torch.zeros_like(k[..., 0])
+        for t in range(k.shape[-1] - 1, -1, -1):
+            running = k[..., t] + discount * running
+            out[..., t] = running
+        k = out
+    return -kl_coef * k * mask
+
+
+def sampled_token_opd_loss(
+    logprobs: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    kl_coef: float = 1.0,
+    kl_logprobs: str = "current",
+    discount: float = 0.0,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.28,
+    old_logprobs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and metrics. logprobs: current student log-probs of the sampled tokens (with grad);
+    behaviour_logprobs: the rollout engine's (mu); old_logprobs: pi_old (defaults to mu)."""
+    if kl_logprobs not in ("current", "behaviour"):
+        raise ValueError(f"objective.kl_logprobs: unknown choice {kl_logprobs!r}")
+    kl_source = logprobs if kl_logprobs == "current" else behaviour_logprobs
+    adv = opd_advantages(kl_source, teacher_logprobs, mask, kl_coef, discount)
+    old = behaviour_logprobs if old_logprobs is None else old_logprobs
+    loss, metrics = clipped_policy_gradient(logprobs, old, adv, mask, clip_eps_low, clip_eps_high)
+    with torch.no_grad():
+        metrics["kl_sample"] = masked_mean(logprobs - teacher_logprobs, mask)
+        metrics["mismatch_abs"] = masked_mean((logprobs - behaviour_logprobs).abs(), mask)
+        metrics["advantage_mean"] = masked_mean(adv, mask)
+        metrics["tokens"] = mask.to(logprobs.dtype).sum()
+    return loss, metrics

@@ -1,0 +1,33 @@
+"""Where a run's processes find each other, written by the launcher into the run directory.
+
+The same entry points run embedded (one machine, `megatron-opd train`) and under Slurm; only who
+writes this file differs. Every field is a plain string or int, so it is JSON on disk.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass
+class RunWiring:
+    run_dir: str
+    rollout_urls: list[str]
+    teacher_urls: list[str]
+    samples_endpoint: str  # learner binds a PULL socket here; the orchestrator PUSHes samples
+    control_endpoint: str  # learner binds a PUB socket here; the orchestrator SUBscribes
+    teacher_dir: str  # prepared models (HF format), for their tokenizer/task ids
+    student_dir: str
+    weight_sync_master_addr: str = "127.0.0.1"
+    weight_sync_master_port: int = 0
+
+    def save(self, path: str | Path) -> None:
+        tmp = Path(str(path) + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunWiring":
+        return cls(**json.loads(Path(path).read_text()))

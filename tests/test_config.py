@@ -1,0 +1,56 @@
+"""Config tree: YAML + dotlist overrides, errors that name the key, round trip of the resolved tree."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_opd.config import ConfigError, config_from_dict, dump_config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_loads_and_overrides_apply():
+    cfg = load_config(ROOT / "configs/quickstart.yaml", ["train.steps=7", "async.max_staleness=0",
+                                                         "rollout.top_p=0.9", "task.ops=[rev]"])
+    assert cfg.train.steps == 7 and cfg.async_.max_staleness == 0
+    assert cfg.rollout.top_p == 0.9 and cfg.task.ops == ["rev"]
+
+
+def test_resolved_config_round_trips():
+    cfg = load_config(ROOT / "configs/quickstart.yaml", ["train.lr=0.5"])
+    again = config_from_dict(yaml.safe_load(dump_config(cfg)))
+    assert again == cfg
+    assert "async" in yaml.safe_load(dump_config(cfg))  # YAML spelling of the section
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.stepz=3", "train.stepz"),
+    ("bogus.x=1", "bogus"),
+    ("train.steps=abc", "train.steps"),
+    ("train.steps=1.5", "train.steps"),
+    ("logging.progress=3", "logging.progress"),
+    ("objective.kl_logprobs=magic", "objective.kl_logprobs"),
+    ("async.max_staleness=-1", "async.max_staleness"),
+    ("task.ops=[nope]", "task.ops[0]"),
+    ("model.num_kv_heads=3", "model.num_kv_heads"),
+    ("rollout.max_new_tokens=2", "rollout.max_new_tokens"),
+    ("train=5", "train"),
+    ("parallel.tensor_parallel=2", "parallel.tensor_parallel"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs/quickstart.yaml", [override])
+    assert str(err.value).startswith(key + ":"), str(err.value)
+
+
+def test_cli_refuses_bad_config_before_starting_anything(tmp_path):
+    run_dir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "megatron_opd.cli", "train", "--config",
+                          str(ROOT / "configs/quickstart.yaml"), "train.stepz=3",
+                          f"run.dir={run_dir}"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "train.stepz: unknown key" in out.stderr
+    assert not run_dir.exists()  # nothing was started or written
