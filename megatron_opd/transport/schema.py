@@ -1,0 +1,289 @@
+"""Typed, versioned messages between processes, encoded as ZeroMQ multipart frames.
+
+Frame 0 is a JSON header: {"schema": "megatron-opd", "version": SCHEMA_VERSION, "kind": ...,
+"fields": {scalars}, "tensors": [{"name", "dtype", "shape"}, ...]}; each following frame is the
+raw little-endian, C-contiguous bytes of one tensor, in table order. Tensors are handed to ZeroMQ
+as buffers (no copy through Python objects) and decoded with `np.frombuffer` over the received
+frames (zero-copy, read-only). Nothing is ever pickled. `decode` validates everything and raises
+`ProtocolError(reason, detail)`; receivers count rejections by reason and keep serving.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar
+
+import numpy as np
+import orjson
+
+SCHEMA = "megatron-opd"
+SCHEMA_VERSION = 1
+MAX_HEADER_BYTES = 1 << 20
+
+
+class ProtocolError(ValueError):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+def _fail(reason: str, detail: str = "") -> None:
+    raise ProtocolError(reason, detail)
+
+
+# ------------------------------------------------------------------------------- messages
+@dataclass
+class Sample:
+    """One trajectory for the learner (orchestrator → learner).
+
+    Invariants (checked by `decode`, and by `validate` before sending):
+    - sample_id unique per run, 1..128 chars; P = len(prompt_ids) >= 1; T = len(response_ids) >= 1.
+    - loss_mask, behaviour_logprobs, token_versions, teacher_logprobs have length T;
+      teacher_topk_ids / teacher_topk_logprobs are [T, K] (K may be 0).
+    - loss_mask in {0, 1} (environment/tool tokens are 0); log-probs finite; behaviour log-probs
+      <= 0 (1e-4 slack); token_versions >= 0 and non-decreasing (weights only move forward
+      while a response is generated).
+    - routed_experts, when present, is [P + T - 1, num_moe_layers, top_k].
+    """
+
+    sample_id: str
+    group_id: str
+    prompt_ids: np.ndarray  # int32 [P]
+    response_ids: np.ndarray  # int32 [T]
+    loss_mask: np.ndarray  # uint8 [T]
+    behaviour_logprobs: np.ndarray  # float32 [T]
+    token_versions: np.ndarray  # int64 [T]
+    teacher_logprobs: np.ndarray  # float32 [T]
+    teacher_topk_ids: np.ndarray  # int32 [T, K]
+    teacher_topk_logprobs: np.ndarray  # float32 [T, K]
+    teacher_revision: str = ""
+    routed_experts: np.ndarray | None = None
+    reward: float = 0.0
+    metadata: dict = field(default_factory=dict)
+    created_at: float = 0.0
+    finish_reason: str = ""
+
+    KIND: ClassVar[str] = "sample"
+    TENSORS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "prompt_ids": ("int32",), "response_ids": ("int32",), "loss_mask": ("uint8",),
+        "behaviour_logprobs": ("float32",), "token_versions": ("int64",),
+        "teacher_logprobs": ("float32",), "teacher_topk_ids": ("int32",),
+        "teacher_topk_logprobs": ("float32",), "routed_experts": ("uint8", "int16", "int32"),
+    }
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.response_ids.shape[0])
+
+    @property
+    def min_version(self) -> int:
+        return int(self.token_versions.min())
+
+    @property
+    def max_version(self) -> int:
+        return int(self.token_versions.max())
+
+    def validate(self) -> None:
+        _check_str(self.sample_id, "sample_id", 1, 128)
+        _check_str(self.group_id, "group_id", 0, 128)
+        _check_str(self.teacher_revision, "teacher_revision", 0, 256)
+        _check_str(self.finish_reason, "finish_reason", 0, 64)
+        _check_float(self.reward, "reward")
+        _check_float(self.created_at, "created_at")
+        _check_metadata(self.metadata)
+        for name, dtypes in self.TENSORS.items():
+            arr = getattr(self, name)
+            if arr is None and name == "routed_experts":
+                continue
+            if not isinstance(arr, np.ndarray) or arr.dtype.name not in dtypes:
+                _fail("bad_dtype", f"{name} must be a numpy array of {dtypes}")
+        P, T = self.prompt_ids.shape[0] if self.prompt_ids.ndim == 1 else -1, \
+            self.response_ids.shape[0] if self.response_ids.ndim == 1 else -1
+        if P < 1 or T < 1:
+            _fail("bad_shape", "prompt_ids and response_ids must be 1-D and non-empty")
+        for name in ("loss_mask", "behaviour_logprobs", "token_versions", "teacher_logprobs"):
+            if getattr(self, name).shape != (T,):
+                _fail("bad_shape", f"{name} must have shape [{T}]")
+        K = self.teacher_topk_ids.shape[1] if self.teacher_topk_ids.ndim == 2 else -1
+        if self.teacher_topk_ids.shape != (T, K) or self.teacher_topk_logprobs.shape != (T, K):
+            _fail("bad_shape", "teacher_topk_ids/logprobs must both be [T, K]")
+        re = self.routed_experts
+        if re is not None and (re.ndim != 3 or re.shape[0] != P + T - 1):
+            _fail("bad_shape", f"routed_experts must be [P+T-1={P + T - 1}, layers, top_k]")
+        if not np.all((self.loss_mask == 0) | (self.loss_mask == 1)):
+            _fail("bad_value", "loss_mask must be 0/1")
+        for name in ("behaviour_logprobs", "teacher_logprobs"):
+            if not np.all(np.isfinite(getattr(self, name))):
+                _fail("non_finite", f"{name} has NaN/inf")
+        if np.any(self.behaviour_logprobs > 1e-4):
+            _fail("bad_value", "behaviour_logprobs must be <= 0")
+        if K > 0 and not np.all(np.isfinite(self.teacher_topk_logprobs)):
+            _fail("non_finite", "teacher_topk_logprobs has NaN/inf")
+        v = self.token_versions
+        if np.any(v < 0) or np.any(np.diff(v) < 0):
+            _fail("bad_versions", "token_versions must be >= 0 and non-decreasing")
+
+
+@dataclass
+class EvalReport:
+    """Evaluation metrics of one policy version (orchestrator → learner)."""
+
+    version: int
+    metrics: dict = field(default_factory=dict)
+    KIND: ClassVar[str] = "eval_report"
+    TENSORS: ClassVar[dict] = {}
+
+    def validate(self) -> None:
+        _check_int(self.version, "version")
+        if not isinstance(self.metrics, dict) or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                for k, v in self.metrics.items()):
+            _fail("bad_field", "metrics must map str to numbers")
+
+
+@dataclass
+class WeightsPublished:
+    """Weights of `version` are live on the rollout fleet (learner → orchestrator). Latest wins."""
+
+    version: int
+    step: int
+    published_at: float = 0.0
+    KIND: ClassVar[str] = "weights_published"
+    TENSORS: ClassVar[dict] = {}
+
+    def validate(self) -> None:
+        _check_int(self.version, "version")
+        _check_int(self.step, "step")
+        _check_float(self.published_at, "published_at")
+
+
+@dataclass
+class Shutdown:
+    """The run is over; stop generating (learner → orchestrator)."""
+
+    reason: str = ""
+    KIND: ClassVar[str] = "shutdown"
+    TENSORS: ClassVar[dict] = {}
+
+    def validate(self) -> None:
+        _check_str(self.reason, "reason", 0, 1024)
+
+
+Message = Sample | EvalReport | WeightsPublished | Shutdown
+KINDS: dict[str, type] = {c.KIND: c for c in (Sample, EvalReport, WeightsPublished, Shutdown)}
+
+
+def _check_str(v: Any, name: str, lo: int, hi: int) -> None:
+    if not isinstance(v, str) or not lo <= len(v) <= hi:
+        _fail("bad_field", f"{name} must be a string of length {lo}..{hi}")
+
+
+def _check_int(v: Any, name: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        _fail("bad_field", f"{name} must be a non-negative integer")
+
+
+def _check_float(v: Any, name: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        _fail("bad_field", f"{name} must be a finite number")
+
+
+def _check_metadata(m: Any) -> None:
+    if not isinstance(m, dict) or len(m) > 64:
+        _fail("bad_field", "metadata must be a flat mapping of at most 64 entries")
+    for k, v in m.items():
+        if not isinstance(k, str) or not isinstance(v, (str, int, float, bool)):
+            _fail("bad_field", "metadata values must be str/int/float/bool")
+
+
+# ------------------------------------------------------------------------------ encoding
+def encode(msg: Message) -> list:
+    """Header bytes + one buffer per tensor (views of the arrays, never copies)."""
+    msg.validate()
+    scalars, table, frames = {}, [], []
+    for f in fields(msg):
+        value = getattr(msg, f.name)
+        if f.name in msg.TENSORS:
+            if value is None:
+                continue
+            arr = np.ascontiguousarray(value)  # no copy when already contiguous
+            if arr.dtype.byteorder == ">":
+                arr = arr.astype(arr.dtype.newbyteorder("<"))
+            table.append({"name": f.name, "dtype": arr.dtype.name, "shape": list(arr.shape)})
+            frames.append(memoryview(arr).cast("B") if arr.size else b"")
+        else:
+            scalars[f.name] = value
+    header = {"schema": SCHEMA, "version": SCHEMA_VERSION, "kind": msg.KIND, "fields": scalars,
+              "tensors": table}
+    return [orjson.dumps(header)] + frames
+
+
+def decode(frames: list, max_message_bytes: int | None = None) -> Message:
+    """Validate and decode frames (bytes / zmq.Frame / memoryview). Raises ProtocolError."""
+    if not frames:
+        _fail("empty", "no frames")
+    bufs = [memoryview(f.buffer if hasattr(f, "buffer") else f) for f in frames]
+    total = sum(b.nbytes for b in bufs)
+    if max_message_bytes is not None and total > max_message_bytes:
+        _fail("oversize", f"{total} bytes > {max_message_bytes}")
+    if bufs[0].nbytes > MAX_HEADER_BYTES:
+        _fail("oversize", "header too large")
+    try:
+        header = orjson.loads(bytes(bufs[0]))
+    except orjson.JSONDecodeError as e:
+        _fail("bad_header", f"not JSON: {e}")
+    if not isinstance(header, dict):
+        _fail("bad_header", "header is not an object")
+    if header.get("schema") != SCHEMA:
+        _fail("bad_schema", f"schema {header.get('schema')!r} is not {SCHEMA!r}")
+    if header.get("version") != SCHEMA_VERSION:
+        _fail("bad_schema_version", f"schema version {header.get('version')!r} is not supported "
+                                    f"(this build speaks {SCHEMA_VERSION})")
+    if set(header) != {"schema", "version", "kind", "fields", "tensors"}:
+        _fail("bad_header", f"header keys {sorted(header)}")
+    cls = KINDS.get(header["kind"]) if isinstance(header["kind"], str) else None
+    if cls is None:
+        _fail("unknown_kind", f"kind {header['kind']!r}")
+    scalars, table = header["fields"], header["tensors"]
+    if not isinstance(scalars, dict) or not isinstance(table, list):
+        _fail("bad_header", "fields must be an object and tensors a list")
+    if len(table) != len(bufs) - 1:
+        _fail("frame_count", f"{len(table)} tensors declared, {len(bufs) - 1} frames received")
+    scalar_names = {f.name for f in fields(cls) if f.name not in cls.TENSORS}
+    if set(scalars) - scalar_names:
+        _fail("bad_field", f"unknown fields {sorted(set(scalars) - scalar_names)}")
+    arrays = {}
+    for entry, buf in zip(table, bufs[1:]):
+        arrays.update([_decode_tensor(cls, entry, buf, arrays)])
+    required = {f.name for f in fields(cls)
+                if f.default is MISSING and f.default_factory is MISSING}
+    missing = required - set(scalars) - set(arrays)
+    if missing:
+        _fail("missing_field", f"{sorted(missing)}")
+    try:
+        msg = cls(**scalars, **arrays)
+    except TypeError as e:
+        _fail("bad_field", str(e))
+    msg.validate()
+    return msg
+
+
+def _decode_tensor(cls, entry: Any, buf: memoryview, seen: dict) -> tuple[str, np.ndarray]:
+    if not isinstance(entry, dict) or set(entry) != {"name", "dtype", "shape"}:
+        _fail("bad_tensor_table", "each tensor entry needs name, dtype, shape")
+    name, dtype, shape = entry["name"], entry["dtype"], entry["shape"]
+    if name not in cls.TENSORS or name in seen:
+        _fail("bad_tensor_table", f"unexpected or repeated tensor {name!r}")
+    if dtype not in cls.TENSORS[name]:
+        _fail("bad_dtype", f"{name}: dtype {dtype!r} not in {cls.TENSORS[name]}")
+    if not isinstance(shape, list) or len(shape) > 4 or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31 for d in shape):
+        _fail("bad_shape", f"{name}: shape {shape!r}")
+    dt = np.dtype(dtype).newbyteorder("<")
+    expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    if buf.nbytes != expected:
+        _fail("bad_shape", f"{name}: {buf.nbytes} bytes for shape {shape} of {dtype}")
+    arr = np.frombuffer(buf, dtype=dt) if expected else np.zeros(0, dtype=dt)
+    return name, arr.reshape(shape)
+
