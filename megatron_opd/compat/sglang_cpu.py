@@ -1,0 +1,151 @@
+"""What SGLang needs to serve tiny models on a CPU-only machine (and nothing else).
+
+Applied only inside the SGLang server processes we launch, through `sglang_site/sitecustomize.py`
+on their PYTHONPATH (SGLang starts its scheduler and detokenizer with the multiprocessing *spawn*
+method, so each child re-runs site initialisation and gets the same patches). Never applied when
+CUDA is available, never at import time of megatron_opd.
+
+Gaps on CPU (measured, see docs/sglang-on-cpu.md):
+1. `sgl_kernel`: its CPU build is not on PyPI; on CPUs without AMX SGLang takes torch-native
+   paths and only *imports* names from it.
+2. `torchvision`: PyPI wheels link CUDA torch; SGLang imports it for multimodal models only.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.metadata
+import importlib.util
+import sys
+import types
+import warnings
+
+TESTED_SGLANG = ("0.5.23",)
+STAND_IN_VERSION = "0.0.0"
+_applied: list[str] = []
+
+
+class _StandInMeta(type):
+    """Attribute access on a stand-in yields another stand-in, so import-time expressions such as
+    `torchvision.transforms.InterpolationMode.BICUBIC` evaluate; *calling* one raises clearly."""
+
+    def __getattr__(cls, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _stand_in(f"{cls.__qualname__}.{name}")
+
+    def __call__(cls, *args, **kwargs):
+        raise RuntimeError(f"{cls.__qualname__} is an import-time stand-in installed by "
+                           "megatron_opd.compat.sglang_cpu; it is not usable on this CPU build")
+
+
+def _stand_in(qualname: str) -> type:
+    return _StandInMeta(qualname.rsplit(".", 1)[-1], (), {"__qualname__": qualname})
+
+
+class _StandInModule(types.ModuleType):
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _stand_in(f"{self.__name__}.{name}")
+
+
+class _StandInDistribution(importlib.metadata.Distribution):
+    """Package metadata for a stand-in: libraries that probe `importlib.metadata.version(root)`
+    (transformers does, for torchvision) get a parseable version that is older than any real
+    release, so they take their paths for an absent/old package."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def read_text(self, filename):
+        if filename == "METADATA":
+            return f"Metadata-Version: 2.1\nName: {self._name}\nVersion: {STAND_IN_VERSION}\n"
+        return None
+
+    def locate_file(self, path):
+        return path
+
+
+class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Answers imports of `root` and its submodules with inert modules."""
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def find_distributions(self, context=importlib.metadata.DistributionFinder.Context()):
+        if context.name in (None, self.root):
+            return iter([_StandInDistribution(self.root)])
+        return iter(())
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == self.root or fullname.startswith(self.root + "."):
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = _StandInModule(spec.name)
+        module.__path__ = []  # a package, so submodule imports come back to this finder
+        module.__megatron_opd_stand_in__ = True
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+def _real_module_usable(name: str) -> bool:
+    if any(isinstance(f, _StandInFinder) and f.root == name for f in sys.meta_path):
+        return False
+    try:
+        if importlib.util.find_spec(name) is None:
+            return False
+        __import__(name)
+        return True
+    except Exception:  # present but broken (e.g. a CUDA-linked torchvision): replace it
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[key]
+        return False
+
+
+def _install_stand_in(root: str) -> bool:
+    if _real_module_usable(root) or any(
+            isinstance(f, _StandInFinder) and f.root == root for f in sys.meta_path):
+        return False
+    sys.meta_path.insert(0, _StandInFinder(root))
+    return True
+
+
+def patch_sgl_kernel_stand_in() -> bool:
+    """Target: `import sgl_kernel` (and submodules) from sglang 0.5.23 import paths. Why: the CPU
+    build of sgl-kernel is not on PyPI; without AMX SGLang only imports its names."""
+    return _install_stand_in("sgl_kernel")
+
+
+def patch_torchvision_stand_in() -> bool:
+    """Target: `import torchvision.*` from sglang 0.5.23 multimodal utilities (imported at server
+    start even for text models). Why: PyPI torchvision links CUDA torch and fails to import."""
+    return _install_stand_in("torchvision")
+
+
+def install_sglang_cpu_compat() -> list[str]:
+    """Apply every patch needed on a CPU-only machine; returns the names applied this call."""
+    import torch
+
+    if torch.cuda.is_available():
+        return []
+    try:
+        from importlib.metadata import version
+
+        found = version("sglang")
+        if found not in TESTED_SGLANG:
+            warnings.warn(f"megatron_opd.compat.sglang_cpu was tested with sglang {TESTED_SGLANG}, "
+                          f"found {found}")
+    except Exception:
+        pass
+    applied = []
+    for patch in (patch_sgl_kernel_stand_in, patch_torchvision_stand_in):
+        if patch():
+            applied.append(patch.__name__)
+    _applied.extend(applied)
+    return applied

@@ -1,0 +1,1 @@
+"""SGLang servers (teacher and rollout fleets): launching and the HTTP client."""

@@ -1,0 +1,156 @@
+"""Start, watch and stop one SGLang server process (teacher or rollout).
+
+Each server runs in its own process group (SGLang forks a scheduler and a detokenizer), so stop()
+can take down the whole group and leave no orphans. On a CPU-only machine the CPU compat is put on
+the server's PYTHONPATH (see megatron_opd/compat/sglang_cpu.py); on GPUs nothing is patched.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+_SITE_DIR = Path(__file__).resolve().parent.parent / "compat" / "sglang_site"
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def log_tail(path: str | Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log written)"
+
+
+def _die_with_parent() -> None:
+    # If our launcher is SIGKILLed, the kernel sends SIGTERM to the server (PR_SET_PDEATHSIG);
+    # SGLang's own parent watchdog then stops its children.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class SGLangServer:
+    def __init__(self, name: str, model_path: str, port: int, log_path: str,
+                 host: str = "127.0.0.1", extra_args: tuple[str, ...] = (),
+                 dtype: str = "float32", max_total_tokens: int = 16384,
+                 context_length: int | None = None, enable_return_routed_experts: bool = False):
+        self.name, self.model_path, self.port, self.host = name, model_path, port, host
+        self.log_path = str(log_path)
+        self.extra_args = tuple(extra_args)
+        self.dtype, self.max_total_tokens = dtype, max_total_tokens
+        self.context_length = context_length
+        self.enable_return_routed_experts = enable_return_routed_experts
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def command(self) -> list[str]:
+        args = [sys.executable, "-m", "sglang.launch_server", "--model-path", self.model_path,
+                "--host", self.host, "--port", str(self.port), "--dtype", self.dtype,
+                # The KV pool otherwise takes ~70% of RAM per server (GPU-style sizing).
+                "--max-total-tokens", str(self.max_total_tokens), "--skip-server-warmup"]
+        if not _cuda_available():
+            args += ["--device", "cpu", "--attention-backend", "torch_native"]
+        if self.context_length:
+            args += ["--context-length", str(self.context_length)]
+        if self.enable_return_routed_experts:
+            args += ["--enable-return-routed-experts"]
+        return args + list(self.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if not _cuda_available():
+            env["SGLANG_USE_CPU_ENGINE"] = "1"
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(_SITE_DIR), env.get("PYTHONPATH", "")) if p)
+        return env
+
+    def start(self) -> None:
+        Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=self.environment(),
+                                         start_new_session=True, preexec_fn=_die_with_parent)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        """Block until the server answers a real generation; raise ServerStartError otherwise."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if not self.alive():
+                code = self.proc.returncode if self.proc else None
+                raise ServerStartError(f"SGLang server '{self.name}' exited with code {code} "
+                                       f"while starting; last lines of {self.log_path}:\n"
+                                       + log_tail(self.log_path))
+            try:
+                if requests.get(f"{self.url}/health_generate", timeout=10).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise ServerStartError(f"SGLang server '{self.name}' not ready after {timeout:.0f} s; "
+                               f"last lines of {self.log_path}:\n" + log_tail(self.log_path))
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                break
+            try:
+                self.proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+            if sig == signal.SIGTERM:  # the leader is gone; make sure its children are too
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            break
+
+    def __enter__(self) -> "SGLangServer":
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
