@@ -1,0 +1,87 @@
+"""Qwen3-MoE as a megatron-core GPTModel, built from the same MoEModelSpec as the HF config.
+
+Qwen3-MoE semantics: RMSNorm, SwiGLU experts without biases, RoPE, grouped-query attention with
+per-head RMSNorm on queries and keys, every layer MoE with a softmax router whose top-k
+probabilities are renormalised (HF `norm_topk_prob=True` == megatron top-k then softmax), no
+token dropping, untied embeddings unless the spec ties them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_opd.models.spec import MoEModelSpec
+
+
+def transformer_config(spec: MoEModelSpec, params_dtype: torch.dtype = torch.float32, **overrides):
+    from megatron.core.transformer import TransformerConfig
+
+    on_gpu = torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_kv_heads,
+        kv_channels=spec.head_dim,
+        ffn_hidden_size=spec.moe_ffn_hidden_size,
+        moe_ffn_hidden_size=spec.moe_ffn_hidden_size,
+        num_moe_experts=spec.num_experts,
+        moe_router_topk=spec.moe_router_topk,
+        moe_router_pre_softmax=False,  # top-k logits, then softmax over them (= renormalised)
+        moe_router_score_function="softmax",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,  # grouped_gemm is GPU-only; SequentialMLP experts
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.rms_norm_eps,
+        qk_layernorm=True,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=not on_gpu,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        init_method_std=0.02,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_gpt_model(spec: MoEModelSpec, params_dtype: torch.dtype = torch.float32,
+                    pre_process: bool = True, post_process: bool = True, config=None):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    config = config or transformer_config(spec, params_dtype)
+    layer_spec = get_gpt_layer_local_spec(num_experts=spec.num_experts, moe_grouped_gemm=False,
+                                          qk_layernorm=True, normalization="RMSNorm")
+    return GPTModel(
+        config=config, transformer_layer_spec=layer_spec, vocab_size=spec.vocab_size,
+        max_sequence_length=spec.max_position_embeddings, pre_process=pre_process,
+        post_process=post_process, parallel_output=False,
+        share_embeddings_and_output_weights=spec.tie_word_embeddings,
+        position_embedding_type="rope", rotary_base=int(spec.rope_theta), rotary_percent=1.0)
+
+
+def causal_attention_mask(seq_len: int, device=None) -> torch.Tensor:
+    """[1, 1, s, s] bool, True where attention is *masked* (megatron's convention)."""
+    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), 1)[None, None]
+
+
+def forward_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[b, s] ids → [b, s, V] logits. Right padding does not change logits at valid positions
+    (causal attention), so batches are right-padded."""
+    b, s = input_ids.shape
+    if position_ids is None:
+        position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
+    return model(input_ids, position_ids, causal_attention_mask(s, input_ids.device))
