@@ -48,9 +48,11 @@ class PrepareConfig:
     """Supervised fine-tuning that makes the teacher (long) and the student's init (short)."""
 
     teacher_steps: int = 600
-    student_steps: int = 50
+    student_steps: int = 100
     batch_size: int = 64
     lr: float = 3e-3
+    # A teacher that is right but not one-hot (like real LLM teachers): bounded log-ratios.
+    teacher_label_smoothing: float = 0.1
     teacher_model: MoEModelSpec = field(default_factory=lambda: MoEModelSpec(
         hidden_size=128, num_layers=3, num_attention_heads=4, num_kv_heads=2, head_dim=32,
         moe_ffn_hidden_size=128, num_experts=8, moe_router_topk=2))
@@ -58,8 +60,13 @@ class PrepareConfig:
 
 @dataclass
 class ServerConfig:
+    """SGLang servers started by the embedded launcher (teacher and rollout)."""
+
     start_timeout_s: float = 300.0
     request_timeout_s: float = 120.0
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_total_tokens: int = 16384  # KV-cache tokens per server (SGLang sizes it from RAM otherwise)
+    threads: int = 1  # torch threads per server process (0: SGLang's default)
 
 
 @dataclass
@@ -197,6 +204,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -275,6 +287,8 @@ def validate(cfg: Config) -> None:
     need(cfg.prepare.student_steps >= 0, "prepare.student_steps", "must be >= 0")
     need(cfg.prepare.batch_size > 0, "prepare.batch_size", "must be positive")
     need(cfg.prepare.lr > 0, "prepare.lr", "must be positive")
+    need(0 <= cfg.prepare.teacher_label_smoothing < 1, "prepare.teacher_label_smoothing",
+         "must be in [0, 1)")
     r = cfg.rollout
     need(r.temperature > 0, "rollout.temperature", "must be > 0")
     need(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
@@ -302,6 +316,8 @@ def validate(cfg: Config) -> None:
     need(cfg.weight_sync.bucket_mb > 0, "weight_sync.bucket_mb", "must be positive")
     need(cfg.eval.interval > 0, "eval.interval", "must be positive")
     need(cfg.server.start_timeout_s > 0, "server.start_timeout_s", "must be positive")
+    need(cfg.server.max_total_tokens >= 256, "server.max_total_tokens", "must be >= 256")
+    need(cfg.server.threads >= 0, "server.threads", "must be >= 0")
     need(cfg.model.max_position_embeddings >= 3 + t.max_digits + r.max_new_tokens,
          "model.max_position_embeddings", "too small for prompt + max_new_tokens")
 

@@ -107,10 +107,13 @@ def train(cfg: Config) -> dict:
     run_dir = prepare_run_dir(cfg)
     prepared = prepare(cfg, progress=cfg.logging.progress)
     logs = run_dir / "logs"
+    sv = cfg.server
+    common = dict(dtype=sv.dtype, max_total_tokens=sv.max_total_tokens, threads=sv.threads or None)
     servers = [
-        SGLangServer("teacher", str(prepared.teacher_dir), _free_port(), str(logs / "teacher.log")),
+        SGLangServer("teacher", str(prepared.teacher_dir), _free_port(), str(logs / "teacher.log"),
+                     **common),
         SGLangServer("rollout", str(prepared.student_dir), _free_port(), str(logs / "rollout.log"),
-                     extra_args=("--weight-version", "0")),
+                     extra_args=("--weight-version", "0"), **common),
     ]
     children: list[Child] = []
     previous_term = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -172,7 +175,7 @@ def _supervise(cfg: Config, run_dir: Path, servers, children: list[Child]) -> No
                 raise ProcessDied(f"learner exited with code {code}; last lines of {learner.log}:\n"
                                   + log_tail(learner.log))
             for c in children[1:]:
-                if c.proc.poll() is not None:
+                if c.proc.poll() not in (None, 0):  # 0: it finished (e.g. after Shutdown)
                     raise ProcessDied(f"{c.name} exited with code {c.proc.returncode}; last lines "
                                       f"of {c.log}:\n" + log_tail(c.log))
             for s in servers:

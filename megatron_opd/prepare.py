@@ -24,7 +24,7 @@ from megatron_opd.models.spec import MoEModelSpec, to_hf_config
 from megatron_opd.task import DigitTask, Example
 from megatron_opd.tokenizer import save_tokenizer
 
-PREPARE_VERSION = 1  # bump when the recipe changes, so stale caches are not reused
+PREPARE_VERSION = 2  # bump when the recipe changes, so stale caches are not reused
 
 
 @dataclass
@@ -56,14 +56,15 @@ def prepare(cfg: Config, progress: bool = True) -> PreparedModels:
     meta: dict = {"cache_key": cache_key(cfg), "created_at": time.time()}
     teacher_spec = _with_task_ids(cfg.prepare.teacher_model, task, cfg.model.vocab_size)
     student_spec = _with_task_ids(cfg.model, task, cfg.model.vocab_size)
-    for name, spec, steps, seed in (
-        ("teacher", teacher_spec, cfg.prepare.teacher_steps, cfg.run.seed + 1),
-        ("student_init", student_spec, cfg.prepare.student_steps, cfg.run.seed + 2),
+    for name, spec, steps, seed, smoothing in (
+        ("teacher", teacher_spec, cfg.prepare.teacher_steps, cfg.run.seed + 1,
+         cfg.prepare.teacher_label_smoothing),
+        ("student_init", student_spec, cfg.prepare.student_steps, cfg.run.seed + 2, 0.0),
     ):
         t0 = time.time()
         model = sft_model(spec, task, task.train_stream(seed, exclude), steps,
                           cfg.prepare.batch_size, cfg.prepare.lr, seed, desc=name,
-                          progress=progress)
+                          progress=progress, label_smoothing=smoothing)
         acc = greedy_accuracy(model, task, eval_set)
         model.save_pretrained(tmp / name)
         save_tokenizer(tmp / name, task.vocab, spec.max_position_embeddings)
@@ -100,7 +101,8 @@ def collate(examples: list[Example], pad: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def sft_model(spec: MoEModelSpec, task: DigitTask, stream, steps: int, batch_size: int,
-              lr: float, seed: int, desc: str = "sft", progress: bool = True):
+              lr: float, seed: int, desc: str = "sft", progress: bool = True,
+              label_smoothing: float = 0.0):
     from transformers import Qwen3MoeForCausalLM
     from tqdm import tqdm
 
@@ -114,7 +116,10 @@ def sft_model(spec: MoEModelSpec, task: DigitTask, stream, steps: int, batch_siz
     bar = tqdm(range(steps), desc=f"prepare {desc}", disable=not progress, mininterval=2.0)
     for _ in bar:
         ids, mask, labels = collate([next(stream) for _ in range(batch_size)], task.pad)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100,
+                                                 label_smoothing=label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -42,13 +42,18 @@ class DistributedWeightPublisher:
     def __init__(self, clients: list[SGLangClient], master_addr: str = "127.0.0.1",
                  master_port: int | None = None, backend: str = "gloo",
                  group_name: str = "megatron_opd_weights", server_world_size: int = 1,
-                 bucket_bytes: int = 64 << 20, timeout_s: float = 300.0):
+                 bucket_bytes: int = 64 << 20, timeout_s: float = 300.0,
+                 pause_mode: str | None = "retract"):
         from megatron_opd.serving.sglang_server import free_port
 
         self.clients, self.backend, self.group_name = clients, backend, group_name
         self.master_addr, self.master_port = master_addr, master_port or free_port(master_addr)
         self.server_world_size = server_world_size  # ranks per server (its TP size)
         self.bucket_bytes, self.timeout_s = bucket_bytes, timeout_s
+        # SGLang holds a reader lock for every running request, so an update would wait for
+        # in-flight generations to finish. Pausing with "retract" frees their KV cache and lets
+        # them continue on the new weights (per-token versions record the switch); None waits.
+        self.pause_mode = pause_mode
         self.group = None
         self._pool = ThreadPoolExecutor(max_workers=max(2, len(clients)))
 
@@ -82,6 +87,9 @@ class DistributedWeightPublisher:
         if self.group is None:
             raise RuntimeError("DistributedWeightPublisher.publish before connect()")
         t0 = time.time()
+        if self.pause_mode:
+            for c in self.clients:
+                c.pause_generation(self.pause_mode)
         for c in self.clients:
             c.begin_weight_update()
         try:
@@ -99,6 +107,9 @@ class DistributedWeightPublisher:
         finally:
             for c in self.clients:
                 c.end_weight_update()
+            if self.pause_mode:
+                for c in self.clients:
+                    c.continue_generation()
         return time.time() - t0
 
     def close(self) -> None:

@@ -29,28 +29,38 @@ def evaluate(model, task, examples, rollout, teacher, version: int, vocab_size: 
     served = {g.weight_version for g in greedy + sampled}
     seqs = [p + list(s.output_ids) for p, s in zip(prompts, sampled)]
     scores = teacher.score(seqs, start=[len(p) for p in prompts], top_k=vocab_size)
-    kls = [_response_kl(model, p, s.output_ids, sc, vocab_size)
-           for p, s, sc in zip(prompts, sampled, scores) if len(s.output_ids) > 0]
-    all_kl = np.concatenate(kls) if kls else np.zeros(1)
+    kl = _response_kl(model, prompts, [list(s.output_ids) for s in sampled], scores, vocab_size)
     return {
         "eval/accuracy": accuracy,
-        "eval/reverse_kl": float(all_kl.mean()),
+        "eval/reverse_kl": float(kl.mean()) if kl.size else 0.0,
         "eval/version": version,
         "eval/served_version_ok": float(served == {version}),
         "eval/response_len": float(np.mean([len(s.output_ids) for s in sampled])),
     }
 
 
-def _response_kl(model, prompt, response, score, vocab_size: int) -> np.ndarray:
-    ids = torch.tensor([prompt + list(response)], dtype=torch.long)
-    P, n = len(prompt), len(response)
-    logits = forward_logits(model, ids)
-    index = torch.arange(P - 1, P - 1 + n).unsqueeze(0)
-    logp = torch.log_softmax(response_logits(logits, index)[0].double(), dim=-1)  # [n, V]
-    logq = torch.full((n, vocab_size), -torch.inf, dtype=torch.float64)
-    logq.scatter_(1, torch.as_tensor(score.topk_ids, dtype=torch.long),
-                  torch.as_tensor(score.topk_logprobs, dtype=torch.float64))
-    p = logp.exp()
-    # Terms with p == 0 contribute 0 even where q == 0 (-inf); where p > 0 and q == 0, KL = inf.
-    terms = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))
-    return terms.sum(-1).numpy()
+def _response_kl(model, prompts, responses, scores, vocab_size: int) -> np.ndarray:
+    """Per-position KL(pi || q) over the whole vocabulary at every response token (one batch)."""
+    keep = [i for i, r in enumerate(responses) if r]
+    if not keep:
+        return np.zeros(0)
+    seqs = [prompts[i] + responses[i] for i in keep]
+    ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+    T = max(len(responses[i]) for i in keep)
+    index = torch.zeros(len(seqs), T, dtype=torch.long)
+    for b, i in enumerate(keep):
+        ids[b, :len(seqs[b])] = torch.tensor(seqs[b])
+        P, n = len(prompts[i]), len(responses[i])
+        index[b, :n] = torch.arange(P - 1, P - 1 + n)
+    logp = torch.log_softmax(response_logits(forward_logits(model, ids), index).double(), -1)
+    out = []
+    for b, i in enumerate(keep):
+        n, sc = len(responses[i]), scores[i]
+        logq = torch.full((n, vocab_size), -torch.inf, dtype=torch.float64)
+        logq.scatter_(1, torch.as_tensor(sc.topk_ids, dtype=torch.long),
+                      torch.as_tensor(sc.topk_logprobs, dtype=torch.float64))
+        lp = logp[b, :n]
+        p = lp.exp()
+        # p == 0 contributes 0 even where q == 0; p > 0 with q == 0 is an infinite KL.
+        out.append(torch.where(p > 0, p * (lp - logq), torch.zeros_like(p)).sum(-1).numpy())
+    return np.concatenate(out)

@@ -102,6 +102,8 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
             **last_eval,
             "samples/count": len(samples), "samples/staleness_mean": stale.staleness_mean,
             "samples/staleness_max": stale.staleness_max,
+            "samples/version_min": min(int(x.token_versions.min()) for x in samples),
+            "samples/version_max": max(int(x.token_versions.max()) for x in samples),
             "samples/dropped_stale_tokens": dropped_tokens,
             "samples/rejected_messages": receiver.stats["rejected_total"],
             "weights/version": version, "time/wait_samples_s": t_wait,

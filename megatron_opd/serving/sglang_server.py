@@ -57,13 +57,15 @@ class SGLangServer:
     def __init__(self, name: str, model_path: str, port: int, log_path: str,
                  host: str = "127.0.0.1", extra_args: tuple[str, ...] = (),
                  dtype: str = "float32", max_total_tokens: int = 16384,
-                 context_length: int | None = None, enable_return_routed_experts: bool = False):
+                 context_length: int | None = None, enable_return_routed_experts: bool = False,
+                 threads: int | None = None):
         self.name, self.model_path, self.port, self.host = name, model_path, port, host
         self.log_path = str(log_path)
         self.extra_args = tuple(extra_args)
         self.dtype, self.max_total_tokens = dtype, max_total_tokens
         self.context_length = context_length
         self.enable_return_routed_experts = enable_return_routed_experts
+        self.threads = threads  # torch/OpenMP threads per server process (None: SGLang's choice)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -89,6 +91,8 @@ class SGLangServer:
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
+        if self.threads:
+            env["OMP_NUM_THREADS"] = str(self.threads)
         if not _cuda_available():
             env["SGLANG_USE_CPU_ENGINE"] = "1"
             env["PYTHONPATH"] = os.pathsep.join(

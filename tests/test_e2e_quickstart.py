@@ -1,0 +1,90 @@
+"""End to end: a shortened quickstart with real SGLang servers, ZeroMQ and the megatron learner.
+
+Runs `megatron-opd train` as a user would and checks what it produced: the held-out reverse KL
+to the teacher falls, policy versions advance, rollouts carry the new versions, artifacts exist.
+A second run kills a process mid-run and checks the launcher names it and leaves no orphans.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+STEPS = 30
+
+
+def _train_cmd(run_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "megatron_opd.cli", "train", "--config",
+            str(ROOT / "configs/quickstart.yaml"), f"run.dir={run_dir}",
+            f"run.cache_dir={ROOT / '.cache/megatron-opd'}", "logging.progress=false", *overrides]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_async_opd_run_learns(tmp_path):
+    run_dir = tmp_path / "run"
+    t0 = time.time()
+    out = subprocess.run(_train_cmd(run_dir, f"train.steps={STEPS}", "eval.interval=10"),
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    print(f"short run took {time.time() - t0:.0f} s")
+    records = _records(run_dir)
+    train = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train] == list(range(STEPS))
+    for r in train:  # every record carries what a user plots
+        for key in ("train/loss", "eval/reverse_kl", "eval/accuracy", "samples/staleness_mean",
+                    "weights/version"):
+            assert r[key] is not None, key
+    # Versions advance by one per optimizer step, and rollouts come back with the new versions.
+    assert [r["weights/version"] for r in train] == list(range(1, STEPS + 1))
+    assert train[-1]["samples/version_max"] >= STEPS - 3
+    assert all(r["samples/staleness_max"] <= 2 for r in train)  # async.max_staleness
+    evals = {r["eval/version"]: r for r in records}
+    assert all(r["eval/served_version_ok"] == 1.0 for r in evals.values())
+    # Learning: held-out reverse KL(student || teacher) falls.
+    kl0, kl1 = evals[0]["eval/reverse_kl"], records[-1]["eval/reverse_kl"]
+    assert records[-1]["eval/version"] == STEPS
+    assert kl1 < 0.7 * kl0, (kl0, kl1)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_version"] == STEPS
+    for name in ("config.yaml", "curves.png", "summary.json", "wiring.json"):
+        assert (run_dir / name).is_file(), name
+    assert any((run_dir / "tensorboard").iterdir())
+    ckpt = run_dir / "checkpoints" / f"step_{STEPS:06d}"
+    assert (ckpt / "hf" / "model.safetensors").is_file() and (ckpt / "megatron").is_dir()
+
+
+def test_a_dying_process_stops_the_run_and_is_named(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(run_dir, "train.steps=1000"), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        metrics = run_dir / "metrics.jsonl"
+        while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(1)
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+        victim = next(p for p in descendants if "megatron_opd.orchestrator" in " ".join(p.cmdline()))
+        victim.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    assert "orchestrator exited with code -9" in err
+    assert "last lines of" in err
+    time.sleep(1)
+    alive = [p for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [p.cmdline() for p in alive]
