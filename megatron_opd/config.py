@@ -48,11 +48,11 @@ class PrepareConfig:
     """Supervised fine-tuning that makes the teacher (long) and the student's init (short)."""
 
     teacher_steps: int = 600
-    student_steps: int = 100
+    student_steps: int = 140
     batch_size: int = 64
     lr: float = 3e-3
-    # A teacher that is right but not one-hot (like real LLM teachers): bounded log-ratios.
-    teacher_label_smoothing: float = 0.1
+    # Label smoothing of the teacher's SFT (0: a confident teacher; >0 caps its log-ratios).
+    teacher_label_smoothing: float = 0.0
     teacher_model: MoEModelSpec = field(default_factory=lambda: MoEModelSpec(
         hidden_size=128, num_layers=3, num_attention_heads=4, num_kv_heads=2, head_dim=32,
         moe_ffn_hidden_size=128, num_experts=8, moe_router_topk=2))
@@ -99,9 +99,9 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    batch_size: int = 32  # samples per optimizer step
-    lr: float = 1e-3
+    steps: int = 500
+    batch_size: int = 64  # samples per optimizer step
+    lr: float = 3e-4
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.99
@@ -130,7 +130,7 @@ class WeightSyncConfig:
 
 @dataclass
 class EvalConfig:
-    interval: int = 10  # learner steps between held-out evaluations (also at the first and last)
+    interval: int = 50  # learner steps between held-out evaluations (also at the first and last)
 
 
 @dataclass

@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
-STEPS = 30
+STEPS = 200
 
 
 def _train_cmd(run_dir: Path, *overrides: str) -> list[str]:
@@ -35,7 +35,7 @@ def _records(run_dir: Path) -> list[dict]:
 def test_short_async_opd_run_learns(tmp_path):
     run_dir = tmp_path / "run"
     t0 = time.time()
-    out = subprocess.run(_train_cmd(run_dir, f"train.steps={STEPS}", "eval.interval=10"),
+    out = subprocess.run(_train_cmd(run_dir, f"train.steps={STEPS}", "eval.interval=100"),
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     print(f"short run took {time.time() - t0:.0f} s")
@@ -55,7 +55,7 @@ def test_short_async_opd_run_learns(tmp_path):
     # Learning: held-out reverse KL(student || teacher) falls.
     kl0, kl1 = evals[0]["eval/reverse_kl"], records[-1]["eval/reverse_kl"]
     assert records[-1]["eval/version"] == STEPS
-    assert kl1 < 0.7 * kl0, (kl0, kl1)
+    assert kl1 < 0.75 * kl0, (kl0, kl1)  # the full quickstart (500 steps) reaches < 0.5
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_version"] == STEPS
     for name in ("config.yaml", "curves.png", "summary.json", "wiring.json"):
