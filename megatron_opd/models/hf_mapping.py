@@ -74,7 +74,7 @@ def _iter_megatron_to_hf(state: Mapping[str, torch.Tensor], spec: MoEModelSpec):
 
 
 def hf_to_megatron(hf: Mapping[str, torch.Tensor], spec: MoEModelSpec) -> dict[str, torch.Tensor]:
-    expected = set(megatron_to_hf_names(spec))
+    expected = set(hf_names(spec))
     missing, unexpected = expected - set(hf), set(hf) - expected
     if missing or unexpected:
         raise KeyError(f"HF checkpoint does not match the model spec: missing {sorted(missing)[:10]}"
@@ -98,14 +98,18 @@ def hf_to_megatron(hf: Mapping[str, torch.Tensor], spec: MoEModelSpec) -> dict[s
     return out
 
 
-def megatron_to_hf_names(spec: MoEModelSpec) -> list[str]:
-    """HF names in publishing order, without touching tensors."""
-    class _Any(dict):
-        def __missing__(self, key):
-            return torch.zeros(spec.num_kv_heads * (spec.num_attention_heads // spec.num_kv_heads + 2)
-                               * spec.head_dim, 1) if key.endswith("linear_qkv.weight") else torch.zeros(2, 1)
-
-    return [n for n, _ in _iter_megatron_to_hf(_Any(), spec)]
+def hf_names(spec: MoEModelSpec) -> list[str]:
+    """Every HF tensor name of this architecture."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not spec.tie_word_embeddings:
+        names.append("lm_head.weight")
+    for i in range(spec.num_layers):
+        hp = f"model.layers.{i}."
+        names += [hp + h for h in _LAYER_RENAMES.values()]
+        names += [hp + f"self_attn.{p}_proj.weight" for p in "qkv"]
+        names += [f"{hp}mlp.experts.{e}.{p}_proj.weight" for e in range(spec.num_experts)
+                  for p in ("gate", "up", "down")]
+    return names
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
