@@ -8,7 +8,6 @@ error names the process and shows the tail of its log).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from megatron_opd.config import Config, dump_config
 from megatron_opd.metrics import plot_curves, read_metrics
+from megatron_opd.procs import free_port as _free_port, log_tail, spawn_group, stop_group
 from megatron_opd.wiring import RunWiring
 
 
@@ -31,21 +31,6 @@ class Terminated(Exception):
     """SIGTERM (e.g. scancel / preemption) turned into an exception so cleanup runs."""
 
 
-def _die_with_parent() -> None:
-    # PR_SET_PDEATHSIG: if the supervisor is SIGKILLed, its direct children get SIGTERM.
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except OSError:
-        pass
-
-
-def log_tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log)"
-
-
 @dataclass
 class Child:
     name: str
@@ -54,37 +39,10 @@ class Child:
 
     @classmethod
     def spawn(cls, name: str, args: list[str], log: Path, env: dict | None = None) -> "Child":
-        fh = open(log, "ab")
-        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, preexec_fn=_die_with_parent,
-                                env={**os.environ, **(env or {})})
-        fh.close()
-        return cls(name, proc, log)
+        return cls(name, spawn_group(args, log, {**os.environ, **(env or {})}), log)
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.proc.poll() is None:
-            _signal_group(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        _signal_group(self.proc.pid, signal.SIGKILL)  # whatever of its group is left
-        self.proc.wait()
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        stop_group(self.proc, timeout)
 
 
 def prepare_run_dir(cfg: Config) -> Path:

@@ -8,9 +8,10 @@ patch process-wide state, so only the learner process (never SGLang's) installs 
 
 from __future__ import annotations
 
-import warnings
 
 import torch
+
+from megatron_opd.compat import warn_if_untested
 
 TESTED_MEGATRON_CORE = ("0.16.1",)
 _installed: set[str] = set()
@@ -94,15 +95,7 @@ def install_megatron_cpu_compat() -> list[str]:
     """Apply every patch (once) when CUDA is absent; returns the names applied by this call."""
     if torch.cuda.is_available():
         return []
-    try:
-        from importlib.metadata import version
-
-        found = version("megatron-core")
-        if found not in TESTED_MEGATRON_CORE:
-            warnings.warn(f"megatron_opd.compat.megatron_cpu was tested with megatron-core "
-                          f"{TESTED_MEGATRON_CORE}, found {found}")
-    except Exception:
-        pass
+    warn_if_untested("megatron-core", TESTED_MEGATRON_CORE, "megatron_opd.compat.megatron_cpu")
     applied = []
     for patch in _PATCHES:
         if patch.__name__ not in _installed:

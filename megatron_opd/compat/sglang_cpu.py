@@ -19,7 +19,8 @@ import importlib.metadata
 import importlib.util
 import sys
 import types
-import warnings
+
+from megatron_opd.compat import warn_if_untested
 
 TESTED_SGLANG = ("0.5.23",)
 STAND_IN_VERSION = "0.0.0"
@@ -134,15 +135,7 @@ def install_sglang_cpu_compat() -> list[str]:
 
     if torch.cuda.is_available():
         return []
-    try:
-        from importlib.metadata import version
-
-        found = version("sglang")
-        if found not in TESTED_SGLANG:
-            warnings.warn(f"megatron_opd.compat.sglang_cpu was tested with sglang {TESTED_SGLANG}, "
-                          f"found {found}")
-    except Exception:
-        pass
+    warn_if_untested("sglang", TESTED_SGLANG, "megatron_opd.compat.sglang_cpu")
     applied = []
     for patch in (patch_sgl_kernel_stand_in, patch_torchvision_stand_in):
         if patch():

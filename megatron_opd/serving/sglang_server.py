@@ -7,10 +7,7 @@ the server's PYTHONPATH (see megatron_opd/compat/sglang_cpu.py); on GPUs nothing
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,33 +15,13 @@ from pathlib import Path
 
 import requests
 
+from megatron_opd.procs import free_port, log_tail, spawn_group, stop_group  # noqa: F401 (re-export)
+
 _SITE_DIR = Path(__file__).resolve().parent.parent / "compat" / "sglang_site"
 
 
 class ServerStartError(RuntimeError):
     pass
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def log_tail(path: str | Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log written)"
-
-
-def _die_with_parent() -> None:
-    # If our launcher is SIGKILLed, the kernel sends SIGTERM to the server (PR_SET_PDEATHSIG);
-    # SGLang's own parent watchdog then stops its children.
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 def _cuda_available() -> bool:
@@ -100,11 +77,7 @@ class SGLangServer:
         return env
 
     def start(self) -> None:
-        Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=self.environment(),
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+        self.proc = spawn_group(self.command(), self.log_path, self.environment())
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -129,23 +102,8 @@ class SGLangServer:
                                f"last lines of {self.log_path}:\n" + log_tail(self.log_path))
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.proc is None:
-            return
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                break
-            try:
-                self.proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
-            if sig == signal.SIGTERM:  # the leader is gone; make sure its children are too
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            break
+        if self.proc is not None:
+            stop_group(self.proc, timeout)
 
     def __enter__(self) -> "SGLangServer":
         self.start()
