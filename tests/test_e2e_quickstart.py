@@ -65,7 +65,8 @@ def test_short_async_opd_run_learns(tmp_path):
     assert (ckpt / "hf" / "model.safetensors").is_file() and (ckpt / "megatron").is_dir()
 
 
-def test_a_dying_process_stops_the_run_and_is_named(tmp_path):
+@pytest.mark.parametrize("fault", ["kill_orchestrator", "ctrl_c"])
+def test_a_dying_process_or_ctrl_c_stops_every_process(tmp_path, fault):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(_train_cmd(run_dir, "train.steps=1000"), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -76,15 +77,23 @@ def test_a_dying_process_stops_the_run_and_is_named(tmp_path):
             assert proc.poll() is None, proc.communicate()
             time.sleep(1)
         descendants = psutil.Process(proc.pid).children(recursive=True)
-        victim = next(p for p in descendants if "megatron_opd.orchestrator" in " ".join(p.cmdline()))
-        victim.send_signal(signal.SIGKILL)
+        assert len(descendants) >= 6  # 2 servers (+ their children), learner, orchestrator
+        if fault == "ctrl_c":
+            proc.send_signal(signal.SIGINT)
+        else:
+            victim = next(p for p in descendants
+                          if "megatron_opd.orchestrator" in " ".join(p.cmdline()))
+            victim.send_signal(signal.SIGKILL)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 1
-    assert "orchestrator exited with code -9" in err
-    assert "last lines of" in err
+    if fault == "ctrl_c":
+        assert proc.returncode == 130 and "interrupted" in err
+    else:
+        assert proc.returncode == 1
+        assert "orchestrator exited with code -9" in err
+        assert "last lines of" in err
     time.sleep(1)
     alive = [p for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [p.cmdline() for p in alive]
