@@ -6,7 +6,6 @@ A second run kills a process mid-run and checks the launcher names it and leaves
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -42,7 +42,7 @@ def test_loss_and_gradients_equal_transformers():
 
     from megatron_opd.compat.megatron_cpu import install_megatron_cpu_compat
     from megatron_opd.learner.parallel import ParallelLayout, destroy_distributed, init_distributed
-    from megatron_opd.models.hf_mapping import megatron_to_hf, save_hf_checkpoint
+    from megatron_opd.models.hf_mapping import megatron_to_hf
     from megatron_opd.models.qwen3_moe import build_gpt_model, forward_logits
 
     install_megatron_cpu_compat()

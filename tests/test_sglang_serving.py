@@ -1,7 +1,6 @@
 """A real SGLang server on CPU: generation, teacher scoring and weight publishing vs transformers."""
 
 import os
-import signal
 
 import numpy as np
 import psutil
