@@ -75,6 +75,9 @@ def train(cfg: Config) -> dict:
     ]
     children: list[Child] = []
     previous_term = signal.signal(signal.SIGTERM, _raise_terminated)
+    # Ctrl-C must stop the run even when we were started with SIGINT ignored (background jobs
+    # of non-interactive shells inherit SIG_IGN, and Python then installs no handler).
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     t_start = time.time()
     try:
         for s in servers:
@@ -102,6 +105,7 @@ def train(cfg: Config) -> dict:
         train_seconds = time.time() - t_train
     finally:
         signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
         for c in reversed(children):
             c.stop()
         for s in servers:
