@@ -92,9 +92,17 @@ class AsyncConfig:
 
 @dataclass
 class ParallelConfig:
+    """The learner's megatron layout. The data-parallel size is what is left of the world size
+    (world = TP x CP x PP x DP; experts: ETP x EP x PP x expert-DP). `validate_parallel` checks
+    what the model alone decides; `learner.parallel.init_distributed` checks the world size."""
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    virtual_pipeline_parallel: int = 1  # model chunks per pipeline stage (interleaved 1F1B)
     expert_parallel: int = 1
+    expert_tensor_parallel: int = 1  # TP of the experts (1 = experts whole, usual for MoE)
+    context_parallel: int = 1  # needs Transformer Engine attention (GPU)
+    sequence_parallel: bool = True  # only meaningful when tensor_parallel > 1
+    micro_batch_size: int = 8  # samples per micro-batch (the pipeline's unit of work)
 
 
 @dataclass
@@ -107,6 +115,9 @@ class TrainConfig:
     adam_beta2: float = 0.99
     grad_clip: float = 1.0
     warmup_steps: int = 5
+    min_lr: float = 0.0
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"  # after warmup
+    distributed_optimizer: bool = True  # shard optimizer state over data parallel (megatron)
     checkpoint: bool = True  # save the final checkpoint
 
 
@@ -298,14 +309,16 @@ def validate(cfg: Config) -> None:
     need(r.max_inflight_requests > 0, "rollout.max_inflight_requests", "must be positive")
     need(cfg.teacher.top_k >= 0, "teacher.top_k", "must be >= 0")
     need(cfg.async_.max_staleness >= 0, "async.max_staleness", "must be >= 0")
-    for key in ("tensor_parallel", "pipeline_parallel", "expert_parallel"):
-        need(getattr(cfg.parallel, key) == 1, f"parallel.{key}",
-             "only 1 is supported by the walking skeleton (parallel layouts: issue 3)")
+    validate_parallel(cfg.parallel, cfg.model)
     tr = cfg.train
     need(tr.steps > 0, "train.steps", "must be positive")
     need(tr.batch_size > 0, "train.batch_size", "must be positive")
     need(tr.lr > 0, "train.lr", "must be positive")
     need(tr.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+    need(0 <= tr.min_lr <= tr.lr, "train.min_lr", "must be in [0, train.lr]")
+    mb = cfg.parallel.micro_batch_size
+    need(tr.batch_size % mb == 0, "train.batch_size",
+         f"must be a multiple of parallel.micro_batch_size = {mb}")
     need(0 <= tr.adam_beta1 < 1, "train.adam_beta1", "must be in [0, 1)")
     need(0 <= tr.adam_beta2 < 1, "train.adam_beta2", "must be in [0, 1)")
     o = cfg.objective
@@ -320,6 +333,46 @@ def validate(cfg: Config) -> None:
     need(cfg.server.threads >= 0, "server.threads", "must be >= 0")
     need(cfg.model.max_position_embeddings >= 3 + t.max_digits + r.max_new_tokens,
          "model.max_position_embeddings", "too small for prompt + max_new_tokens")
+
+
+def validate_parallel(p: ParallelConfig, spec: MoEModelSpec, prefix: str = "parallel") -> None:
+    """What the layout must satisfy for this model, independent of the world size."""
+    def need(cond: bool, key: str, why: str) -> None:
+        if not cond:
+            raise ConfigError(f"{prefix}.{key}: {why}")
+
+    for key in ("tensor_parallel", "pipeline_parallel", "virtual_pipeline_parallel",
+                "expert_parallel", "expert_tensor_parallel", "context_parallel", "micro_batch_size"):
+        need(getattr(p, key) >= 1, key, "must be >= 1")
+    tp, etp = p.tensor_parallel, p.expert_tensor_parallel
+    need(spec.num_attention_heads % tp == 0, "tensor_parallel",
+         f"must divide model.num_attention_heads = {spec.num_attention_heads}")
+    need(spec.num_kv_heads % tp == 0, "tensor_parallel",
+         f"must divide model.num_kv_heads = {spec.num_kv_heads} (each rank holds whole KV groups)")
+    need(spec.vocab_size % tp == 0, "tensor_parallel",
+         f"must divide model.vocab_size = {spec.vocab_size} (the vocabulary is sharded over TP)")
+    need(spec.num_experts % p.expert_parallel == 0, "expert_parallel",
+         f"must divide model.num_experts = {spec.num_experts}")
+    need(spec.moe_ffn_hidden_size % etp == 0, "expert_tensor_parallel",
+         f"must divide model.moe_ffn_hidden_size = {spec.moe_ffn_hidden_size}")
+    need(etp in (1, tp), "expert_tensor_parallel",
+         f"must be 1 or tensor_parallel = {tp} (the layouts megatron-opd tests)")
+    # megatron-core 0.16.1 treats experts as dense parameters when EP = 1 and reduces their
+    # gradients over the dense data-parallel group only; with ETP < TP each TP rank holds whole
+    # experts fed by its own sequence shard, so those partial gradients would never be summed.
+    need(p.expert_parallel > 1 or etp == tp, "expert_tensor_parallel",
+         f"must equal tensor_parallel = {tp} when expert_parallel = 1 (megatron reduces expert "
+         f"gradients like dense ones then)")
+    need(tp == 1 or p.sequence_parallel, "sequence_parallel",
+         "must be true when tensor_parallel > 1 (megatron requires it for MoE layers)")
+    stages = p.pipeline_parallel * p.virtual_pipeline_parallel
+    need(spec.num_layers % stages == 0, "pipeline_parallel",
+         f"pipeline_parallel x virtual_pipeline_parallel = {stages} must divide "
+         f"model.num_layers = {spec.num_layers}")
+    need(p.virtual_pipeline_parallel == 1 or p.pipeline_parallel > 1, "virtual_pipeline_parallel",
+         "needs pipeline_parallel > 1")
+    need(p.context_parallel == 1, "context_parallel",
+         "> 1 needs Transformer Engine attention, which megatron-opd does not build yet")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

@@ -38,7 +38,13 @@ def test_resolved_config_round_trips():
     ("model.num_kv_heads=3", "model.num_kv_heads"),
     ("rollout.max_new_tokens=2", "rollout.max_new_tokens"),
     ("train=5", "train"),
-    ("parallel.tensor_parallel=2", "parallel.tensor_parallel"),
+    ("parallel.tensor_parallel=3", "parallel.tensor_parallel"),
+    ("parallel.tensor_parallel=2", "parallel.expert_tensor_parallel"),
+    ("parallel.expert_parallel=3", "parallel.expert_parallel"),
+    ("parallel.pipeline_parallel=3", "parallel.pipeline_parallel"),
+    ("parallel.virtual_pipeline_parallel=2", "parallel.virtual_pipeline_parallel"),
+    ("parallel.context_parallel=2", "parallel.context_parallel"),
+    ("parallel.micro_batch_size=7", "train.batch_size"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:

@@ -21,10 +21,11 @@ SPECS = {
 @pytest.fixture(scope="module", autouse=True)
 def megatron_world():
     from megatron_opd.compat.megatron_cpu import install_megatron_cpu_compat
-    from megatron_opd.learner.parallel import ParallelLayout, destroy_distributed, init_distributed
+    from megatron_opd.config import ParallelConfig
+    from megatron_opd.learner.parallel import destroy_distributed, init_distributed
 
     install_megatron_cpu_compat()
-    init_distributed(ParallelLayout(), seed=0)
+    init_distributed(ParallelConfig(), seed=0)
     yield
     destroy_distributed()
 

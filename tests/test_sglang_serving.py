@@ -81,14 +81,15 @@ def test_teacher_scoring_matches_transformers_including_top_k(server, models):
 
 def test_distributed_and_disk_weight_publishing(server, models, tmp_path):
     from megatron_opd.compat.megatron_cpu import install_megatron_cpu_compat
-    from megatron_opd.learner.parallel import ParallelLayout, destroy_distributed, init_distributed
+    from megatron_opd.config import ParallelConfig
+    from megatron_opd.learner.parallel import destroy_distributed, init_distributed
     from megatron_opd.weight_sync import DiskWeightPublisher, DistributedWeightPublisher
 
     client = SGLangClient(server.url)
     ref_a, ref_b = reference_logprobs(models[0], SEQ), reference_logprobs(models[1], SEQ)
     expected = lambda ref: np.array([ref[j - 1, SEQ[j]].item() for j in range(6, len(SEQ))])
     install_megatron_cpu_compat()
-    init_distributed(ParallelLayout())  # the learner's own world exists beside the update group
+    init_distributed(ParallelConfig())  # the learner's own world exists beside the update group
     pub = DistributedWeightPublisher([client])
     try:
         pub.connect()

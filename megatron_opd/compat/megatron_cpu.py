@@ -87,8 +87,167 @@ def patch_moe_te_general_gemm_name() -> None:
         moe_utils.te_general_gemm = None
 
 
+class _CpuFactories:
+    """A stand-in for the `torch` module inside one megatron module: identical except that tensor
+    factories asked for device "cuda" build on the CPU."""
+
+    _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "empty_like", "zeros_like")
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        attr = getattr(self._real, name)
+        if name not in self._FACTORIES:
+            return attr
+
+        def factory(*args, **kwargs):
+            if str(kwargs.get("device", "")).startswith("cuda"):
+                kwargs["device"] = "cpu"
+            return attr(*args, **kwargs)
+        return factory
+
+
+# Modules (megatron-core 0.16.1) that build small bookkeeping tensors with device="cuda".
+_CUDA_FACTORY_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",  # total_num_tokens of every schedule
+    "megatron.core.utils",  # local_multi_tensor_l2_norm (the grad norm without apex/TE)
+    "megatron.core.optimizer.clip_grads",  # grad-norm and overflow buffers
+    "megatron.core.optimizer.optimizer",  # found_inf / scale buffers of the mixed-precision path
+    "megatron.core.transformer.moe.moe_utils",  # aux-loss tracker
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",  # save-plan reuse flag
+    "megatron.core.dist_checkpointing.exchange_utils",  # load-time shard exchange buffers
+)
+
+
+def patch_cuda_device_factories() -> None:
+    """Target: `torch.zeros/ones/empty/full/tensor(..., device="cuda")` in each module of
+    `_CUDA_FACTORY_MODULES` (megatron-core 0.16.1). Why: these are scalars and flags that only
+    need to live where the computation is; the module's `torch` name is replaced by a forwarding
+    stand-in, so nothing outside those modules changes."""
+    import importlib
+
+    for name in _CUDA_FACTORY_MODULES:
+        module = importlib.import_module(name)
+        if not isinstance(module.torch, _CpuFactories):
+            module.torch = _CpuFactories(module.torch)
+
+
+def patch_tensor_type_strings() -> None:
+    """Target: `param.type() == 'torch.cuda.FloatTensor'` checks in megatron-core 0.16.1
+    optimizer/distrib_optimizer.py (`_build_model_and_main_param_groups`),
+    optimizer/optimizer.py (`Float16OptimizerWithFloat16Params.__init__`) and
+    optimizer/clip_grads.py (`clip_grad_by_total_norm_fp32`). Why: they only tell fp32 from
+    fp16/bf16 tensors but spell the CUDA type; CPU tensors answer the CUDA spelling here. This
+    changes `Tensor.type()` with no argument process-wide, hence learner processes only."""
+    if getattr(torch.Tensor.type, "_megatron_opd_cpu", False):
+        return
+    original = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return original(self).replace("torch.", "torch.cuda.", 1)
+        return original(self, dtype, non_blocking, **kwargs)
+
+    type_._megatron_opd_cpu = True
+    torch.Tensor.type = type_
+
+
+def patch_alltoall_split_sizes() -> None:
+    """Target: `megatron.core.tensor_parallel.mappings.all_to_all` (0.16.1) as imported by the
+    MoE alltoall token dispatcher, which passes uneven split sizes as numpy arrays. Why: the
+    CPU build's `all_to_all_single` binding accepts only lists of ints (TypeError otherwise, with
+    EP > 1); `.tolist()` is exact."""
+    from megatron.core.tensor_parallel import mappings
+
+    original = mappings.all_to_all
+    if getattr(original, "_megatron_opd_cpu", False):
+        return
+
+    def all_to_all(group, input_, output_split_sizes_=None, input_split_sizes=None):
+        as_list = lambda s: s.tolist() if hasattr(s, "tolist") else s  # noqa: E731
+        return original(group, input_, as_list(output_split_sizes_), as_list(input_split_sizes))
+
+    all_to_all._megatron_opd_cpu = True
+    mappings.all_to_all = all_to_all
+    from megatron.core.transformer.moe import token_dispatcher
+    token_dispatcher.all_to_all = all_to_all
+
+
+def patch_torch_norm_sequence_parallel() -> None:
+    """Target: `megatron.core.transformer.torch_norm.WrappedTorchNorm.__new__` (0.16.1), the
+    norm of the local (non-Transformer-Engine) layer spec, which asserts `not sequence_parallel`.
+    Why: MoE with TP > 1 requires sequence parallelism in megatron, and the local spec is all a
+    CPU has. RMSNorm is per token, so on a sequence shard it is exact; only its weight gradient
+    is partial per rank, and tagging the weight `sequence_parallel` makes megatron's
+    `finalize_model_grads` all-reduce it over TP (what Transformer Engine's norm does)."""
+    from megatron.core.transformer import torch_norm
+
+    cls = torch_norm.WrappedTorchNorm
+    if getattr(cls.__new__, "_megatron_opd_cpu", False):
+        return
+    original = cls.__new__
+
+    def __new__(klass, config, hidden_size, eps=1e-5, persist_layer_norm=False,
+                zero_centered_gamma=False, normalization="LayerNorm"):
+        sp = config.sequence_parallel
+        config.sequence_parallel = False  # only for the assertion; restored below
+        try:
+            norm = original(klass, config, hidden_size, eps, persist_layer_norm,
+                            zero_centered_gamma, normalization)
+        finally:
+            config.sequence_parallel = sp
+        for p in norm.parameters():
+            p.sequence_parallel = sp
+        return norm
+
+    __new__._megatron_opd_cpu = True
+    cls.__new__ = __new__
+
+
+def patch_distrib_optimizer_torch_adam_step() -> None:
+    """Target: `DistributedOptimizer._set_main_param_and_optimizer_states` (megatron-core 0.16.1,
+    optimizer/distrib_optimizer.py), reached when loading a `fully_reshardable` checkpoint.
+    Why: without apex/Transformer Engine the inner optimizer is torch Adam, whose per-parameter
+    state holds a `step` tensor that the checkpoint's per-parameter tensors do not (megatron keeps
+    the step in the param groups and restores it in `load_state_dict`), so the upstream copy loop
+    raises KeyError('step'). Copy only what the checkpoint has. (`load_state_dict`: see below.)"""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(original, "_megatron_opd_cpu", False):
+        return
+
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        dst = {"param": main_param, **self.optimizer.state[main_param]}
+        for key, value in tensors.items():
+            dst[key].copy_(value)
+
+    _set_main_param_and_optimizer_states._megatron_opd_cpu = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+
+    # Same path, second bug: `load_state_dict` gives every parameter's state the *same* `step`
+    # tensor, and torch Adam increments it in place once per parameter (measured: step 3 -> 98
+    # after one step with 95 parameters), so bias correction is wrong after a resume.
+    original_load = DistributedOptimizer.load_state_dict
+
+    def load_state_dict(self, state_dict):
+        original_load(self, state_dict)
+        for state in self.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+    DistributedOptimizer.load_state_dict = load_state_dict
+
+
 _PATCHES = (patch_cuda_current_device, patch_cuda_rng_to_cpu, patch_cuda_streams,
-            patch_moe_te_general_gemm_name)
+            patch_moe_te_general_gemm_name, patch_cuda_device_factories,
+            patch_tensor_type_strings, patch_alltoall_split_sizes,
+            patch_torch_norm_sequence_parallel, patch_distrib_optimizer_torch_adam_step)
 
 
 def install_megatron_cpu_compat() -> list[str]:

@@ -29,7 +29,8 @@ from megatron_opd.wiring import RunWiring
 
 def run_learner(cfg: Config, wiring: RunWiring) -> dict:
     from megatron_opd.compat.megatron_cpu import install_megatron_cpu_compat
-    from megatron_opd.learner.parallel import ParallelLayout, destroy_distributed, init_distributed
+    from megatron_opd.config import ParallelConfig
+    from megatron_opd.learner.parallel import destroy_distributed, init_distributed
     from megatron_opd.models.hf_mapping import iter_hf_weights, load_hf_checkpoint
     from megatron_opd.models.qwen3_moe import build_gpt_model, forward_logits
     from megatron_opd.serving.sglang_client import SGLangClient
@@ -37,7 +38,7 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
     run_dir = Path(wiring.run_dir)
     torch.manual_seed(cfg.run.seed)
     install_megatron_cpu_compat()
-    init_distributed(ParallelLayout(**dataclasses.asdict(cfg.parallel)), seed=cfg.run.seed)
+    init_distributed(cfg.parallel, seed=cfg.run.seed)
 
     task = DigitTask.from_config(cfg.task, cfg.model.vocab_size)
     spec = dataclasses.replace(cfg.model, bos_token_id=task.bos, eos_token_id=task.eos,

@@ -1,7 +1,8 @@
-"""The learner's parallel layout, built once at start-up from config.
+"""The learner's parallel layout: torch.distributed + megatron process groups, built once.
 
-The walking skeleton runs world size 1 (TP = PP = EP = 1); the layout object and its validation
-are where tensor/pipeline/expert parallelism plug in (issue 3).
+`init_distributed(cfg.parallel)` checks the layout against the world size, creates megatron's
+groups and returns a `ParallelGroups`, which everything below the driver receives as an argument
+(nothing deep in the code asks megatron's `parallel_state` for a group).
 """
 
 from __future__ import annotations
@@ -11,52 +12,119 @@ import socket
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+
+from megatron_opd.config import ParallelConfig
 
 
-@dataclass
-class ParallelLayout:
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    expert_parallel: int = 1
-
-    def validate(self, world_size: int) -> None:
-        for key in ("tensor_parallel", "pipeline_parallel", "expert_parallel"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"parallel.{key}: must be >= 1")
-        model_parallel = self.tensor_parallel * self.pipeline_parallel
-        if world_size % model_parallel:
-            raise ValueError(f"parallel.tensor_parallel x parallel.pipeline_parallel = "
-                             f"{model_parallel} must divide the world size {world_size}")
-        if (world_size // self.pipeline_parallel) % self.expert_parallel:
-            raise ValueError(f"parallel.expert_parallel: {self.expert_parallel} must divide "
-                             f"world_size / pipeline_parallel = {world_size // self.pipeline_parallel}")
+class LayoutError(ValueError):
+    pass
 
 
-def init_distributed(layout: ParallelLayout, backend: str | None = None, seed: int = 1234) -> None:
-    """torch.distributed from torchrun's env (or a world of one), then megatron's groups + RNG."""
-    from megatron.core import parallel_state, tensor_parallel
+@dataclass(frozen=True)
+class ParallelGroups:
+    """Process groups and this rank's coordinates. Invariants: world = tp*cp*pp*dp and
+    world = etp*ep*pp*edp; tp ranks of one stage hold vocab/heads shards of the same layers; ep
+    ranks hold disjoint experts (global index = ep_rank * experts_per_rank + local index)."""
+    layout: ParallelConfig
+    world_size: int
+    rank: int
+    tp: object
+    pp: object
+    dp: object  # data parallel (with context parallel folded in: gradients reduce over it)
+    cp: object
+    ep: object
+    etp: object  # the experts' tensor-parallel group
+    edp: object  # data parallel of the experts
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    ep_rank: int
+    etp_rank: int
+    dp_size: int
 
-    if not torch.distributed.is_initialized():
-        if "RANK" not in os.environ:  # a plain single process
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.layout.pipeline_parallel - 1
+
+
+def check_world_size(layout: ParallelConfig, world_size: int) -> int:
+    """Raise LayoutError naming the `parallel.*` key unless the layout fits `world_size`;
+    return the data-parallel size."""
+    dense = layout.tensor_parallel * layout.context_parallel * layout.pipeline_parallel
+    experts = layout.expert_tensor_parallel * layout.expert_parallel * layout.pipeline_parallel
+    if world_size % dense:
+        raise LayoutError(
+            f"parallel.tensor_parallel: tensor_parallel x context_parallel x pipeline_parallel = "
+            f"{layout.tensor_parallel} x {layout.context_parallel} x {layout.pipeline_parallel} "
+            f"does not divide the world size {world_size}")
+    if world_size % experts:
+        raise LayoutError(
+            f"parallel.expert_parallel: expert_tensor_parallel x expert_parallel x "
+            f"pipeline_parallel = {layout.expert_tensor_parallel} x {layout.expert_parallel} x "
+            f"{layout.pipeline_parallel} does not divide the world size {world_size}")
+    return world_size // dense
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(layout: ParallelConfig, seed: int = 1234,
+                     backend: str | None = None) -> ParallelGroups:
+    """torch.distributed from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT) or a
+    world of one; then megatron's groups and RNG. gloo without CUDA, nccl with it."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    if ps.model_parallel_is_initialized():
+        raise RuntimeError("megatron parallel state is already initialised")
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    world = (dist.get_world_size() if dist.is_initialized()
+             else int(os.environ.get("WORLD_SIZE", "1")))
+    check_world_size(layout, world)  # before any group exists: a bad layout leaves nothing behind
+    if not dist.is_initialized():
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(backend=backend)
-    layout.validate(torch.distributed.get_world_size())
-    parallel_state.initialize_model_parallel(
+        if "RANK" in os.environ:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, rank=0, world_size=1,
+                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
+    vpp = layout.virtual_pipeline_parallel
+    ps.initialize_model_parallel(
         tensor_model_parallel_size=layout.tensor_parallel,
         pipeline_model_parallel_size=layout.pipeline_parallel,
-        expert_model_parallel_size=layout.expert_parallel)
+        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+        context_parallel_size=layout.context_parallel,
+        expert_model_parallel_size=layout.expert_parallel,
+        expert_tensor_parallel_size=layout.expert_tensor_parallel)
+    # use_cpu_initialization draws master weights from torch's generator: same seed on all ranks.
+    torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return ParallelGroups(
+        layout=layout, world_size=dist.get_world_size(), rank=dist.get_rank(),
+        tp=ps.get_tensor_model_parallel_group(), pp=ps.get_pipeline_model_parallel_group(),
+        dp=ps.get_data_parallel_group(with_context_parallel=True),
+        cp=ps.get_context_parallel_group(), ep=ps.get_expert_model_parallel_group(),
+        etp=ps.get_expert_tensor_parallel_group(), edp=ps.get_expert_data_parallel_group(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(with_context_parallel=True),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        etp_rank=ps.get_expert_tensor_parallel_rank(),
+        dp_size=ps.get_data_parallel_world_size(with_context_parallel=True))
 
 
 def destroy_distributed() -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()

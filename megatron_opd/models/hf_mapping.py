@@ -51,26 +51,38 @@ def megatron_to_hf(state: Mapping[str, torch.Tensor], spec: MoEModelSpec) -> dic
     return dict(_iter_megatron_to_hf(state, spec))
 
 
+def full_to_hf(name: str, t: torch.Tensor, spec: MoEModelSpec) -> list[tuple[str, torch.Tensor]]:
+    """One full megatron tensor -> its Hugging Face tensor(s) (views, no copies)."""
+    if name == "embedding.word_embeddings.weight":
+        return [("model.embed_tokens.weight", t)]
+    if name == "decoder.final_layernorm.weight":
+        return [("model.norm.weight", t)]
+    if name == "output_layer.weight":
+        return [] if spec.tie_word_embeddings else [("lm_head.weight", t)]
+    _, _, i, suffix = name.split(".", 3)
+    hp = f"model.layers.{i}."
+    if suffix in _LAYER_RENAMES:
+        return [(hp + _LAYER_RENAMES[suffix], t)]
+    if suffix == "self_attention.linear_qkv.weight":
+        q, k, v = _split_qkv(t, spec)
+        return [(hp + "self_attn.q_proj.weight", q), (hp + "self_attn.k_proj.weight", k),
+                (hp + "self_attn.v_proj.weight", v)]
+    if suffix.startswith("mlp.experts.local_experts."):
+        _, _, _, e, kind, _ = suffix.split(".")
+        hep = f"{hp}mlp.experts.{e}."
+        if kind == "linear_fc1":
+            gate, up = t.chunk(2, dim=0)
+            return [(hep + "gate_proj.weight", gate), (hep + "up_proj.weight", up)]
+        return [(hep + "down_proj.weight", t)]
+    raise KeyError(f"no Hugging Face name for megatron tensor {name}")
+
+
 def _iter_megatron_to_hf(state: Mapping[str, torch.Tensor], spec: MoEModelSpec):
-    yield "model.embed_tokens.weight", state["embedding.word_embeddings.weight"]
-    for i in range(spec.num_layers):
-        mp, hp = f"decoder.layers.{i}.", f"model.layers.{i}."
-        for msuf, hsuf in _LAYER_RENAMES.items():
-            yield hp + hsuf, state[mp + msuf]
-        q, k, v = _split_qkv(state[mp + "self_attention.linear_qkv.weight"], spec)
-        yield hp + "self_attn.q_proj.weight", q
-        yield hp + "self_attn.k_proj.weight", k
-        yield hp + "self_attn.v_proj.weight", v
-        for e in range(spec.num_experts):
-            ep = f"{mp}mlp.experts.local_experts.{e}."
-            gate, up = state[ep + "linear_fc1.weight"].chunk(2, dim=0)
-            hep = f"{hp}mlp.experts.{e}."
-            yield hep + "gate_proj.weight", gate
-            yield hep + "up_proj.weight", up
-            yield hep + "down_proj.weight", state[ep + "linear_fc2.weight"]
-    yield "model.norm.weight", state["decoder.final_layernorm.weight"]
-    if not spec.tie_word_embeddings:
-        yield "lm_head.weight", state["output_layer.weight"]
+    from megatron_opd.models.sharding import full_shapes
+
+    for name, _ in full_shapes(spec):
+        if name in state:
+            yield from full_to_hf(name, state[name], spec)
 
 
 def hf_to_megatron(hf: Mapping[str, torch.Tensor], spec: MoEModelSpec) -> dict[str, torch.Tensor]:
@@ -116,14 +128,26 @@ def _weights(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
 
-def iter_hf_weights(model, spec: MoEModelSpec) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) in a fixed order, for streaming to SGLang (views where possible)."""
+def iter_hf_weights(model, spec: MoEModelSpec, groups=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) in a fixed order, for streaming to SGLang or saving. `model` is one
+    GPTModel (world of one) or, with `groups`, this rank's list of model chunks under any layout:
+    then every rank must drain the iterator (it gathers shards) and every rank gets every tensor.
+    Tensors may be views of parameters: consume them before the next optimizer step."""
+    from megatron_opd.models.sharding import iter_full_tensors
+
     with torch.no_grad():
-        for name, t in _iter_megatron_to_hf(_weights(model), spec):
+        if groups is None:
+            full = _iter_megatron_to_hf(_weights(model), spec)
+        else:
+            full = (hf for name, t in iter_full_tensors(model, groups, spec)
+                    for hf in full_to_hf(name, t, spec))
+        for name, t in full:
             yield name, t.detach().contiguous()
 
 
-def load_hf_checkpoint(model, hf_dir: str | Path, spec: MoEModelSpec) -> None:
+def load_hf_checkpoint(model, hf_dir: str | Path, spec: MoEModelSpec, groups=None) -> None:
+    """Load an HF checkpoint into one GPTModel, or (with `groups`) into this rank's model chunks
+    under any layout, each rank taking its shards."""
     from safetensors.torch import load_file
 
     hf = {}
@@ -132,6 +156,10 @@ def load_hf_checkpoint(model, hf_dir: str | Path, spec: MoEModelSpec) -> None:
     if not hf:
         raise FileNotFoundError(f"no *.safetensors in {hf_dir}")
     state = hf_to_megatron(hf, spec)
+    if groups is not None:
+        from megatron_opd.models.sharding import load_full_state
+
+        return load_full_state(model, groups, state.__getitem__)
     own = _weights(model)
     missing, unexpected = set(own) - set(state), set(state) - set(own)
     if missing or unexpected:

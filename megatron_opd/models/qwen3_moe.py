@@ -13,9 +13,34 @@ import torch
 from megatron_opd.models.spec import MoEModelSpec
 
 
-def transformer_config(spec: MoEModelSpec, params_dtype: torch.dtype = torch.float32, **overrides):
+def transformer_config(spec: MoEModelSpec, params_dtype: torch.dtype = torch.float32,
+                       layout=None, **overrides):
+    """megatron's TransformerConfig for `spec` under `layout` (a config.ParallelConfig; None = one
+    process). `overrides` are TransformerConfig fields (e.g. moe_enable_routing_replay)."""
     from megatron.core.transformer import TransformerConfig
 
+    if spec.moe_router_topk == 1:
+        # megatron 0.16.1 forces pre-softmax scores for top-1 (weight p_max) while HF's
+        # renormalised top-1 weight is 1: no setting makes the two agree.
+        raise ValueError("model.moe_router_topk: 1 is not supported (megatron-core and HF "
+                         "renormalised top-1 routing differ)")
+    parallel = {}
+    if layout is not None:
+        tp = layout.tensor_parallel
+        parallel = dict(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=layout.pipeline_parallel,
+            virtual_pipeline_model_parallel_size=(layout.virtual_pipeline_parallel
+                                                  if layout.virtual_pipeline_parallel > 1 else None),
+            context_parallel_size=layout.context_parallel,
+            expert_model_parallel_size=layout.expert_parallel,
+            expert_tensor_parallel_size=layout.expert_tensor_parallel,
+            sequence_parallel=layout.sequence_parallel and tp > 1,
+            pipeline_dtype=params_dtype,
+            # gloo runs batched isend/irecv out of order under the interleaved schedule
+            # (measured: wrong losses with virtual stages); NCCL batches correctly.
+            batch_p2p_comm=torch.cuda.is_available(),
+        )
     on_gpu = torch.cuda.is_available()
     kwargs = dict(
         num_layers=spec.num_layers,
@@ -52,13 +77,20 @@ def transformer_config(spec: MoEModelSpec, params_dtype: torch.dtype = torch.flo
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         init_method_std=0.02,
+        # Losses return (sum over tokens, token count): gradients are divided by the global
+        # token count once, so any DP/PP/micro-batch split gives the same token-mean loss.
+        calculate_per_token_loss=True,
+        **parallel,
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
 
 def build_gpt_model(spec: MoEModelSpec, params_dtype: torch.dtype = torch.float32,
-                    pre_process: bool = True, post_process: bool = True, config=None):
+                    pre_process: bool = True, post_process: bool = True, config=None,
+                    vp_stage: int | None = None, parallel_output: bool = False):
+    """One megatron GPTModel (one pipeline chunk). parallel_output=True keeps the logits
+    vocab-sharded over TP ([b, s, V/tp]); False gathers them (evaluation, world-1 tools)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -68,9 +100,25 @@ def build_gpt_model(spec: MoEModelSpec, params_dtype: torch.dtype = torch.float3
     return GPTModel(
         config=config, transformer_layer_spec=layer_spec, vocab_size=spec.vocab_size,
         max_sequence_length=spec.max_position_embeddings, pre_process=pre_process,
-        post_process=post_process, parallel_output=False,
+        post_process=post_process, parallel_output=parallel_output, vp_stage=vp_stage,
         share_embeddings_and_output_weights=spec.tie_word_embeddings,
         position_embedding_type="rope", rotary_base=int(spec.rope_theta), rotary_percent=1.0)
+
+
+def build_model_chunks(spec: MoEModelSpec, config) -> list:
+    """This rank's model chunks (one per virtual pipeline stage), with embedding / output layer
+    only where the pipeline starts / ends. Logits stay vocab-sharded (parallel_output)."""
+    from megatron.core import parallel_state as ps
+
+    vpp = config.virtual_pipeline_model_parallel_size or 1
+    chunks = []
+    for stage in range(vpp):
+        vp = stage if vpp > 1 else None
+        chunks.append(build_gpt_model(
+            spec, config.params_dtype, config=config, vp_stage=vp, parallel_output=True,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp)))
+    return chunks
 
 
 def causal_attention_mask(seq_len: int, device=None) -> torch.Tensor:
