@@ -95,6 +95,7 @@ class ParallelConfig:
     """The learner's megatron layout. The data-parallel size is what is left of the world size
     (world = TP x CP x PP x DP; experts: ETP x EP x PP x expert-DP). `validate_parallel` checks
     what the model alone decides; `learner.parallel.init_distributed` checks the world size."""
+    world_size: int = 1  # learner processes (local: torchrun --nproc-per-node; Slurm: nodes x GPUs)
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     virtual_pipeline_parallel: int = 1  # model chunks per pipeline stage (interleaved 1F1B)
@@ -118,7 +119,11 @@ class TrainConfig:
     min_lr: float = 0.0
     lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"  # after warmup
     distributed_optimizer: bool = True  # shard optimizer state over data parallel (megatron)
+    params_dtype: Literal["float32", "bfloat16"] = "float32"  # bf16: fp32 master weights in the optimizer
     checkpoint: bool = True  # save the final checkpoint
+    checkpoint_interval: int = 0  # also every N steps (0: final only)
+    keep_checkpoints: int = 2  # newest complete checkpoints kept on disk
+    resume: bool = True  # continue from run_dir/checkpoints/latest when it exists
 
 
 @dataclass
@@ -316,9 +321,19 @@ def validate(cfg: Config) -> None:
     need(tr.lr > 0, "train.lr", "must be positive")
     need(tr.grad_clip >= 0, "train.grad_clip", "must be >= 0")
     need(0 <= tr.min_lr <= tr.lr, "train.min_lr", "must be in [0, train.lr]")
-    mb = cfg.parallel.micro_batch_size
-    need(tr.batch_size % mb == 0, "train.batch_size",
-         f"must be a multiple of parallel.micro_batch_size = {mb}")
+    p = cfg.parallel
+    dense = p.tensor_parallel * p.context_parallel * p.pipeline_parallel
+    need(p.world_size % dense == 0, "parallel.world_size",
+         f"must be a multiple of tensor_parallel x context_parallel x pipeline_parallel = {dense}")
+    experts = p.expert_tensor_parallel * p.expert_parallel * p.pipeline_parallel
+    need(p.world_size % experts == 0, "parallel.world_size",
+         f"must be a multiple of expert_tensor_parallel x expert_parallel x pipeline_parallel "
+         f"= {experts}")
+    per_step = p.micro_batch_size * max(1, p.world_size // dense)
+    need(tr.batch_size % per_step == 0, "train.batch_size",
+         f"must be a multiple of parallel.micro_batch_size x data-parallel size = {per_step}")
+    need(tr.checkpoint_interval >= 0, "train.checkpoint_interval", "must be >= 0")
+    need(tr.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     need(0 <= tr.adam_beta1 < 1, "train.adam_beta1", "must be in [0, 1)")
     need(0 <= tr.adam_beta2 < 1, "train.adam_beta2", "must be in [0, 1)")
     o = cfg.objective

@@ -60,7 +60,8 @@ def test_short_async_opd_run_learns(tmp_path):
     for name in ("config.yaml", "curves.png", "summary.json", "wiring.json"):
         assert (run_dir / name).is_file(), name
     assert any((run_dir / "tensorboard").iterdir())
-    ckpt = run_dir / "checkpoints" / f"step_{STEPS:06d}"
+    ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert ckpt.name == f"step_{STEPS:08d}"
     assert (ckpt / "hf" / "model.safetensors").is_file() and (ckpt / "megatron").is_dir()
 
 

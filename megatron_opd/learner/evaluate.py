@@ -3,64 +3,78 @@
 Accuracy: greedy answers from the rollout server (which serves exactly the learner's latest
 version). Reverse KL(student || teacher): on student-sampled held-out responses, the full-vocab
 KL at every response position, with the student's distribution from the learner's own forward
-pass and the teacher's from the teacher server's top-K = whole vocabulary.
+pass (any layout, vocab-sharded) and the teacher's from the teacher server's top-K = whole
+vocabulary. Rank 0 talks to the servers; every rank runs the forward pass.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from megatron_opd.learner.batch import response_logits
-from megatron_opd.models.qwen3_moe import forward_logits
+from megatron_opd.learner.io import broadcast_tensor
+from megatron_opd.learner.losses import reverse_kl_fn
+from megatron_opd.learner.train_step import MicroBatch, forward_backward
 
 
 @torch.no_grad()
-def evaluate(model, task, examples, rollout, teacher, version: int, vocab_size: int,
-             max_new_tokens: int, seed: int) -> dict[str, float]:
-    prompts = [list(ex.prompt_ids) for ex in examples]
-    greedy = rollout.generate(prompts, {"temperature": 0.0, "max_new_tokens": max_new_tokens,
-                                        "stop_token_ids": [task.eos]}, return_logprob=False)
-    accuracy = float(np.mean([task.is_correct(p, g.output_ids) for p, g in zip(prompts, greedy)]))
-    sampled = rollout.generate(prompts, {"temperature": 1.0, "top_p": 1.0,
-                                         "max_new_tokens": max_new_tokens,
-                                         "stop_token_ids": [task.eos], "sampling_seed": seed},
-                               return_logprob=False)
-    served = {g.weight_version for g in greedy + sampled}
-    seqs = [p + list(s.output_ids) for p, s in zip(prompts, sampled)]
-    scores = teacher.score(seqs, start=[len(p) for p in prompts], top_k=vocab_size)
-    kl = _response_kl(model, prompts, [list(s.output_ids) for s in sampled], scores, vocab_size)
-    return {
-        "eval/accuracy": accuracy,
-        "eval/reverse_kl": float(kl.mean()) if kl.size else 0.0,
-        "eval/version": version,
-        "eval/served_version_ok": float(served == {version}),
-        "eval/response_len": float(np.mean([len(s.output_ids) for s in sampled])),
-    }
+def evaluate(ddp, groups, task, examples, rollout, teacher, version: int, vocab_size: int,
+             max_new_tokens: int, seed: int, micro_batch_size: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    tensors = None
+    if dist.get_rank() == 0:
+        prompts = [list(ex.prompt_ids) for ex in examples]
+        greedy = rollout.generate(prompts, {"temperature": 0.0, "max_new_tokens": max_new_tokens,
+                                            "stop_token_ids": [task.eos]}, return_logprob=False)
+        sampled = rollout.generate(prompts, {"temperature": 1.0, "top_p": 1.0,
+                                             "max_new_tokens": max_new_tokens,
+                                             "stop_token_ids": [task.eos], "sampling_seed": seed},
+                                   return_logprob=False)
+        served = {g.weight_version for g in greedy + sampled}
+        responses = [list(s.output_ids) for s in sampled]
+        out = {"eval/accuracy": float(np.mean([task.is_correct(p, g.output_ids)
+                                               for p, g in zip(prompts, greedy)])),
+               "eval/version": version, "eval/served_version_ok": float(served == {version}),
+               "eval/response_len": float(np.mean([len(r) for r in responses]))}
+        tensors = _kl_inputs(prompts, responses, teacher, vocab_size, task.pad, micro_batch_size)
+    names = ("input_ids", "response_index", "loss_mask", "teacher_full_logprobs")
+    dims = (2, 2, 2, 3)
+    dtypes = (torch.int64, torch.int64, torch.float32, torch.float32)
+    data = {n: broadcast_tensor(tensors[n] if tensors else None, k, dt)
+            for n, k, dt in zip(names, dims, dtypes)}
+    # Every data-parallel rank scores the whole (small) set: the mean is unchanged.
+    micro = [MicroBatch(data["input_ids"][i:i + micro_batch_size],
+                        {n: data[n][i:i + micro_batch_size] for n in names[1:]})
+             for i in range(0, data["input_ids"].shape[0], micro_batch_size)]
+    _, _, metrics = forward_backward(ddp, micro, reverse_kl_fn(groups.tp, groups.tp_rank), groups,
+                                     forward_only=True)
+    out["eval/reverse_kl"] = metrics["reverse_kl"]
+    return out
 
 
-def _response_kl(model, prompts, responses, scores, vocab_size: int) -> np.ndarray:
-    """Per-position KL(pi || q) over the whole vocabulary at every response token (one batch)."""
+def _kl_inputs(prompts, responses, teacher, vocab_size: int, pad: int, mbs: int) -> dict:
+    """Right-padded ids, response positions, mask and full-vocab teacher log-probs, with rows
+    padded to a multiple of the micro-batch size (pipeline stages need equal shapes)."""
+    n = len(prompts)
+    rows = -(-n // mbs) * mbs
+    L = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    T = max(1, max(len(r) for r in responses))
+    ids = torch.full((rows, L), pad, dtype=torch.long)
+    index = torch.zeros(rows, T, dtype=torch.long)
+    mask = torch.zeros(rows, T)
+    logq = torch.zeros(rows, T, vocab_size)
     keep = [i for i, r in enumerate(responses) if r]
-    if not keep:
-        return np.zeros(0)
-    seqs = [prompts[i] + responses[i] for i in keep]
-    ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
-    T = max(len(responses[i]) for i in keep)
-    index = torch.zeros(len(seqs), T, dtype=torch.long)
-    for b, i in enumerate(keep):
-        ids[b, :len(seqs[b])] = torch.tensor(seqs[b])
-        P, n = len(prompts[i]), len(responses[i])
-        index[b, :n] = torch.arange(P - 1, P - 1 + n)
-    logp = torch.log_softmax(response_logits(forward_logits(model, ids), index).double(), -1)
-    out = []
-    for b, i in enumerate(keep):
-        n, sc = len(responses[i]), scores[i]
-        logq = torch.full((n, vocab_size), -torch.inf, dtype=torch.float64)
-        logq.scatter_(1, torch.as_tensor(sc.topk_ids, dtype=torch.long),
-                      torch.as_tensor(sc.topk_logprobs, dtype=torch.float64))
-        lp = logp[b, :n]
-        p = lp.exp()
-        # p == 0 contributes 0 even where q == 0; p > 0 with q == 0 is an infinite KL.
-        out.append(torch.where(p > 0, p * (lp - logq), torch.zeros_like(p)).sum(-1).numpy())
-    return np.concatenate(out)
+    scores = teacher.score([prompts[i] + responses[i] for i in keep],
+                           start=[len(prompts[i]) for i in keep], top_k=vocab_size) if keep else []
+    for i, sc in zip(keep, scores):
+        P, m = len(prompts[i]), len(responses[i])
+        ids[i, :P + m] = torch.tensor(prompts[i] + responses[i])
+        index[i, :m] = torch.arange(P - 1, P - 1 + m)
+        mask[i, :m] = 1.0
+        row = torch.full((m, vocab_size), -torch.inf)
+        row.scatter_(1, torch.as_tensor(sc.topk_ids, dtype=torch.long),
+                     torch.as_tensor(sc.topk_logprobs, dtype=torch.float32))
+        logq[i, :m] = row
+    return {"input_ids": ids, "response_index": index, "loss_mask": mask,
+            "teacher_full_logprobs": logq}

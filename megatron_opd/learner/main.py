@@ -1,123 +1,173 @@
-"""The learner process: receive samples, train the student with OPD, publish weights, log.
+"""The learner: receive samples, train the student with OPD under any megatron layout, publish
+weights, evaluate, checkpoint, log.
 
-`python -m megatron_opd.learner.main --run-dir DIR` reads DIR/config.yaml (resolved) and
-DIR/wiring.json (where the servers and sockets are). Policy version v = number of optimizer steps
-published; the rollout server starts at version 0 (the student's init).
+`python -m megatron_opd.learner.main --run-dir DIR` (or under torchrun for several ranks) reads
+DIR/config.yaml (resolved) and DIR/wiring.json. Policy version v = number of optimizer steps
+applied and published; the rollout server starts at version 0 (the student's init). Global rank
+0 alone talks to the sockets and servers; every rank trains and gathers weights.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from megatron_opd.config import Config, load_config
-from megatron_opd.learner.batch import collate, response_logprobs
-from megatron_opd.learner.checkpoint import save_final_checkpoint
-from megatron_opd.learner.evaluate import evaluate
-from megatron_opd.metrics import MetricsWriter
-from megatron_opd.objectives import sampled_token_opd_loss
-from megatron_opd.task import DigitTask
-from megatron_opd.transport import Sample, SampleReceiver, ControlPublisher, WeightsPublished, Shutdown
 from megatron_opd.wiring import RunWiring
 
 
 def run_learner(cfg: Config, wiring: RunWiring) -> dict:
     from megatron_opd.compat.megatron_cpu import install_megatron_cpu_compat
-    from megatron_opd.config import ParallelConfig
+    from megatron_opd.learner.checkpoint import (TrainerState, latest_checkpoint,
+                                                 load_checkpoint, save_checkpoint)
+    from megatron_opd.learner.evaluate import evaluate
+    from megatron_opd.learner.io import broadcast_batch
+    from megatron_opd.learner.losses import OPD_FIELDS, opd_loss_fn
     from megatron_opd.learner.parallel import destroy_distributed, init_distributed
-    from megatron_opd.models.hf_mapping import iter_hf_weights, load_hf_checkpoint
-    from megatron_opd.models.qwen3_moe import build_gpt_model, forward_logits
-    from megatron_opd.serving.sglang_client import SGLangClient
+    from megatron_opd.learner.train_step import (forward_backward, optimizer_step,
+                                                 split_microbatches, wrap_for_training)
+    from megatron_opd.models.hf_mapping import iter_hf_weights, load_hf_checkpoint, save_hf_checkpoint
+    from megatron_opd.models.qwen3_moe import build_model_chunks, transformer_config
+    from megatron_opd.task import DigitTask
 
     run_dir = Path(wiring.run_dir)
-    torch.manual_seed(cfg.run.seed)
     install_megatron_cpu_compat()
-    init_distributed(cfg.parallel, seed=cfg.run.seed)
-
+    groups = init_distributed(cfg.parallel, seed=cfg.run.seed)
+    rank0 = dist.get_rank() == 0
     task = DigitTask.from_config(cfg.task, cfg.model.vocab_size)
     spec = dataclasses.replace(cfg.model, bos_token_id=task.bos, eos_token_id=task.eos,
                                pad_token_id=task.pad)
-    model = build_gpt_model(spec)
-    load_hf_checkpoint(model, wiring.student_dir, spec)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                  betas=(cfg.train.adam_beta1, cfg.train.adam_beta2))
-    warmup = max(1, cfg.train.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-
-    rollout = SGLangClient(wiring.rollout_urls[0], timeout=cfg.server.request_timeout_s)
-    teacher = SGLangClient(wiring.teacher_urls[0], timeout=cfg.server.request_timeout_s)
-    receiver = SampleReceiver(wiring.samples_endpoint)
-    control = ControlPublisher(wiring.control_endpoint)
-    publisher = _make_publisher(cfg, wiring, rollout)
-    metrics = MetricsWriter(run_dir, tensorboard=cfg.logging.tensorboard)
+    dtype = getattr(torch, cfg.train.params_dtype)
+    chunks = build_model_chunks(spec, transformer_config(spec, dtype, layout=cfg.parallel))
+    ddp, optimizer, scheduler = wrap_for_training(chunks, cfg.train, groups)
+    ckpt_root = run_dir / "checkpoints"
+    resume_from = latest_checkpoint(ckpt_root) if cfg.train.resume else None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, chunks, optimizer, scheduler)
+    else:
+        load_hf_checkpoint(chunks, wiring.student_dir, spec, groups)
+        state = TrainerState(counters={"skipped_steps": 0, "dropped_stale_tokens": 0})
+    io = _RankZeroIO(cfg, wiring) if rank0 else None
+    loss_fn = opd_loss_fn(cfg.objective, groups.tp)
     eval_set = task.eval_set(cfg.task.num_eval_prompts, cfg.run.seed)
 
-    def run_eval(version: int) -> dict:
-        model.eval()
-        out = evaluate(model, task, eval_set, rollout, teacher, version, spec.vocab_size,
-                       cfg.rollout.max_new_tokens, seed=cfg.run.seed + version)
-        model.train()
-        return out
+    def publish() -> float:  # every rank gathers; rank 0 streams to the rollout fleet
+        weights = iter_hf_weights(chunks, spec, groups)
+        if not rank0:
+            for _ in weights:
+                pass
+            return 0.0
+        t = io.publisher.publish(weights, state.version)
+        io.announce(state)
+        return t
 
-    version, dropped_tokens, skipped_steps, seen_ids = 0, 0, 0, set()
-    last_eval = run_eval(version)
-    control.publish(WeightsPublished(version=0, step=0, published_at=time.time()))
-    for step in range(cfg.train.steps):
+    def run_eval() -> dict:
+        return evaluate(ddp, groups, task, eval_set, io and io.rollout, io and io.teacher,
+                        state.version, spec.vocab_size, cfg.rollout.max_new_tokens,
+                        seed=cfg.run.seed + state.version,
+                        micro_batch_size=cfg.parallel.micro_batch_size)
+
+    if state.version > 0:  # resumed: the fleet restarted from the init weights
+        publish()
+    last_eval = run_eval()
+    if rank0:
+        io.announce(state)
+    while state.step < cfg.train.steps:
         t0 = time.time()
-        samples = _receive(receiver, control, cfg.train.batch_size, version, seen_ids)
+        samples, batch, stale = (io.next_batch(cfg, state, task) if rank0 else (None, None, None))
         t_wait = time.time() - t0
-        batch, stale = collate(samples, task.pad, version, cfg.async_.max_staleness)
-        dropped_tokens += stale.dropped_tokens
-
-        logits = forward_logits(model, batch.input_ids)
-        logprobs = response_logprobs(logits, batch)
-        o = cfg.objective
-        loss, terms = sampled_token_opd_loss(
-            logprobs, batch.behaviour_logprobs, batch.teacher_logprobs, batch.loss_mask,
-            kl_coef=o.kl_coef, kl_logprobs=o.kl_logprobs, discount=o.discount,
-            clip_eps_low=o.clip_eps_low, clip_eps_high=o.clip_eps_high)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or math.inf)
+        batch = broadcast_batch(batch)
+        micro = split_microbatches(batch, OPD_FIELDS, groups, cfg.parallel.micro_batch_size)
+        loss, tokens, terms = forward_backward(ddp, micro, loss_fn, groups)
+        stepped, grad_norm = optimizer_step(optimizer, scheduler, loss)
+        state.step += 1
         t_sync = 0.0
-        if torch.isfinite(loss) and torch.isfinite(grad_norm):
-            optimizer.step()
-            scheduler.step()
-            version += 1
-            t_sync = publisher.publish(iter_hf_weights(model, spec), version)
-            control.publish(WeightsPublished(version=version, step=step + 1, published_at=time.time()))
+        if stepped:
+            state.version += 1
+            t_sync = publish()
         else:  # never publish weights made from a non-finite step
-            skipped_steps += 1
-        if version % cfg.eval.interval == 0 or step == cfg.train.steps - 1:
-            last_eval = run_eval(version)
-        metrics.log(step, {
-            "train/loss": loss.item(), "train/grad_norm": grad_norm.item(),
-            "train/lr": scheduler.get_last_lr()[0], "train/skipped_steps": skipped_steps,
-            **{f"train/{k}": v for k, v in terms.items()},
-            **last_eval,
+            state.counters["skipped_steps"] += 1
+        if state.version % cfg.eval.interval == 0 and stepped or state.step == cfg.train.steps:
+            last_eval = run_eval()
+        if cfg.train.checkpoint_interval and state.step % cfg.train.checkpoint_interval == 0 \
+                and state.step < cfg.train.steps:
+            save_checkpoint(ckpt_root, chunks, optimizer, scheduler, state,
+                            keep=cfg.train.keep_checkpoints)
+        if rank0:
+            state.counters["dropped_stale_tokens"] += stale.dropped_tokens
+            io.log(state, samples, stale, last_eval, {
+                "train/loss": loss, "train/tokens": tokens, "train/grad_norm": grad_norm,
+                "train/lr": optimizer.param_groups[0]["lr"],
+                **{f"train/{k}": v for k, v in terms.items()},
+                "time/wait_samples_s": t_wait, "time/weight_sync_s": t_sync,
+                "time/step_s": time.time() - t0})
+    if cfg.train.checkpoint:
+        save_checkpoint(ckpt_root, chunks, optimizer, scheduler, state,
+                        keep=cfg.train.keep_checkpoints,
+                        hf_export=lambda path: save_hf_checkpoint(
+                            chunks, spec, path, tokenizer_dir=wiring.student_dir, groups=groups))
+    if rank0:
+        io.close(state, last_eval)
+    destroy_distributed()
+    return last_eval
+
+
+class _RankZeroIO:
+    """Sockets, servers, weight publisher and metrics: global rank 0 only."""
+
+    def __init__(self, cfg: Config, wiring: RunWiring):
+        from megatron_opd.metrics import MetricsWriter
+        from megatron_opd.serving.sglang_client import SGLangClient
+        from megatron_opd.transport import ControlPublisher, SampleReceiver
+
+        self.rollout = SGLangClient(wiring.rollout_urls[0], timeout=cfg.server.request_timeout_s)
+        self.teacher = SGLangClient(wiring.teacher_urls[0], timeout=cfg.server.request_timeout_s)
+        self.receiver = SampleReceiver(wiring.samples_endpoint)
+        self.control = ControlPublisher(wiring.control_endpoint)
+        self.publisher = _make_publisher(cfg, wiring, self.rollout)
+        self.metrics = MetricsWriter(Path(wiring.run_dir), tensorboard=cfg.logging.tensorboard)
+        self.seen_ids: set = set()
+
+    def announce(self, state) -> None:
+        from megatron_opd.transport import WeightsPublished
+
+        self.control.publish(WeightsPublished(version=state.version, step=state.step,
+                                              published_at=time.time()))
+
+    def next_batch(self, cfg: Config, state, task):
+        from megatron_opd.learner.batch import collate
+        from megatron_opd.learner.io import receive_samples
+
+        samples = receive_samples(self.receiver, self.control, cfg.train.batch_size,
+                                  state.version, self.seen_ids)
+        batch, stale = collate(samples, task.pad, state.version, cfg.async_.max_staleness)
+        return samples, batch, stale
+
+    def log(self, state, samples, stale, last_eval: dict, train: dict) -> None:
+        self.metrics.log(state.step - 1, {
+            **train, **last_eval,
+            "train/skipped_steps": state.counters["skipped_steps"],
             "samples/count": len(samples), "samples/staleness_mean": stale.staleness_mean,
             "samples/staleness_max": stale.staleness_max,
             "samples/version_min": min(int(x.token_versions.min()) for x in samples),
             "samples/version_max": max(int(x.token_versions.max()) for x in samples),
-            "samples/dropped_stale_tokens": dropped_tokens,
-            "samples/rejected_messages": receiver.stats["rejected_total"],
-            "weights/version": version, "time/wait_samples_s": t_wait,
-            "time/weight_sync_s": t_sync, "time/step_s": time.time() - t0,
-        })
-    metrics.log(cfg.train.steps, {**last_eval, "weights/version": version})
-    metrics.close()
-    if cfg.train.checkpoint:
-        save_final_checkpoint(model, optimizer, spec, version, run_dir, wiring.student_dir)
-    control.publish(Shutdown(reason="training finished"))
-    publisher.close()
-    destroy_distributed()
-    return last_eval
+            "samples/dropped_stale_tokens": state.counters["dropped_stale_tokens"],
+            "samples/rejected_messages": self.receiver.stats["rejected_total"],
+            "weights/version": state.version})
+
+    def close(self, state, last_eval: dict) -> None:
+        from megatron_opd.transport import Shutdown
+
+        self.metrics.log(state.step, {**last_eval, "weights/version": state.version})
+        self.metrics.close()
+        self.control.publish(Shutdown(reason="training finished"))
+        self.publisher.close()
 
 
 def _make_publisher(cfg: Config, wiring: RunWiring, rollout):
@@ -131,22 +181,6 @@ def _make_publisher(cfg: Config, wiring: RunWiring, rollout):
                                      backend=cfg.weight_sync.backend)
     pub.connect()
     return pub
-
-
-def _receive(receiver, control, n: int, version: int, seen_ids: set) -> list[Sample]:
-    """Block until n new samples arrived; re-announce the version while waiting (PUB/SUB may have
-    dropped it before the orchestrator subscribed). Duplicate sample ids are never trained twice."""
-    samples: list[Sample] = []
-    last_announce = time.time()
-    while len(samples) < n:
-        msg = receiver.recv(timeout_ms=500)
-        if isinstance(msg, Sample) and msg.sample_id not in seen_ids:
-            seen_ids.add(msg.sample_id)
-            samples.append(msg)
-        if time.time() - last_announce > 2.0:
-            control.publish(WeightsPublished(version=version, step=version, published_at=time.time()))
-            last_announce = time.time()
-    return samples
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,6 +142,21 @@ def _broadcast_keys(keys: list[str], groups, src: int) -> list[str]:
     return bytes(buf.tolist()).decode().split("\n")
 
 
+def split_microbatches(batch, fields: tuple[str, ...], groups, micro_batch_size: int) -> list[MicroBatch]:
+    """This data-parallel rank's share of a global batch (a dataclass of batch-first tensors with
+    `input_ids`), cut into micro-batches."""
+    B = batch.input_ids.shape[0]
+    if B % (groups.dp_size * micro_batch_size):
+        raise ValueError(f"train.batch_size: {B} samples do not split into {groups.dp_size} "
+                         f"data-parallel ranks x micro-batches of {micro_batch_size}")
+    per = B // groups.dp_size
+    rows = slice(groups.dp_rank * per, (groups.dp_rank + 1) * per)
+    mine = {f: getattr(batch, f)[rows] for f in ("input_ids", *fields)}
+    return [MicroBatch(mine["input_ids"][i:i + micro_batch_size],
+                       {f: mine[f][i:i + micro_batch_size] for f in fields})
+            for i in range(0, per, micro_batch_size)]
+
+
 def _pad_to(mb: MicroBatch, seq: int) -> MicroBatch:
     pad = seq - mb.input_ids.shape[1]
     if pad == 0:

@@ -174,12 +174,21 @@ def load_hf_checkpoint(model, hf_dir: str | Path, spec: MoEModelSpec, groups=Non
 
 
 def save_hf_checkpoint(model, spec: MoEModelSpec, out_dir: str | Path,
-                       tokenizer_dir: str | Path | None = None) -> Path:
+                       tokenizer_dir: str | Path | None = None, groups=None) -> Path:
     """config.json + generation_config.json + model.safetensors (+ tokenizer), written aside and
-    renamed into place so a crash never leaves a half-written directory."""
+    renamed into place so a crash never leaves a half-written directory. With `groups` (model =
+    this rank's chunks) every rank must call it: they gather, global rank 0 writes."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
+    if groups is not None:
+        import torch.distributed as dist
+
+        tensors = {n: t.clone() for n, t in iter_hf_weights(model, spec, groups)}
+        if dist.get_rank() != 0:
+            return out
+    else:
+        tensors = {n: t.clone() for n, t in iter_hf_weights(model, spec)}
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -187,7 +196,6 @@ def save_hf_checkpoint(model, spec: MoEModelSpec, out_dir: str | Path,
     (tmp / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": spec.bos_token_id, "eos_token_id": spec.eos_token_id,
          "pad_token_id": spec.pad_token_id}))
-    tensors = {n: t.clone() for n, t in iter_hf_weights(model, spec)}
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer_dir is not None:
         for f in Path(tokenizer_dir).iterdir():

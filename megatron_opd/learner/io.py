@@ -1,0 +1,66 @@
+"""The learner's outside world: only global rank 0 talks to sockets and servers; tensors it
+receives reach the other ranks by broadcast (never pickled)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd.learner.batch import TrainBatch
+from megatron_opd.transport import Sample, WeightsPublished
+
+_BATCH_FIELDS = ("input_ids", "response_index", "response_ids", "loss_mask",
+                 "behaviour_logprobs", "teacher_logprobs", "token_versions")
+_DTYPES = {"input_ids": torch.int64, "response_index": torch.int64, "response_ids": torch.int64,
+           "loss_mask": torch.float32, "behaviour_logprobs": torch.float32,
+           "teacher_logprobs": torch.float32, "token_versions": torch.int64}
+
+
+def broadcast_batch(batch: TrainBatch | None) -> TrainBatch:
+    """Rank 0 passes its batch; every rank returns the same batch."""
+    if dist.get_world_size() == 1:
+        return batch
+    shape = torch.zeros(3, dtype=torch.int64)
+    if dist.get_rank() == 0:
+        shape[:] = torch.tensor([*batch.input_ids.shape, batch.response_ids.shape[1]])
+    dist.broadcast(shape, src=0)
+    B, L, T = shape.tolist()
+    out = {}
+    for name in _BATCH_FIELDS:
+        t = (getattr(batch, name).contiguous() if dist.get_rank() == 0
+             else torch.empty((B, L) if name == "input_ids" else (B, T), dtype=_DTYPES[name]))
+        dist.broadcast(t, src=0)
+        out[name] = t
+    return TrainBatch(**out)
+
+
+def broadcast_tensor(t: torch.Tensor | None, ndim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rank 0's tensor on every rank (shape sent first)."""
+    if dist.get_world_size() == 1:
+        return t
+    shape = torch.zeros(ndim, dtype=torch.int64)
+    if dist.get_rank() == 0:
+        shape[:] = torch.tensor(t.shape)
+    dist.broadcast(shape, src=0)
+    buf = t.contiguous() if dist.get_rank() == 0 else torch.empty(shape.tolist(), dtype=dtype)
+    dist.broadcast(buf, src=0)
+    return buf
+
+
+def receive_samples(receiver, control, n: int, version: int, seen_ids: set) -> list[Sample]:
+    """(Rank 0.) Block until n new samples arrived; re-announce the version while waiting
+    (PUB/SUB may have dropped it before the orchestrator subscribed). Duplicate sample ids are
+    never trained twice."""
+    samples: list[Sample] = []
+    last_announce = time.time()
+    while len(samples) < n:
+        msg = receiver.recv(timeout_ms=500)
+        if isinstance(msg, Sample) and msg.sample_id not in seen_ids:
+            seen_ids.add(msg.sample_id)
+            samples.append(msg)
+        if time.time() - last_announce > 2.0:
+            control.publish(WeightsPublished(version=version, step=version, published_at=time.time()))
+            last_announce = time.time()
+    return samples
