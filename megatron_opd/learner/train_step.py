@@ -9,6 +9,7 @@ mean over the whole batch, whatever the split, which is what makes layouts inter
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,7 +26,10 @@ class MicroBatch:
     """input_ids [b, s] right-padded; `data` holds what the loss needs, batch-first tensors."""
     input_ids: torch.Tensor
     data: dict[str, torch.Tensor] = field(default_factory=dict)
+    index: int = 0  # position in the step's list of micro-batches (set by forward_backward)
 
+
+Hook = Callable[[MicroBatch, torch.nn.Module], None]
 
 # loss_fn(vocab-sharded logits [b, s, V/tp] float, micro-batch) -> (sum of per-token losses,
 # token count, {metric name: (sum, count)} for logging)
@@ -72,20 +76,29 @@ def wrap_for_training(chunks: list, train_cfg, groups):
 
 
 def forward_backward(ddp: list, microbatches: list[MicroBatch], loss_fn: LossFn, groups,
-                     forward_only: bool = False) -> tuple[float, int, dict[str, float]]:
+                     forward_only: bool = False, pre_forward: Hook | None = None,
+                     post_forward: Hook | None = None) -> tuple[float, int, dict[str, float]]:
     """Run all micro-batches through the pipeline; returns (global token-mean loss, global token
-    count, global token-mean metrics), the same on every rank."""
+    count, global token-mean metrics), the same on every rank. `pre_forward` / `post_forward`
+    run around each model-chunk forward of a micro-batch (e.g. routing replay)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     seq = max(mb.input_ids.shape[1] for mb in microbatches)
+    tp = groups.layout.tensor_parallel
+    seq = -(-seq // tp) * tp  # sequence parallelism splits positions evenly over TP ranks
     mbs = microbatches[0].input_ids.shape[0]
-    microbatches = [_pad_to(mb, seq) for mb in microbatches]
+    microbatches = [dataclasses.replace(_pad_to(mb, seq), index=i)
+                    for i, mb in enumerate(microbatches)]
     mask = causal_attention_mask(seq)
     positions = torch.arange(seq).unsqueeze(0)
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
+        if pre_forward is not None:
+            pre_forward(mb, model)
         out = model(mb.input_ids, positions.expand_as(mb.input_ids), mask)
+        if post_forward is not None:
+            post_forward(mb, model)
         return out, partial(_loss_adapter, loss_fn, mb)
 
     vpp = len(ddp)
@@ -162,7 +175,17 @@ def _pad_to(mb: MicroBatch, seq: int) -> MicroBatch:
     if pad == 0:
         return mb
     ids = torch.nn.functional.pad(mb.input_ids, (0, pad))  # right padding: causal => no effect
-    return MicroBatch(ids, mb.data)
+    data = {k: _pad_seq(v, pad) if k in SEQUENCE_FIELDS else v for k, v in mb.data.items()}
+    return MicroBatch(ids, data, mb.index)
+
+
+# Micro-batch tensors laid out per input position ([b, s, ...]): padded with the input ids.
+SEQUENCE_FIELDS = ("routed_experts",)
+
+
+def _pad_seq(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """Right-pad dim 1 by repeating the last position (any valid value is exact: causal)."""
+    return torch.cat([t, t[:, -1:].expand(-1, pad, *t.shape[2:])], dim=1)
 
 
 def optimizer_step(optimizer, scheduler, loss: float) -> tuple[bool, float]:
