@@ -93,10 +93,8 @@ def train(cfg: Config) -> dict:
             weight_sync_master_port=_free_port())
         wiring.save(run_dir / "wiring.json")
         py = [sys.executable, "-m"]
-        learner_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-                       "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "OMP_NUM_THREADS": "1"}
-        children.append(Child.spawn("learner", py + ["megatron_opd.learner.main", "--run-dir",
-                                                     str(run_dir)], logs / "learner.log", learner_env))
+        children.append(Child.spawn("learner", _learner_command(cfg, run_dir),
+                                    logs / "learner.log", {"OMP_NUM_THREADS": "1"}))
         children.append(Child.spawn("orchestrator", py + ["megatron_opd.orchestrator", "--run-dir",
                                                           str(run_dir)], logs / "orchestrator.log",
                                     {"OMP_NUM_THREADS": "1"}))
@@ -115,6 +113,17 @@ def train(cfg: Config) -> dict:
     summary = _summary(records, train_seconds, time.time() - t_start, prepared.meta)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _learner_command(cfg: Config, run_dir: Path) -> list[str]:
+    """One learner process, or torchrun with `parallel.world_size` ranks on this machine (it
+    forwards SIGTERM to its ranks, so stopping its process group stops them)."""
+    module = ["-m", "megatron_opd.learner.main", "--run-dir", str(run_dir)]
+    world = cfg.parallel.world_size
+    if world == 1:
+        return [sys.executable, *module]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}",
+            f"--master-port={_free_port()}", "--master-addr=127.0.0.1", *module]
 
 
 def _raise_terminated(signum, frame):

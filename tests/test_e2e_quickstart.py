@@ -97,3 +97,24 @@ def test_a_dying_process_or_ctrl_c_stops_every_process(tmp_path, fault):
     time.sleep(1)
     alive = [p for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [p.cmdline() for p in alive]
+
+
+def test_parallel_learner_in_the_full_pipeline(tmp_path):
+    """The same run with a two-rank learner (EP2, dense layers data-parallel): torchrun ranks,
+    rank 0 gathers the experts from both ranks and publishes them every step."""
+    run_dir = tmp_path / "run"
+    steps = 20
+    out = subprocess.run(_train_cmd(run_dir, f"train.steps={steps}", "eval.interval=10",
+                                    "parallel.world_size=2", "parallel.expert_parallel=2",
+                                    "train.checkpoint_interval=10"),
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    train = [r for r in _records(run_dir) if "train/loss" in r]
+    assert [r["weights/version"] for r in train] == list(range(1, steps + 1))
+    evals = {r["eval/version"]: r for r in _records(run_dir)}
+    assert set(evals) == {0, 10, 20}
+    assert all(r["eval/served_version_ok"] == 1.0 for r in evals.values())
+    assert evals[20]["eval/reverse_kl"] < evals[0]["eval/reverse_kl"]
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text() == f"step_{steps:08d}"
+    assert (ckpts / f"step_{10:08d}" / "meta.json").is_file()
