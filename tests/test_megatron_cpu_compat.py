@@ -89,3 +89,74 @@ def _fused_hf(per_expert: dict, spec: MoEModelSpec) -> dict:
         out[p + "down_proj"] = torch.stack([per_expert[f"{p}{e}.down_proj.weight"]
                                             for e in range(spec.num_experts)])
     return out
+
+
+def test_each_multirank_patch_does_exactly_its_job():
+    """One assertion per patch, in a fresh process: what it fixes now works, and what it must
+    not touch is untouched. (End to end, tests/test_layouts.py fails without any of them.)"""
+    code = """
+import torch
+from megatron_opd.compat.megatron_cpu import install_megatron_cpu_compat
+install_megatron_cpu_compat()
+out = []
+# patch_cuda_device_factories: only inside the listed megatron modules
+from megatron.core.pipeline_parallel import schedules
+from megatron.core import utils as mutils
+out.append(schedules.torch.zeros([], dtype=torch.int, device="cuda").device.type)
+out.append(float(mutils.local_multi_tensor_l2_norm(0, None, [[torch.ones(4)]], False)[0]))
+try:
+    torch.zeros(1, device="cuda"); out.append("global-changed")
+except (RuntimeError, AssertionError):
+    out.append("global-untouched")
+# patch_tensor_type_strings: the no-argument form only
+out.append(torch.zeros(2).type())
+out.append(torch.zeros(2).type(torch.float64).dtype == torch.float64)
+# patch_torch_norm_sequence_parallel: SP accepted, weight tagged, config restored
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+cfg = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, normalization="RMSNorm",
+                        tensor_model_parallel_size=2, sequence_parallel=True)
+norm = WrappedTorchNorm(cfg, 8, eps=1e-6)
+out.append(type(norm).__name__)
+out.append(norm.weight.sequence_parallel)
+out.append(cfg.sequence_parallel)
+print(out)
+"""
+    assert run_fresh(code) == str(["cpu", 2.0, "global-untouched", "torch.cuda.FloatTensor", True,
+                                   "RMSNorm", True, True])
+
+
+def _alltoall_rank(rank: int, port: int, results) -> None:
+    import os
+
+    import numpy as np
+    import torch.distributed as dist
+
+    from megatron_opd.compat.megatron_cpu import install_megatron_cpu_compat
+
+    install_megatron_cpu_compat()
+    from megatron.core.transformer.moe import token_dispatcher
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        # uneven splits as numpy arrays, as MoEAlltoAllTokenDispatcher passes them
+        send = np.array([1, 2]) if rank == 0 else np.array([3, 1])
+        recv = np.array([1, 3]) if rank == 0 else np.array([2, 1])
+        x = torch.arange(int(send.sum()), dtype=torch.float32).unsqueeze(1) + 10 * rank
+        y = token_dispatcher.all_to_all(dist.group.WORLD, x, recv, send)
+        results[rank] = y.squeeze(1).tolist()
+    finally:
+        dist.destroy_process_group()
+    os.environ.pop("MASTER_PORT", None)
+
+
+def test_alltoall_patch_accepts_numpy_split_sizes():
+    import torch.multiprocessing as mp
+
+    from megatron_opd.procs import free_port
+
+    results = mp.Manager().dict()
+    mp.spawn(_alltoall_rank, args=(free_port(), results), nprocs=2)
+    # rank 0 keeps its row 0 and gets rank 1's rows 0..2; rank 1 gets rank 0's rows 1..2 + its row 3
+    assert results[0] == [0.0, 10.0, 11.0, 12.0]
+    assert results[1] == [1.0, 2.0, 13.0]
