@@ -9,6 +9,8 @@ Gaps on CPU (measured, see docs/sglang-on-cpu.md):
 1. `sgl_kernel`: its CPU build is not on PyPI; on CPUs without AMX SGLang takes torch-native
    paths and only *imports* names from it.
 2. `torchvision`: PyPI wheels link CUDA torch; SGLang imports it for multimodal models only.
+3. `--enable-return-routed-experts`: the host buffer of routed expert ids is registered as pinned
+   memory through CUDA (`cudaHostRegister`), which raises on a CPU-only torch.
 """
 
 from __future__ import annotations
@@ -129,6 +131,94 @@ def patch_torchvision_stand_in() -> bool:
     return _install_stand_in("torchvision")
 
 
+_HOST_REGISTER_MODULE = "sglang.srt.mem_cache.pool_host.common"
+_HOST_REGISTER_FUNCTION = "_cuda_host_register"
+_REGISTERED_RANGES_ATTR = "_sglang_cuda_host_registered_ranges"  # same module's bookkeeping
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    """Runs the real loader, then `patch(module)`; everything else is the real loader's."""
+
+    def __init__(self, loader, patch):
+        self._loader, self._patch = loader, patch
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        self._patch(module)
+
+    def __getattr__(self, name):  # get_source, get_filename, ... (tracebacks, inspect)
+        return getattr(self._loader, name)
+
+
+class _PostImportPatcher(importlib.abc.MetaPathFinder):
+    """Patches one module right after its first import. The module is found by the finders that
+    follow on sys.meta_path (so it loads exactly as it would without us); only its loader is
+    wrapped. Nothing is imported early."""
+
+    def __init__(self, fullname: str, patch):
+        self.fullname, self.patch = fullname, patch
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.fullname:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _PatchingLoader(spec.loader, self.patch)
+                return spec
+        return None
+
+
+def _patch_when_imported(fullname: str, patch) -> bool:
+    """`patch(module)` now if `fullname` is already imported, else right after its import."""
+    if fullname in sys.modules:
+        return patch(sys.modules[fullname])
+    if any(isinstance(f, _PostImportPatcher) and f.fullname == fullname for f in sys.meta_path):
+        return False
+    sys.meta_path.insert(0, _PostImportPatcher(fullname, patch))
+    return True
+
+
+def _no_op_host_register_without_cuda(module) -> bool:
+    original = getattr(module, _HOST_REGISTER_FUNCTION)
+    if getattr(original, "__megatron_opd_patch__", False):
+        return False
+
+    def _cuda_host_register(buffer, registration_granularity_bytes=None):
+        import torch
+
+        if torch.cuda.is_available():
+            return original(buffer, registration_granularity_bytes)
+        # Nothing pinned: record no registered ranges, as upstream does for host memory it did
+        # not register (so a later `_cuda_host_unregister` has nothing to undo).
+        setattr(buffer, _REGISTERED_RANGES_ATTR, [])
+
+    _cuda_host_register.__megatron_opd_patch__ = True
+    _cuda_host_register.__wrapped__ = original
+    setattr(module, _HOST_REGISTER_FUNCTION, _cuda_host_register)
+    return True
+
+
+def patch_cuda_host_register_no_op() -> bool:
+    """Target: `sglang.srt.mem_cache.pool_host.common._cuda_host_register` (sglang 0.5.23), which
+    `alloc_with_host_register` calls (a module-global lookup) when `BaseHostCache` allocates the
+    pinned host buffer of `--enable-return-routed-experts` (RoutedExpertsCapturer). Why: it calls
+    `torch.cuda.cudart().cudaHostRegister`, which raises "Torch not compiled with CUDA enabled";
+    on CPU there is nothing to pin, so the patched function registers nothing when CUDA is absent.
+
+    How: this runs from sitecustomize, before SGLang is imported, and importing that module early
+    would drag in much of `sglang.srt`; so a post-import hook on sys.meta_path replaces the
+    function right after the module's first import (or at once if it is already imported)."""
+    return _patch_when_imported(_HOST_REGISTER_MODULE, _no_op_host_register_without_cuda)
+
+
 def install_sglang_cpu_compat() -> list[str]:
     """Apply every patch needed on a CPU-only machine; returns the names applied this call."""
     import torch
@@ -137,7 +227,8 @@ def install_sglang_cpu_compat() -> list[str]:
         return []
     warn_if_untested("sglang", TESTED_SGLANG, "megatron_opd.compat.sglang_cpu")
     applied = []
-    for patch in (patch_sgl_kernel_stand_in, patch_torchvision_stand_in):
+    for patch in (patch_sgl_kernel_stand_in, patch_torchvision_stand_in,
+                  patch_cuda_host_register_no_op):
         if patch():
             applied.append(patch.__name__)
     _applied.extend(applied)

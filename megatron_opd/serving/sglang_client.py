@@ -20,7 +20,9 @@ class GenerateResult:
     token_versions: np.ndarray  # int64 [T]: policy version that produced each output token
     weight_version: int  # version when the request finished
     finish_reason: str
-    routed_experts: np.ndarray | None = None  # int32 [prompt+T-1, layers, top_k]
+    # int32 [P + T - 1 - routed_experts_start, layers, top_k]; see decode_routed_experts
+    routed_experts: np.ndarray | None = None
+    routed_experts_start: int = 0  # token position of routed_experts[0]
     meta_info: dict = field(default_factory=dict, repr=False)
 
 
@@ -46,10 +48,34 @@ def token_versions_from_meta(meta: dict, num_tokens: int) -> np.ndarray:
     return out
 
 
+def decode_routed_experts(b64: str, num_rows: int, shape: tuple[int, int]) -> np.ndarray:
+    """SGLang's `meta_info.routed_experts` (base64 of a flat int32 buffer) as int32
+    [num_rows, num_moe_layers, top_k]: the expert ids the router chose (top-k order as SGLang
+    keeps it; compare as sets), layers in model order.
+
+    Rows (sglang 0.5.23, verified against transformers in tests/test_routed_experts.py): for a
+    request with prompt length P, T generated tokens (through the stop token) and
+    `routed_experts_start_len` S, row i holds the experts of the token at position S + i of
+    prompt+output, for positions S .. P + T - 2: num_rows = P + T - 1 - S (>= 0). Position p's routing
+    is that of the forward pass that *consumed* token p (which predicted token p + 1), so the last
+    generated token, never fed back, has none; with max_new_tokens=0 the last prompt token has
+    none either. Rows served from the prefix cache repeat the routing of the request that
+    computed them."""
+    layers, top_k = (int(x) for x in shape)
+    flat = np.frombuffer(base64.b64decode(b64), dtype=np.int32)
+    if flat.size != num_rows * layers * top_k:
+        raise SGLangError(f"routed_experts: {flat.size} ids, expected {num_rows} positions x "
+                          f"{layers} layers x top-{top_k} = {num_rows * layers * top_k}")
+    return flat.reshape(num_rows, layers, top_k).copy()
+
+
 class SGLangClient:
-    def __init__(self, url: str, timeout: float = 120.0):
+    def __init__(self, url: str, timeout: float = 120.0,
+                 routed_experts_shape: tuple[int, int] | None = None):
         self.url = url.rstrip("/")
         self.timeout = timeout
+        # (num_moe_layers, top_k) of the served model: SGLang sends a flat buffer without shape
+        self.routed_experts_shape = routed_experts_shape
         self._session = requests.Session()
 
     def _post(self, path: str, payload: dict | None = None, timeout: float | None = None):
@@ -74,11 +100,25 @@ class SGLangClient:
     # ------------------------------------------------------------------ generation / scoring
     def generate(self, input_ids: list[list[int]], sampling_params: dict, *,
                  return_logprob: bool = True, return_routed_experts: bool = False,
-                 rid: list[str] | None = None) -> list[GenerateResult]:
+                 rid: list[str] | None = None,
+                 routed_experts_shape: tuple[int, int] | None = None,
+                 routed_experts_start_len: int = 0) -> list[GenerateResult]:
+        """`return_routed_experts` needs a server started with --enable-return-routed-experts
+        and the model's (num_moe_layers, top_k), here or in the constructor; the rows then cover
+        positions routed_experts_start_len .. P+T-2 (one start for the whole batch, <= every
+        prompt length; see decode_routed_experts)."""
         payload = {"input_ids": input_ids, "sampling_params": sampling_params,
                    "return_logprob": return_logprob}
+        shape = routed_experts_shape or self.routed_experts_shape
         if return_routed_experts:
+            if shape is None:
+                raise ValueError("return_routed_experts needs routed_experts_shape="
+                                 "(num_moe_layers, top_k), in generate() or SGLangClient(...)")
+            if not 0 <= routed_experts_start_len <= min(len(x) for x in input_ids):
+                raise ValueError(f"routed_experts_start_len={routed_experts_start_len} must be in "
+                                 "[0, shortest prompt length]")
             payload["return_routed_experts"] = True
+            payload["routed_experts_start_len"] = int(routed_experts_start_len)
         if rid is not None:
             payload["rid"] = rid
         out = self._post("generate", payload)
@@ -86,10 +126,13 @@ class SGLangClient:
             out = [out]
         if len(out) != len(input_ids):
             raise SGLangError(f"{self.url}/generate: {len(out)} results for {len(input_ids)} prompts")
-        return [self._parse_generate(r, return_logprob) for r in out]
+        return [self._parse_generate(r, return_logprob, shape, routed_experts_start_len)
+                for r in out]
 
     @staticmethod
-    def _parse_generate(r: dict, return_logprob: bool) -> GenerateResult:
+    def _parse_generate(r: dict, return_logprob: bool,
+                        routed_experts_shape: tuple[int, int] | None = None,
+                        routed_experts_start: int = 0) -> GenerateResult:
         meta = r["meta_info"]
         ids = list(r["output_ids"])
         if return_logprob:
@@ -101,13 +144,16 @@ class SGLangClient:
             logprobs = np.zeros(0, dtype=np.float32)
         routed = None
         if meta.get("routed_experts") is not None:
-            routed = np.frombuffer(base64.b64decode(meta["routed_experts"]), dtype=np.int32)
+            if routed_experts_shape is None:
+                raise SGLangError("routed_experts returned but routed_experts_shape is unknown")
+            rows = max(0, int(meta["prompt_tokens"]) + len(ids) - 1 - routed_experts_start)
+            routed = decode_routed_experts(meta["routed_experts"], rows, routed_experts_shape)
         return GenerateResult(
             output_ids=ids, output_logprobs=logprobs,
             token_versions=token_versions_from_meta(meta, len(ids)),
             weight_version=int(meta["weight_version"]),
             finish_reason=(meta.get("finish_reason") or {}).get("type", ""),
-            routed_experts=routed, meta_info=meta)
+            routed_experts=routed, routed_experts_start=routed_experts_start, meta_info=meta)
 
     def score(self, input_ids: list[list[int]], *, start: list[int], top_k: int = 0) -> list[ScoreResult]:
         """Teacher scoring of given sequences (no generation): log-prob of every token at
