@@ -124,6 +124,8 @@ class TrainConfig:
     checkpoint_interval: int = 0  # also every N steps (0: final only)
     keep_checkpoints: int = 2  # newest complete checkpoints kept on disk
     resume: bool = True  # continue from run_dir/checkpoints/latest when it exists
+    # MoE routing replay: "r3" forces the experts the rollout engine chose for each token.
+    routing_replay: Literal["none", "r3"] = "none"
 
 
 @dataclass

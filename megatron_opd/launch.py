@@ -71,7 +71,8 @@ def train(cfg: Config) -> dict:
         SGLangServer("teacher", str(prepared.teacher_dir), _free_port(), str(logs / "teacher.log"),
                      **common),
         SGLangServer("rollout", str(prepared.student_dir), _free_port(), str(logs / "rollout.log"),
-                     extra_args=("--weight-version", "0"), **common),
+                     extra_args=("--weight-version", "0"),
+                     enable_return_routed_experts=cfg.train.routing_replay == "r3", **common),
     ]
     children: list[Child] = []
     previous_term = signal.signal(signal.SIGTERM, _raise_terminated)

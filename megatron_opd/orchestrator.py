@@ -58,6 +58,14 @@ class Admission:
             self._cv.notify_all()
 
 
+def _compact(routed: np.ndarray | None) -> np.ndarray | None:
+    """Expert ids in the narrowest integer type the schema allows (fewer bytes on the wire)."""
+    if routed is None:
+        return None
+    top = int(routed.max(initial=0))
+    return routed.astype(np.uint8 if top < 256 else np.int16 if top < 32768 else np.int32)
+
+
 def make_samples(cfg: Config, examples, results, scores, ids) -> list[Sample]:
     out = []
     for ex, res, sc, sid in zip(examples, results, scores, ids):
@@ -75,7 +83,8 @@ def make_samples(cfg: Config, examples, results, scores, ids) -> list[Sample]:
             teacher_logprobs=np.asarray(sc.logprobs, dtype=np.float32),
             teacher_topk_ids=np.asarray(sc.topk_ids, dtype=np.int32).reshape(n, k),
             teacher_topk_logprobs=np.asarray(sc.topk_logprobs, dtype=np.float32).reshape(n, k),
-            teacher_revision=cfg.teacher.revision, routed_experts=None, reward=0.0,
+            teacher_revision=cfg.teacher.revision, routed_experts=_compact(res.routed_experts),
+            reward=0.0,
             metadata={"op": ex.op}, created_at=time.time(), finish_reason=res.finish_reason,
         ))
     return out
@@ -105,7 +114,10 @@ def run_orchestrator(cfg: Config, wiring: RunWiring) -> None:
                     examples = [next(stream) for _ in range(k)]
                     ids = [f"{cfg.run.name}-{next(counter):09d}" for _ in range(k)]
                 prompts = [list(ex.prompt_ids) for ex in examples]
-                results = rollout.generate(prompts, sampling, return_logprob=True)
+                results = rollout.generate(
+                    prompts, sampling, return_logprob=True,
+                    return_routed_experts=cfg.train.routing_replay == "r3",
+                    routed_experts_shape=(cfg.model.num_layers, cfg.model.moe_router_topk))
                 scores = teacher.score([p + list(r.output_ids) for p, r in zip(prompts, results)],
                                        start=[len(p) for p in prompts], top_k=cfg.teacher.top_k)
                 for s in make_samples(cfg, examples, results, scores, ids):

@@ -17,6 +17,8 @@ class TrainBatch:
     behaviour_logprobs: torch.Tensor  # [B, T] float32
     teacher_logprobs: torch.Tensor  # [B, T] float32
     token_versions: torch.Tensor  # [B, T] int64 (-1 on padding)
+    # [B, L, layers, top_k] int64: the rollout engine's experts per input position (R3), or None
+    routed_experts: torch.Tensor | None = None
 
 
 @dataclass
@@ -62,7 +64,15 @@ def collate(samples, pad_id: int, step: int, max_staleness: int) -> tuple[TrainB
         staleness_max=int(staleness[kept].max()) if kept.any() else 0,
     )
     t = torch.from_numpy
-    return TrainBatch(t(input_ids), t(index), t(resp), t(mask), t(mu), t(q), t(versions)), report
+    routed = None
+    if all(s.routed_experts is not None for s in samples):
+        from megatron_opd.learner.routing_replay import experts_from_rollout
+
+        k = samples[0].routed_experts.shape[-1]
+        routed = torch.stack([experts_from_rollout(torch.from_numpy(s.routed_experts.astype(np.int64)),
+                                                   L, k) for s in samples])
+    batch = TrainBatch(t(input_ids), t(index), t(resp), t(mask), t(mu), t(q), t(versions), routed)
+    return batch, report
 
 
 def response_logits(logits: torch.Tensor, response_index: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,10 @@ def broadcast_batch(batch: TrainBatch | None) -> TrainBatch:
              else torch.empty((B, L) if name == "input_ids" else (B, T), dtype=_DTYPES[name]))
         dist.broadcast(t, src=0)
         out[name] = t
+    routed = batch.routed_experts if dist.get_rank() == 0 else None
+    has = torch.tensor([routed is not None], dtype=torch.int64)
+    dist.broadcast(has, src=0)
+    out["routed_experts"] = broadcast_tensor(routed, 4, torch.int64) if has.item() else None
     return TrainBatch(**out)
 
 

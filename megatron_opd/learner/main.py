@@ -30,6 +30,7 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
     from megatron_opd.learner.io import broadcast_batch
     from megatron_opd.learner.losses import OPD_FIELDS, opd_loss_fn
     from megatron_opd.learner.parallel import destroy_distributed, init_distributed
+    from megatron_opd.learner.routing_replay import RoutingReplay
     from megatron_opd.learner.train_step import (forward_backward, optimizer_step,
                                                  split_microbatches, wrap_for_training)
     from megatron_opd.models.hf_mapping import iter_hf_weights, load_hf_checkpoint, save_hf_checkpoint
@@ -44,7 +45,11 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
     spec = dataclasses.replace(cfg.model, bos_token_id=task.bos, eos_token_id=task.eos,
                                pad_token_id=task.pad)
     dtype = getattr(torch, cfg.train.params_dtype)
-    chunks = build_model_chunks(spec, transformer_config(spec, dtype, layout=cfg.parallel))
+    r3 = cfg.train.routing_replay == "r3"
+    config = transformer_config(spec, dtype, layout=cfg.parallel, moe_enable_routing_replay=r3)
+    chunks = build_model_chunks(spec, config)
+    replay = RoutingReplay(chunks, cfg.parallel.tensor_parallel, groups.tp_rank,
+                           config.sequence_parallel) if r3 else None
     ddp, optimizer, scheduler = wrap_for_training(chunks, cfg.train, groups)
     ckpt_root = run_dir / "checkpoints"
     resume_from = latest_checkpoint(ckpt_root) if cfg.train.resume else None
@@ -83,8 +88,16 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
         samples, batch, stale = (io.next_batch(cfg, state, task) if rank0 else (None, None, None))
         t_wait = time.time() - t0
         batch = broadcast_batch(batch)
-        micro = split_microbatches(batch, OPD_FIELDS, groups, cfg.parallel.micro_batch_size)
-        loss, tokens, terms = forward_backward(ddp, micro, loss_fn, groups)
+        if r3 and batch.routed_experts is None:
+            raise RuntimeError("train.routing_replay=r3: samples arrived without routed_experts "
+                               "(is the rollout server started with --enable-return-routed-experts?)")
+        fields = OPD_FIELDS + (("routed_experts",) if r3 else ())
+        micro = split_microbatches(batch, fields, groups, cfg.parallel.micro_batch_size)
+        loss, tokens, terms = forward_backward(
+            ddp, micro, loss_fn, groups,
+            pre_forward=(lambda mb, _: replay.force(mb.data["routed_experts"])) if r3 else None)
+        if r3:
+            replay.off()
         stepped, grad_norm = optimizer_step(optimizer, scheduler, loss)
         state.step += 1
         t_sync = 0.0
@@ -159,6 +172,8 @@ class _RankZeroIO:
             "samples/version_max": max(int(x.token_versions.max()) for x in samples),
             "samples/dropped_stale_tokens": state.counters["dropped_stale_tokens"],
             "samples/rejected_messages": self.receiver.stats["rejected_total"],
+            "samples/with_routed_experts": sum(s.routed_experts is not None for s in samples)
+            / len(samples),
             "weights/version": state.version})
 
     def close(self, state, last_eval: dict) -> None:

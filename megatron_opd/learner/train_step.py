@@ -66,8 +66,10 @@ def wrap_for_training(chunks: list, train_cfg, groups):
         use_distributed_optimizer=train_cfg.distributed_optimizer)
     optimizer = get_megatron_optimizer(opt_config, ddp)
     warmup = min(train_cfg.warmup_steps, train_cfg.steps - 1)
+    # megatron's schedule gives step k the LR init + (max - init) * k / warmup, so step 0 would
+    # run at init_lr: start at lr / warmup rather than waste the first step at 0.
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if warmup else train_cfg.lr, max_lr=train_cfg.lr,
+        optimizer, init_lr=train_cfg.lr / warmup if warmup else train_cfg.lr, max_lr=train_cfg.lr,
         min_lr=train_cfg.min_lr, lr_warmup_steps=warmup,
         lr_decay_steps=train_cfg.steps, lr_decay_style=train_cfg.lr_decay_style,
         start_wd=train_cfg.weight_decay, end_wd=train_cfg.weight_decay,
