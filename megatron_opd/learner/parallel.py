@@ -85,12 +85,14 @@ def init_distributed(layout: ParallelConfig, seed: int = 1234,
 
     if ps.model_parallel_is_initialized():
         raise RuntimeError("megatron parallel state is already initialised")
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    # With GPUs, CPU tensors (batches from rank 0, metric totals) still travel: gloo carries
+    # them, NCCL the CUDA tensors, in every group megatron creates from the default one.
+    backend = backend or ("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     world = (dist.get_world_size() if dist.is_initialized()
              else int(os.environ.get("WORLD_SIZE", "1")))
     check_world_size(layout, world)  # before any group exists: a bad layout leaves nothing behind
     if not dist.is_initialized():
-        if backend == "nccl":
+        if "nccl" in backend:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if "RANK" in os.environ:
             dist.init_process_group(backend=backend)

@@ -89,10 +89,11 @@ def forward_backward(ddp: list, microbatches: list[MicroBatch], loss_fn: LossFn,
     tp = groups.layout.tensor_parallel
     seq = -(-seq // tp) * tp  # sequence parallelism splits positions evenly over TP ranks
     mbs = microbatches[0].input_ids.shape[0]
-    microbatches = [dataclasses.replace(_pad_to(mb, seq), index=i)
+    device = _device()
+    microbatches = [_to(dataclasses.replace(_pad_to(mb, seq), index=i), device)
                     for i, mb in enumerate(microbatches)]
-    mask = causal_attention_mask(seq)
-    positions = torch.arange(seq).unsqueeze(0)
+    mask = causal_attention_mask(seq, device)
+    positions = torch.arange(seq, device=device).unsqueeze(0)
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
@@ -117,10 +118,11 @@ def forward_backward(ddp: list, microbatches: list[MicroBatch], loss_fn: LossFn,
 
 def _loss_adapter(loss_fn: LossFn, mb: MicroBatch, logits: torch.Tensor):
     loss_sum, tokens, metrics = loss_fn(logits, mb)
-    tokens = torch.as_tensor(tokens, dtype=torch.int)
-    report = {"loss": (loss_sum.detach().double(), tokens.double())}
-    report.update({k: (torch.as_tensor(s).double(), torch.as_tensor(n).double())
-                   for k, (s, n) in metrics.items()})
+    tokens = torch.as_tensor(tokens, dtype=torch.int, device=loss_sum.device)
+    # Reported values go to the CPU (one sync per micro-batch): totals travel over gloo.
+    cpu = lambda x: torch.as_tensor(x).detach().double().cpu()  # noqa: E731
+    report = {"loss": (cpu(loss_sum), cpu(tokens))}
+    report.update({k: (cpu(s), cpu(n)) for k, (s, n) in metrics.items()})
     return loss_sum, tokens, report
 
 
@@ -155,6 +157,18 @@ def _broadcast_keys(keys: list[str], groups, src: int) -> list[str]:
     buf = data if groups.is_last_stage else torch.empty(int(size.item()), dtype=torch.uint8)
     dist.broadcast(buf, src=src, group=groups.pp)
     return bytes(buf.tolist()).decode().split("\n")
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def _to(mb: MicroBatch, device: torch.device) -> MicroBatch:
+    if device.type == "cpu":
+        return mb
+    return MicroBatch(mb.input_ids.to(device, non_blocking=True),
+                      {k: v.to(device, non_blocking=True) for k, v in mb.data.items()}, mb.index)
 
 
 def split_microbatches(batch, fields: tuple[str, ...], groups, micro_batch_size: int) -> list[MicroBatch]:

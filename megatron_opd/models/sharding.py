@@ -83,19 +83,26 @@ def layer_stage(layer: int, spec: MoEModelSpec, layout) -> int:
 
 def full_shapes(spec: MoEModelSpec) -> list[tuple[str, tuple[int, ...]]]:
     """Every full parameter name of the one-process megatron model with its shape, in the order
-    weights are streamed (embedding, layer by layer, final norm, output layer)."""
+    weights are streamed (embedding, layer by layer, final norm, output layer). Parameters only:
+    the router's expert bias (`router_expert_bias`) is a buffer, not listed. Family-dependent:
+    q/k layernorm (qwen3_moe only); shared expert when `shared_expert_ffn_hidden_size` > 0."""
     H, d, F = spec.hidden_size, spec.head_dim, spec.moe_ffn_hidden_size
+    S = spec.shared_expert_ffn_hidden_size
     qkv = (spec.num_attention_heads + 2 * spec.num_kv_heads) * d
     out = [("embedding.word_embeddings.weight", (spec.vocab_size, H))]
     for i in range(spec.num_layers):
         p = f"decoder.layers.{i}."
         out += [(p + "input_layernorm.weight", (H,)),
-                (p + "self_attention.linear_qkv.weight", (qkv, H)),
-                (p + "self_attention.q_layernorm.weight", (d,)),
-                (p + "self_attention.k_layernorm.weight", (d,)),
-                (p + "self_attention.linear_proj.weight", (H, spec.num_attention_heads * d)),
+                (p + "self_attention.linear_qkv.weight", (qkv, H))]
+        if spec.qk_layernorm:
+            out += [(p + "self_attention.q_layernorm.weight", (d,)),
+                    (p + "self_attention.k_layernorm.weight", (d,))]
+        out += [(p + "self_attention.linear_proj.weight", (H, spec.num_attention_heads * d)),
                 (p + "pre_mlp_layernorm.weight", (H,)),
                 (p + "mlp.router.weight", (spec.num_experts, H))]
+        if S:
+            out += [(p + "mlp.shared_experts.linear_fc1.weight", (2 * S, H)),
+                    (p + "mlp.shared_experts.linear_fc2.weight", (H, S))]
         for e in range(spec.num_experts):
             out += [(f"{p}mlp.experts.local_experts.{e}.linear_fc1.weight", (2 * F, H)),
                     (f"{p}mlp.experts.local_experts.{e}.linear_fc2.weight", (H, F))]
@@ -167,7 +174,8 @@ def iter_full_tensors(chunks: list, groups, spec: MoEModelSpec, *,
                     x for x in _gather_list(t, groups.ep)]
             for i, n in enumerate(names):
                 full = tensors[i] if tensors is not None else None
-                yield n, _from_stage(full, shapes[n], stage, groups, dtype or _param_dtype(chunks))
+                yield n, _from_stage(full, shapes[n], stage, groups, dtype or _param_dtype(chunks),
+                                     _param_device(chunks))
                 done.add(n)
 
 
@@ -184,12 +192,17 @@ def _param_dtype(chunks) -> torch.dtype:
     return next(chunks[0].parameters()).dtype
 
 
-def _from_stage(t: torch.Tensor | None, shape, stage: int, groups, dtype) -> torch.Tensor:
+def _param_device(chunks) -> torch.device:
+    return next(chunks[0].parameters()).device
+
+
+def _from_stage(t: torch.Tensor | None, shape, stage: int, groups, dtype,
+                device) -> torch.Tensor:
     """Broadcast a full tensor from pipeline stage `stage` to all stages."""
     if groups.layout.pipeline_parallel == 1:
         return t
     if t is None:
-        t = torch.empty(shape, dtype=dtype)
+        t = torch.empty(shape, dtype=dtype, device=device)
     dist.broadcast(t, src=dist.get_global_rank(groups.pp, stage), group=groups.pp)
     return t
 
