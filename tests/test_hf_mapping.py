@@ -1,4 +1,6 @@
-"""The Megatron<->HF mapping against `transformers`: same logits, bit-identical round trip."""
+"""The Megatron<->HF mapping against `transformers`: same logits, bit-identical round trip, and
+for every family exactly the tensor names and shapes `save_pretrained` writes (Mixtral's own
+tests: tests/test_model_families.py)."""
 
 import dataclasses
 
@@ -6,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_opd.models.hf_mapping import (hf_to_megatron, load_hf_checkpoint, megatron_to_hf,
-                                            save_hf_checkpoint)
+from megatron_opd.models.hf_mapping import (hf_names, hf_to_megatron, load_hf_checkpoint,
+                                            megatron_to_hf, save_hf_checkpoint)
 from megatron_opd.models.qwen3_moe import build_gpt_model, forward_logits
+from megatron_opd.models.sharding import full_shapes
 from megatron_opd.models.spec import MoEModelSpec, to_hf_config
 
 SPECS = {
@@ -93,3 +96,22 @@ def test_missing_key_is_named(tmp_path):
     with pytest.raises(KeyError, match="unexpected"):
         hf_to_megatron(megatron_to_hf({k: v for k, v in build_gpt_model(spec).state_dict().items()
                                        if not k.endswith("_extra_state")}, spec), wrong)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_names_and_shapes_are_what_save_pretrained_writes(family, tmp_path):
+    from transformers import MixtralForCausalLM, Qwen3MoeForCausalLM
+
+    from megatron_opd.models.spec import hf_causal_lm_class
+
+    spec = MoEModelSpec(family=family, num_experts=4, moe_ffn_hidden_size=24)
+    cls = hf_causal_lm_class(spec)
+    assert cls is {"mixtral": MixtralForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM}[family]
+    torch.manual_seed(0)
+    cls(to_hf_config(spec)).save_pretrained(tmp_path / "hf")
+    disk = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert sorted(disk) == sorted(hf_names(spec))
+    full = {n: torch.zeros(shape) for n, shape in full_shapes(spec)}
+    mapped = megatron_to_hf(full, spec)
+    assert {n: tuple(t.shape) for n, t in mapped.items()} == \
+        {n: tuple(t.shape) for n, t in disk.items()}

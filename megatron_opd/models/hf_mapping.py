@@ -1,31 +1,72 @@
-"""The one Megatron <-> Hugging Face parameter mapping for Qwen3-MoE.
+"""The one Megatron <-> Hugging Face parameter mapping for the MoE families (Qwen3-MoE, Mixtral).
 
 Checkpoint tools and weight publishing to SGLang both use it. HF names are the on-disk
-(per-expert) names that `save_pretrained` writes and SGLang loads.
+(per-expert) names that `save_pretrained` writes and SGLang loads (transformers 5 fuses experts
+in memory, `mlp.experts.gate_up_proj` / `down_proj`, and converts back to these on save):
+- qwen3_moe: `model.layers.i.mlp.gate.weight`, `mlp.experts.e.{gate,up,down}_proj.weight`,
+  `self_attn.{q,k}_norm.weight`;
+- mixtral: `model.layers.i.block_sparse_moe.gate.weight`,
+  `block_sparse_moe.experts.e.{w1 (gate), w3 (up), w2 (down)}.weight`, no q/k norm.
+Both: `self_attn.{q,k,v,o}_proj.weight`, `input_layernorm`, `post_attention_layernorm`,
+`model.embed_tokens`, `model.norm`, `lm_head` (absent when tied).
 Megatron packs attention as one `linear_qkv` whose rows are grouped by query group:
 [q heads of group g (heads_per_group x head_dim) | k_g (head_dim) | v_g (head_dim)] for each g,
 and each expert's `linear_fc1` as [gate; up].
+Specs with knobs HF cannot express (models.spec.hf_unsupported) are refused here.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
 
-from megatron_opd.models.spec import MoEModelSpec, to_hf_config
+from megatron_opd.models.spec import MoEModelSpec, check_hf_expressible, to_hf_config
 
-_LAYER_RENAMES = {  # megatron suffix -> HF suffix, both under their layer prefix
-    "input_layernorm.weight": "input_layernorm.weight",
-    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
-    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
-    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
-    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
-    "mlp.router.weight": "mlp.gate.weight",
+
+@dataclass(frozen=True)
+class _FamilyNames:
+    moe: str  # HF module holding router + experts, under the layer prefix
+    gate: str  # per-expert HF names of the SwiGLU gate, up and down projections
+    up: str
+    down: str
+    qk_norm: bool
+
+
+_FAMILY_NAMES = {
+    "qwen3_moe": _FamilyNames("mlp", "gate_proj", "up_proj", "down_proj", qk_norm=True),
+    "mixtral": _FamilyNames("block_sparse_moe", "w1", "w3", "w2", qk_norm=False),
 }
+
+
+def _names(spec: MoEModelSpec) -> _FamilyNames:
+    if spec.family not in _FAMILY_NAMES:
+        raise ValueError(f"model.family: no Hugging Face mapping for family {spec.family!r} "
+                         f"(known: {sorted(_FAMILY_NAMES)})")
+    return _FAMILY_NAMES[spec.family]
+
+
+def _layer_renames(spec: MoEModelSpec) -> dict[str, str]:
+    """megatron suffix -> HF suffix, both under their layer prefix (non-expert, non-qkv)."""
+    fam = _names(spec)
+    out = {
+        "input_layernorm.weight": "input_layernorm.weight",
+        "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+        "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    }
+    if fam.qk_norm:
+        out["self_attention.q_layernorm.weight"] = "self_attn.q_norm.weight"
+        out["self_attention.k_layernorm.weight"] = "self_attn.k_norm.weight"
+    out["mlp.router.weight"] = f"{fam.moe}.gate.weight"
+    return out
+
+
+def _expert_prefix(spec: MoEModelSpec, layer, e) -> str:
+    return f"model.layers.{layer}.{_names(spec).moe}.experts.{e}."
 
 
 def _split_qkv(qkv: torch.Tensor, spec: MoEModelSpec):
@@ -48,32 +89,37 @@ def _merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MoEModel
 
 
 def megatron_to_hf(state: Mapping[str, torch.Tensor], spec: MoEModelSpec) -> dict[str, torch.Tensor]:
+    check_hf_expressible(spec)
     return dict(_iter_megatron_to_hf(state, spec))
 
 
 def full_to_hf(name: str, t: torch.Tensor, spec: MoEModelSpec) -> list[tuple[str, torch.Tensor]]:
-    """One full megatron tensor -> its Hugging Face tensor(s) (views, no copies)."""
+    """One full megatron tensor -> its Hugging Face tensor(s) (views, no copies). Callers check
+    `check_hf_expressible(spec)` once (shared-expert tensors have no HF name: KeyError here)."""
     if name == "embedding.word_embeddings.weight":
         return [("model.embed_tokens.weight", t)]
     if name == "decoder.final_layernorm.weight":
         return [("model.norm.weight", t)]
     if name == "output_layer.weight":
         return [] if spec.tie_word_embeddings else [("lm_head.weight", t)]
+    if not name.startswith("decoder.layers."):
+        raise KeyError(f"no Hugging Face name for megatron tensor {name}")
     _, _, i, suffix = name.split(".", 3)
     hp = f"model.layers.{i}."
-    if suffix in _LAYER_RENAMES:
-        return [(hp + _LAYER_RENAMES[suffix], t)]
+    renames = _layer_renames(spec)
+    if suffix in renames:
+        return [(hp + renames[suffix], t)]
     if suffix == "self_attention.linear_qkv.weight":
         q, k, v = _split_qkv(t, spec)
         return [(hp + "self_attn.q_proj.weight", q), (hp + "self_attn.k_proj.weight", k),
                 (hp + "self_attn.v_proj.weight", v)]
     if suffix.startswith("mlp.experts.local_experts."):
         _, _, _, e, kind, _ = suffix.split(".")
-        hep = f"{hp}mlp.experts.{e}."
+        fam, hep = _names(spec), _expert_prefix(spec, i, e)
         if kind == "linear_fc1":
             gate, up = t.chunk(2, dim=0)
-            return [(hep + "gate_proj.weight", gate), (hep + "up_proj.weight", up)]
-        return [(hep + "down_proj.weight", t)]
+            return [(f"{hep}{fam.gate}.weight", gate), (f"{hep}{fam.up}.weight", up)]
+        return [(f"{hep}{fam.down}.weight", t)]
     raise KeyError(f"no Hugging Face name for megatron tensor {name}")
 
 
@@ -86,6 +132,7 @@ def _iter_megatron_to_hf(state: Mapping[str, torch.Tensor], spec: MoEModelSpec):
 
 
 def hf_to_megatron(hf: Mapping[str, torch.Tensor], spec: MoEModelSpec) -> dict[str, torch.Tensor]:
+    fam = _names(spec)
     expected = set(hf_names(spec))
     missing, unexpected = expected - set(hf), set(hf) - expected
     if missing or unexpected:
@@ -97,30 +144,32 @@ def hf_to_megatron(hf: Mapping[str, torch.Tensor], spec: MoEModelSpec) -> dict[s
         out["output_layer.weight"] = hf["lm_head.weight"]
     for i in range(spec.num_layers):
         mp, hp = f"decoder.layers.{i}.", f"model.layers.{i}."
-        for msuf, hsuf in _LAYER_RENAMES.items():
+        for msuf, hsuf in _layer_renames(spec).items():
             out[mp + msuf] = hf[hp + hsuf]
         out[mp + "self_attention.linear_qkv.weight"] = _merge_qkv(
             hf[hp + "self_attn.q_proj.weight"], hf[hp + "self_attn.k_proj.weight"],
             hf[hp + "self_attn.v_proj.weight"], spec)
         for e in range(spec.num_experts):
-            ep, hep = f"{mp}mlp.experts.local_experts.{e}.", f"{hp}mlp.experts.{e}."
+            ep, hep = f"{mp}mlp.experts.local_experts.{e}.", _expert_prefix(spec, i, e)
             out[ep + "linear_fc1.weight"] = torch.cat(
-                [hf[hep + "gate_proj.weight"], hf[hep + "up_proj.weight"]], dim=0)
-            out[ep + "linear_fc2.weight"] = hf[hep + "down_proj.weight"]
+                [hf[f"{hep}{fam.gate}.weight"], hf[f"{hep}{fam.up}.weight"]], dim=0)
+            out[ep + "linear_fc2.weight"] = hf[f"{hep}{fam.down}.weight"]
     return out
 
 
 def hf_names(spec: MoEModelSpec) -> list[str]:
-    """Every HF tensor name of this architecture."""
+    """Every HF tensor name of this architecture (on-disk, per-expert names)."""
+    check_hf_expressible(spec)
+    fam = _names(spec)
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     if not spec.tie_word_embeddings:
         names.append("lm_head.weight")
     for i in range(spec.num_layers):
         hp = f"model.layers.{i}."
-        names += [hp + h for h in _LAYER_RENAMES.values()]
+        names += [hp + h for h in _layer_renames(spec).values()]
         names += [hp + f"self_attn.{p}_proj.weight" for p in "qkv"]
-        names += [f"{hp}mlp.experts.{e}.{p}_proj.weight" for e in range(spec.num_experts)
-                  for p in ("gate", "up", "down")]
+        names += [f"{_expert_prefix(spec, i, e)}{p}.weight" for e in range(spec.num_experts)
+                  for p in (fam.gate, fam.up, fam.down)]
     return names
 
 
@@ -132,7 +181,13 @@ def iter_hf_weights(model, spec: MoEModelSpec, groups=None) -> Iterator[tuple[st
     """(HF name, full tensor) in a fixed order, for streaming to SGLang or saving. `model` is one
     GPTModel (world of one) or, with `groups`, this rank's list of model chunks under any layout:
     then every rank must drain the iterator (it gathers shards) and every rank gets every tensor.
-    Tensors may be views of parameters: consume them before the next optimizer step."""
+    Tensors may be views of parameters: consume them before the next optimizer step.
+    Raises at once (before any collective) if HF cannot express the spec."""
+    check_hf_expressible(spec)
+    return _iter_hf_weights(model, spec, groups)
+
+
+def _iter_hf_weights(model, spec: MoEModelSpec, groups) -> Iterator[tuple[str, torch.Tensor]]:
     from megatron_opd.models.sharding import iter_full_tensors
 
     with torch.no_grad():
@@ -150,6 +205,7 @@ def load_hf_checkpoint(model, hf_dir: str | Path, spec: MoEModelSpec, groups=Non
     under any layout, each rank taking its shards."""
     from safetensors.torch import load_file
 
+    check_hf_expressible(spec)
     hf = {}
     for f in sorted(Path(hf_dir).glob("*.safetensors")):
         hf.update(load_file(str(f)))
@@ -180,6 +236,7 @@ def save_hf_checkpoint(model, spec: MoEModelSpec, out_dir: str | Path,
     this rank's chunks) every rank must call it: they gather, global rank 0 writes."""
     from safetensors.torch import save_file
 
+    check_hf_expressible(spec)
     out = Path(out_dir)
     if groups is not None:
         import torch.distributed as dist

@@ -1,9 +1,12 @@
-"""Qwen3-MoE as a megatron-core GPTModel, built from the same MoEModelSpec as the HF config.
+"""Qwen3-MoE and Mixtral as a megatron-core GPTModel, built from the same MoEModelSpec as the HF
+config (the module keeps its historical name; `spec.family` picks the flavour).
 
-Qwen3-MoE semantics: RMSNorm, SwiGLU experts without biases, RoPE, grouped-query attention with
-per-head RMSNorm on queries and keys, every layer MoE with a softmax router whose top-k
-probabilities are renormalised (HF `norm_topk_prob=True` == megatron top-k then softmax), no
-token dropping, untied embeddings unless the spec ties them.
+Shared semantics: RMSNorm, SwiGLU experts without biases, RoPE, grouped-query attention, every
+layer MoE with a softmax router whose top-k probabilities are renormalised (HF
+`norm_topk_prob=True` / Mixtral's router == megatron top-k then softmax), no token dropping.
+Qwen3-MoE adds per-head RMSNorm on queries and keys; Mixtral has none (and untied embeddings).
+Router knobs (megatron only where HF cannot express them, see models.spec): sigmoid scoring,
+switch load-balancing aux loss, aux-loss-free expert bias, shared experts.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ def transformer_config(spec: MoEModelSpec, params_dtype: torch.dtype = torch.flo
     process). `overrides` are TransformerConfig fields (e.g. moe_enable_routing_replay)."""
     from megatron.core.transformer import TransformerConfig
 
-    if spec.moe_router_topk == 1:
+    params_dtype = overrides.pop("params_dtype", params_dtype)  # e.g. from precision.resolve
+
+    spec.validate()
+    if spec.moe_router_topk == 1 and spec.router_score_function == "softmax":
         # megatron 0.16.1 forces pre-softmax scores for top-1 (weight p_max) while HF's
         # renormalised top-1 weight is 1: no setting makes the two agree.
         raise ValueError("model.moe_router_topk: 1 is not supported (megatron-core and HF "
@@ -53,14 +59,16 @@ def transformer_config(spec: MoEModelSpec, params_dtype: torch.dtype = torch.flo
         num_moe_experts=spec.num_experts,
         moe_router_topk=spec.moe_router_topk,
         moe_router_pre_softmax=False,  # top-k logits, then softmax over them (= renormalised)
-        moe_router_score_function="softmax",
-        moe_router_load_balancing_type="none",
-        moe_aux_loss_coeff=0.0,
+        moe_router_score_function=spec.router_score_function,
+        moe_router_load_balancing_type="aux_loss" if spec.router_aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=spec.router_aux_loss_coeff,
+        moe_router_enable_expert_bias=spec.router_expert_bias,
+        moe_shared_expert_intermediate_size=spec.shared_expert_ffn_hidden_size or None,
         moe_token_dispatcher_type="alltoall",
         moe_grouped_gemm=False,  # grouped_gemm is GPU-only; SequentialMLP experts
         normalization="RMSNorm",
         layernorm_epsilon=spec.rms_norm_eps,
-        qk_layernorm=True,
+        qk_layernorm=spec.qk_layernorm,
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
@@ -88,15 +96,23 @@ def transformer_config(spec: MoEModelSpec, params_dtype: torch.dtype = torch.flo
 
 def build_gpt_model(spec: MoEModelSpec, params_dtype: torch.dtype = torch.float32,
                     pre_process: bool = True, post_process: bool = True, config=None,
-                    vp_stage: int | None = None, parallel_output: bool = False):
+                    vp_stage: int | None = None, parallel_output: bool = False,
+                    te_layer_spec: bool = False):
     """One megatron GPTModel (one pipeline chunk). parallel_output=True keeps the logits
-    vocab-sharded over TP ([b, s, V/tp]); False gathers them (evaluation, world-1 tools)."""
+    vocab-sharded over TP ([b, s, V/tp]); False gathers them (evaluation, world-1 tools).
+    te_layer_spec: Transformer Engine layers (GPU; what FP8 needs) instead of the local ones."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt import gpt_layer_specs
 
     config = config or transformer_config(spec, params_dtype)
-    layer_spec = get_gpt_layer_local_spec(num_experts=spec.num_experts, moe_grouped_gemm=False,
-                                          qk_layernorm=True, normalization="RMSNorm")
+    if te_layer_spec:
+        layer_spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=spec.num_experts, moe_grouped_gemm=config.moe_grouped_gemm,
+            qk_layernorm=spec.qk_layernorm)
+    else:
+        layer_spec = gpt_layer_specs.get_gpt_layer_local_spec(
+            num_experts=spec.num_experts, moe_grouped_gemm=False,
+            qk_layernorm=spec.qk_layernorm, normalization="RMSNorm")
     return GPTModel(
         config=config, transformer_layer_spec=layer_spec, vocab_size=spec.vocab_size,
         max_sequence_length=spec.max_position_embeddings, pre_process=pre_process,
@@ -105,7 +121,7 @@ def build_gpt_model(spec: MoEModelSpec, params_dtype: torch.dtype = torch.float3
         position_embedding_type="rope", rotary_base=int(spec.rope_theta), rotary_percent=1.0)
 
 
-def build_model_chunks(spec: MoEModelSpec, config) -> list:
+def build_model_chunks(spec: MoEModelSpec, config, te_layer_spec: bool = False) -> list:
     """This rank's model chunks (one per virtual pipeline stage), with embedding / output layer
     only where the pipeline starts / ends. Logits stay vocab-sharded (parallel_output)."""
     from megatron.core import parallel_state as ps
@@ -116,6 +132,7 @@ def build_model_chunks(spec: MoEModelSpec, config) -> list:
         vp = stage if vpp > 1 else None
         chunks.append(build_gpt_model(
             spec, config.params_dtype, config=config, vp_stage=vp, parallel_output=True,
+            te_layer_spec=te_layer_spec,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp)))
     return chunks

@@ -27,6 +27,9 @@ import torch.distributed as dist
 from megatron_opd.models.spec import MoEModelSpec
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+# Transformer Engine layer spec (FP8) names -> the local spec's names used as full names: TE
+# fuses the input RMSNorm into the QKV projection.
+_TE_RENAMES = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight"}
 _EXPERT = re.compile(r"^(.*mlp\.experts\.local_experts\.)(\d+)(\..*)$")
 
 
@@ -54,7 +57,8 @@ def placements(chunks: list, groups) -> dict[torch.nn.Parameter, Placement]:
             full = name
             m = _LAYER.match(name)
             if m:
-                full = f"decoder.layers.{offsets[int(m.group(1))]}.{m.group(2)}"
+                suffix = _TE_RENAMES.get(m.group(2), m.group(2))
+                full = f"decoder.layers.{offsets[int(m.group(1))]}.{suffix}"
             e = _EXPERT.match(full)
             is_expert = e is not None
             if e:
