@@ -36,9 +36,13 @@ def main(argv: list[str] | None = None) -> int:
                           **{k: v for k, v in prepared.meta.items() if isinstance(v, dict)}}, indent=2))
         return 0
     from megatron_opd.launch import ProcessDied, Terminated, train
+    from megatron_opd.models.precision import PrecisionError
 
     try:
         summary = train(cfg)
+    except PrecisionError as e:  # e.g. FP8 asked for on a machine without a suitable GPU / TE
+        print(f"megatron-opd: config error: {e}", file=sys.stderr)
+        return 2
     except (ProcessDied, FileExistsError) as e:
         print(f"megatron-opd: {e}", file=sys.stderr)
         return 1

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from megatron_opd.models.precision import PrecisionConfig
 from megatron_opd.models.spec import MoEModelSpec
 
 
@@ -119,7 +120,6 @@ class TrainConfig:
     min_lr: float = 0.0
     lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"  # after warmup
     distributed_optimizer: bool = True  # shard optimizer state over data parallel (megatron)
-    params_dtype: Literal["float32", "bfloat16"] = "float32"  # bf16: fp32 master weights in the optimizer
     checkpoint: bool = True  # save the final checkpoint
     checkpoint_interval: int = 0  # also every N steps (0: final only)
     keep_checkpoints: int = 2  # newest complete checkpoints kept on disk
@@ -168,6 +168,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     async_: AsyncConfig = field(default_factory=AsyncConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)  # bf16 / FP8 (GPU)
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
@@ -317,6 +318,10 @@ def validate(cfg: Config) -> None:
     need(cfg.teacher.top_k >= 0, "teacher.top_k", "must be >= 0")
     need(cfg.async_.max_staleness >= 0, "async.max_staleness", "must be >= 0")
     validate_parallel(cfg.parallel, cfg.model)
+    try:
+        cfg.precision.validate("precision")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     tr = cfg.train
     need(tr.steps > 0, "train.steps", "must be positive")
     need(tr.batch_size > 0, "train.batch_size", "must be positive")

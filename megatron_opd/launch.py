@@ -62,6 +62,10 @@ def train(cfg: Config) -> dict:
     from megatron_opd.prepare import prepare
     from megatron_opd.serving.sglang_server import SGLangServer
 
+    from megatron_opd.models.precision import resolve_here
+
+    # The learner runs here: refuse a precision this machine cannot run before anything starts.
+    resolve_here(cfg.precision, distributed_optimizer=cfg.train.distributed_optimizer)
     run_dir = prepare_run_dir(cfg)
     prepared = prepare(cfg, progress=cfg.logging.progress)
     logs = run_dir / "logs"

@@ -60,3 +60,19 @@ def test_cli_refuses_bad_config_before_starting_anything(tmp_path):
     assert out.returncode == 2
     assert "train.stepz: unknown key" in out.stderr
     assert not run_dir.exists()  # nothing was started or written
+
+
+def test_fp8_without_a_gpu_is_refused_before_anything_starts(tmp_path):
+    """The CLI exits 2 naming precision.fp8 (no GPU / Transformer Engine here) before it makes a
+    run directory or starts a server."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "megatron_opd.cli", "train", "--config",
+                          "configs/quickstart.yaml", f"run.dir={run_dir}",
+                          "precision.params_dtype=bfloat16", "precision.fp8=blockwise"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "precision.fp8" in out.stderr and "fp8_fallback" in out.stderr
+    assert not run_dir.exists()

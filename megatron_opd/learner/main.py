@@ -34,6 +34,7 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
     from megatron_opd.learner.train_step import (forward_backward, optimizer_step,
                                                  split_microbatches, wrap_for_training)
     from megatron_opd.models.hf_mapping import iter_hf_weights, load_hf_checkpoint, save_hf_checkpoint
+    from megatron_opd.models.precision import resolve_here
     from megatron_opd.models.qwen3_moe import build_model_chunks, transformer_config
     from megatron_opd.task import DigitTask
 
@@ -44,13 +45,15 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
     task = DigitTask.from_config(cfg.task, cfg.model.vocab_size)
     spec = dataclasses.replace(cfg.model, bos_token_id=task.bos, eos_token_id=task.eos,
                                pad_token_id=task.pad)
-    dtype = getattr(torch, cfg.train.params_dtype)
+    precision = resolve_here(cfg.precision, distributed_optimizer=cfg.train.distributed_optimizer)
+    print(f"[learner] precision: {precision.describe()}", flush=True)
     r3 = cfg.train.routing_replay == "r3"
-    config = transformer_config(spec, dtype, layout=cfg.parallel, moe_enable_routing_replay=r3)
-    chunks = build_model_chunks(spec, config)
+    config = transformer_config(spec, layout=cfg.parallel, moe_enable_routing_replay=r3,
+                                **precision.transformer_config_kwargs())
+    chunks = build_model_chunks(spec, config, te_layer_spec=precision.needs_te_layer_spec)
     replay = RoutingReplay(chunks, cfg.parallel.tensor_parallel, groups.tp_rank,
                            config.sequence_parallel) if r3 else None
-    ddp, optimizer, scheduler = wrap_for_training(chunks, cfg.train, groups)
+    ddp, optimizer, scheduler = wrap_for_training(chunks, cfg.train, groups, precision)
     ckpt_root = run_dir / "checkpoints"
     resume_from = latest_checkpoint(ckpt_root) if cfg.train.resume else None
     if resume_from is not None:
@@ -146,6 +149,9 @@ class _RankZeroIO:
         self.publisher = _make_publisher(cfg, wiring, self.rollout)
         self.metrics = MetricsWriter(Path(wiring.run_dir), tensorboard=cfg.logging.tensorboard)
         self.seen_ids: set = set()
+        from megatron_opd.gpu_metrics import GpuMetrics
+
+        self.gpu = GpuMetrics()  # utilisation / memory through nvidia-ml-py; {} without GPUs
 
     def announce(self, state) -> None:
         from megatron_opd.transport import WeightsPublished
@@ -174,7 +180,7 @@ class _RankZeroIO:
             "samples/rejected_messages": self.receiver.stats["rejected_total"],
             "samples/with_routed_experts": sum(s.routed_experts is not None for s in samples)
             / len(samples),
-            "weights/version": state.version})
+            "weights/version": state.version, **self.gpu.sample()})
 
     def close(self, state, last_eval: dict) -> None:
         from megatron_opd.transport import Shutdown
@@ -183,6 +189,7 @@ class _RankZeroIO:
         self.metrics.close()
         self.control.publish(Shutdown(reason="training finished"))
         self.publisher.close()
+        self.gpu.close()
 
 
 def _make_publisher(cfg: Config, wiring: RunWiring, rollout):

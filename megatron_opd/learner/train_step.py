@@ -45,8 +45,9 @@ class StepResult:
     metrics: dict[str, float]
 
 
-def wrap_for_training(chunks: list, train_cfg, groups):
-    """Megatron DDP around each chunk, the megatron optimizer and LR schedule."""
+def wrap_for_training(chunks: list, train_cfg, groups, precision=None):
+    """Megatron DDP around each chunk, the megatron optimizer and LR schedule. `precision` (a
+    models.precision.ResolvedPrecision) adds its FP8 settings to DDP and the optimizer."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -54,7 +55,8 @@ def wrap_for_training(chunks: list, train_cfg, groups):
 
     config = chunks[0].config
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=train_cfg.distributed_optimizer)
+        grad_reduce_in_fp32=True, use_distributed_optimizer=train_cfg.distributed_optimizer,
+        **(precision.ddp_config_kwargs() if precision else {}))
     ddp = [DistributedDataParallel(config, ddp_config, c, disable_bucketing=i > 0)
            for i, c in enumerate(chunks)]
     config.finalize_model_grads_func = finalize_model_grads
@@ -63,7 +65,8 @@ def wrap_for_training(chunks: list, train_cfg, groups):
         weight_decay=train_cfg.weight_decay, adam_beta1=train_cfg.adam_beta1,
         adam_beta2=train_cfg.adam_beta2, adam_eps=1e-8, clip_grad=train_cfg.grad_clip,
         bf16=config.bf16, fp16=config.fp16, params_dtype=config.params_dtype,
-        use_distributed_optimizer=train_cfg.distributed_optimizer)
+        use_distributed_optimizer=train_cfg.distributed_optimizer,
+        **(precision.optimizer_config_kwargs() if precision else {}))
     optimizer = get_megatron_optimizer(opt_config, ddp)
     warmup = min(train_cfg.warmup_steps, train_cfg.steps - 1)
     # megatron's schedule gives step k the LR init + (max - init) * k / warmup, so step 0 would
