@@ -103,11 +103,12 @@ def collate(examples: list[Example], pad: int) -> tuple[torch.Tensor, torch.Tens
 def sft_model(spec: MoEModelSpec, task: DigitTask, stream, steps: int, batch_size: int,
               lr: float, seed: int, desc: str = "sft", progress: bool = True,
               label_smoothing: float = 0.0):
-    from transformers import Qwen3MoeForCausalLM
     from tqdm import tqdm
 
+    from megatron_opd.models.spec import hf_causal_lm_class
+
     torch.manual_seed(seed)
-    model = Qwen3MoeForCausalLM(to_hf_config(spec)).float()
+    model = hf_causal_lm_class(spec)(to_hf_config(spec)).float()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
