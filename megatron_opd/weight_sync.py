@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import timedelta
 from pathlib import Path
 from typing import Iterable
@@ -83,17 +83,18 @@ class DistributedWeightPublisher:
 
     def publish(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
                 flush_cache: bool = True) -> float:
-        """Send every tensor; afterwards the servers answer with `weight_version == version`."""
+        """Send every tensor; afterwards the servers answer with `weight_version == version`.
+        The servers are paused and their update opened (HTTP round trips) in the background while
+        the first bucket is produced (on a parallel learner: gathered by every rank), so
+        generation runs on the old weights until there is something to send."""
         if self.group is None:
             raise RuntimeError("DistributedWeightPublisher.publish before connect()")
         t0 = time.time()
-        if self.pause_mode:
-            for c in self.clients:
-                c.pause_generation(self.pause_mode)
-        for c in self.clients:
-            c.begin_weight_update()
+        paused, opened = [], []
+        opening = self._pool.submit(self._open_update, paused, opened)
         try:
             for bucket in _buckets(named_tensors, self.bucket_bytes):
+                opening.result(timeout=self.timeout_s)  # raises if pausing or beginning failed
                 names = [n for n, _ in bucket]
                 dtypes = [_dtype_name(t) for _, t in bucket]
                 shapes = [list(t.shape) for _, t in bucket]
@@ -104,13 +105,25 @@ class DistributedWeightPublisher:
                     torch.distributed.broadcast(t.detach().contiguous(), src=0, group=self.group)
                 for f in futures:
                     f.result(timeout=self.timeout_s)
+            opening.result(timeout=self.timeout_s)  # (nothing to send: still report its error)
         finally:
-            for c in self.clients:
-                c.end_weight_update()
-            if self.pause_mode:
-                for c in self.clients:
+            wait([opening], timeout=self.timeout_s)
+            try:
+                for c in opened:
+                    c.end_weight_update()
+            finally:
+                for c in paused:
                     c.continue_generation()
         return time.time() - t0
+
+    def _open_update(self, paused: list, opened: list) -> None:
+        if self.pause_mode:
+            for c in self.clients:
+                c.pause_generation(self.pause_mode)
+                paused.append(c)
+        for c in self.clients:
+            c.begin_weight_update()
+            opened.append(c)
 
     def close(self) -> None:
         if self.group is not None:

@@ -147,7 +147,9 @@ def _unshard(t: torch.Tensor, pl: Placement, groups) -> torch.Tensor:
 def iter_full_tensors(chunks: list, groups, spec: MoEModelSpec, *,
                       tensor_of: Callable[[torch.nn.Parameter], torch.Tensor] = lambda p: p,
                       dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(full name, full tensor) for every parameter, on every rank, in `full_shapes` order.
+    """(full name, full tensor) for every parameter, on every rank. The order is `full_shapes`
+    order except under expert parallelism, where each layer's experts come grouped by local slot
+    (slot s of every EP rank together, one gather per slot).
     `tensor_of` picks what to gather (the parameter, or e.g. its gradient `main_grad`). All ranks
     must drain the iterator together (it runs collectives)."""
     layout = groups.layout

@@ -1,0 +1,189 @@
+"""What a parallel learner streams to SGLang is the checkpoint it loaded, bit for bit.
+
+Under TP2 (expert-TP 2), EP2 and PP2 (real megatron-core, two torchrun processes, gloo) the
+learner loads an HF checkpoint into its shards; `iter_hf_weights(chunks, spec, groups)` must then
+give, on every rank, exactly the checkpoint's tensors: same names, in a fixed streaming order, same
+dtypes, same values. The order is the world-of-one order, except under expert parallelism, where
+each layer's experts come gathered by local slot (slot s of every EP rank together: experts s,
+E/ep + s, ... with gate+up, then their down): `expected_order` spells it out. All layouts run in
+one torchrun (the megatron groups are rebuilt between them) to keep the test fast.
+
+This file is also the torchrun worker (`python -m torch.distributed.run ... this_file.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from megatron_opd.models.spec import MoEModelSpec
+
+SPEC = MoEModelSpec(vocab_size=48, hidden_size=64, num_layers=4, num_attention_heads=4,
+                    num_kv_heads=2, head_dim=16, moe_ffn_hidden_size=32, num_experts=8,
+                    moe_router_topk=2)
+LAYOUTS = {
+    "tp2": dict(tensor_parallel=2, expert_tensor_parallel=2),
+    "ep2": dict(expert_parallel=2),
+    "pp2": dict(pipeline_parallel=2),
+}
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.\d+\.")
+
+
+def expected_order(world1: list[str], ep: int) -> list[str]:
+    """The streaming order under `ep`-way expert parallelism, from the world-of-one order."""
+    per_rank = SPEC.num_experts // ep
+    out, done = [], set()
+    for name in world1:
+        m = _EXPERT.match(name)
+        if not m:
+            out.append(name)
+        elif m.group(1) not in done:  # the layer's whole expert block, by local slot
+            done.add(m.group(1))
+            hp = f"model.layers.{m.group(1)}.mlp.experts."
+            for slot in range(per_rank):
+                experts = [r * per_rank + slot for r in range(ep)]
+                out += [f"{hp}{e}.{p}_proj.weight" for e in experts for p in ("gate", "up")]
+                out += [f"{hp}{e}.down_proj.weight" for e in experts]
+    return out
+
+
+def _worker(spec_json: str, layouts_json: str, hf_dir: str, out_dir: str) -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_opd.compat.megatron_cpu import install_megatron_cpu_compat
+    from megatron_opd.config import ParallelConfig
+    from megatron_opd.learner.parallel import destroy_distributed, init_distributed
+    from megatron_opd.models.hf_mapping import iter_hf_weights, load_hf_checkpoint
+    from megatron_opd.models.qwen3_moe import build_model_chunks, transformer_config
+
+    install_megatron_cpu_compat()
+    spec = MoEModelSpec(**json.loads(spec_json))
+    for name, fields in json.loads(layouts_json).items():
+        layout = ParallelConfig(**fields)
+        groups = init_distributed(layout, seed=0)
+        chunks = build_model_chunks(spec, transformer_config(spec, layout=layout))
+        load_hf_checkpoint(chunks, hf_dir, spec, groups)
+        streamed = [(n, t.clone()) for n, t in iter_hf_weights(chunks, spec, groups)]
+        torch.save(streamed, Path(out_dir) / f"{name}.rank{dist.get_rank()}.pt")
+        del chunks
+        dist.barrier()
+        parallel_state.destroy_model_parallel()
+    destroy_distributed()
+
+
+def _checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """A saved Qwen3-MoE whose every element is random (no all-ones norms hiding a mix-up)."""
+    from safetensors.torch import load_file
+    from transformers import Qwen3MoeForCausalLM
+
+    from megatron_opd.models.spec import to_hf_config
+
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(to_hf_config(SPEC)).float()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    model.save_pretrained(path)
+    hf = {}
+    for f in sorted(path.glob("*.safetensors")):
+        hf.update(load_file(str(f)))
+    return hf
+
+
+def test_streamed_weights_are_the_loaded_checkpoint_under_tp_ep_pp(tmp_path):
+    from megatron_opd.models.hf_mapping import hf_names, hf_to_megatron, megatron_to_hf
+    from megatron_opd.procs import free_port
+
+    hf = _checkpoint(tmp_path / "hf")
+    assert set(hf) == set(hf_names(SPEC))
+    # the fixed streaming order: what a world of one streams
+    order = list(megatron_to_hf(hf_to_megatron(hf, SPEC), SPEC))
+    assert sorted(order) == sorted(hf)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+           f"--master-port={free_port()}", __file__, json.dumps(dataclasses.asdict(SPEC)),
+           json.dumps(LAYOUTS), str(tmp_path / "hf"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    for name, fields in LAYOUTS.items():
+        expected = expected_order(order, fields.get("expert_parallel", 1))
+        assert sorted(expected) == sorted(order)
+        for rank in (0, 1):
+            streamed = torch.load(tmp_path / f"{name}.rank{rank}.pt")
+            assert [n for n, _ in streamed] == expected, f"{name} rank {rank}: names/order differ"
+            for n, t in streamed:
+                assert t.dtype == hf[n].dtype, f"{name} rank {rank}: {n} dtype {t.dtype}"
+                assert t.is_contiguous(), f"{name} rank {rank}: {n} not contiguous"
+                assert torch.equal(t, hf[n]), f"{name} rank {rank}: {n} differs"
+
+
+class _FakeServer:
+    """Records the publisher's calls; `fail` names the call that raises."""
+
+    def __init__(self, log: list, fail: str = ""):
+        self.log, self.fail = log, fail
+
+    def __getattr__(self, name):
+        def call(*args):
+            self.log.append(name)
+            if name == self.fail:
+                raise RuntimeError(f"{name} failed")
+        return call
+
+
+def _publisher(log, monkeypatch, fail=""):
+    from megatron_opd.weight_sync import DistributedWeightPublisher
+
+    monkeypatch.setattr(torch.distributed, "broadcast",
+                        lambda t, src, group: log.append(f"broadcast {tuple(t.shape)}"))
+    pub = DistributedWeightPublisher([_FakeServer(log, fail)], master_port=1, bucket_bytes=16)
+    pub.group = object()  # connect() without a server
+    return pub
+
+
+def test_publisher_opens_the_update_before_sending_and_always_resumes_generation(monkeypatch):
+    import pytest
+
+    log = []
+
+    def weights():
+        yield "a", torch.zeros(2, 2)  # 16 bytes: a bucket of its own
+        yield "b", torch.zeros(3)
+    _publisher(log, monkeypatch).publish(weights(), version=1)
+    # (each bucket's update request and its broadcast run concurrently)
+    assert log[:2] == ["pause_generation", "begin_weight_update"]
+    assert sorted(log[2:4]) == ["broadcast (2, 2)", "update_weights_from_distributed"]
+    assert sorted(log[4:6]) == ["broadcast (3,)", "update_weights_from_distributed"]
+    assert log[6:] == ["end_weight_update", "continue_generation"]
+
+    def broken():
+        yield "a", torch.zeros(2, 2)
+        raise ValueError("gather failed")
+    log.clear()
+    with pytest.raises(ValueError, match="gather failed"):
+        _publisher(log, monkeypatch).publish(broken(), version=2)
+    assert log[-2:] == ["end_weight_update", "continue_generation"]
+
+    log.clear()  # the server refuses to open the update: nothing sent, generation resumed
+    with pytest.raises(RuntimeError, match="begin_weight_update failed"):
+        _publisher(log, monkeypatch, fail="begin_weight_update").publish(weights(), version=3)
+    assert log == ["pause_generation", "begin_weight_update", "continue_generation"]
+
+    log.clear()  # nothing to send still reports a failed opening
+    with pytest.raises(RuntimeError, match="pause_generation failed"):
+        _publisher(log, monkeypatch, fail="pause_generation").publish(iter(()), version=4)
+    assert log == ["pause_generation"]
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:5])
