@@ -13,7 +13,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-opd", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("train", "run an asynchronous OPD run (all processes on this machine)"),
-                        ("prepare", "make (or reuse) the quickstart teacher and student init")):
+                        ("prepare", "make (or reuse) the quickstart teacher and student init"),
+                        ("precompute-teacher", "offline OPD: sample teacher.offline_samples "
+                         "student rollouts, score them with the teacher once and store them "
+                         "(reused when the store of this config exists)")):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--config", help="YAML config (defaults when omitted)")
         sp.add_argument("overrides", nargs="*", metavar="key=value",
@@ -35,15 +38,29 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"teacher": str(prepared.teacher_dir), "student_init": str(prepared.student_dir),
                           **{k: v for k, v in prepared.meta.items() if isinstance(v, dict)}}, indent=2))
         return 0
+    if args.command == "precompute-teacher":
+        from megatron_opd.offline_store import StoreError, precompute_teacher
+        from megatron_opd.serving.sglang_server import ServerStartError
+
+        try:
+            store = precompute_teacher(cfg)
+        except (StoreError, ServerStartError) as e:
+            print(f"megatron-opd: {e}", file=sys.stderr)
+            return 1
+        m = store.manifest
+        print(json.dumps({"store": str(store.path), **{k: m[k] for k in (
+            "config_hash", "teacher_revision", "count", "top_k", "group_size")}}, indent=2))
+        return 0
     from megatron_opd.launch import ProcessDied, Terminated, train
     from megatron_opd.models.precision import PrecisionError
+    from megatron_opd.offline_store import StoreError
 
     try:
         summary = train(cfg)
     except PrecisionError as e:  # e.g. FP8 asked for on a machine without a suitable GPU / TE
         print(f"megatron-opd: config error: {e}", file=sys.stderr)
         return 2
-    except (ProcessDied, FileExistsError) as e:
+    except (ProcessDied, FileExistsError, StoreError) as e:
         print(f"megatron-opd: {e}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Terminated):

@@ -77,12 +77,22 @@ class RolloutConfig:
     max_new_tokens: int = 12
     prompts_per_request: int = 8  # prompts batched into one /generate call
     max_inflight_requests: int = 2
+    # GRPO groups: responses sampled per prompt (one group_id, sent back to back; 1 = no groups).
+    # A request then carries prompts_per_request x group_size sequences.
+    group_size: int = 1
 
 
 @dataclass
 class TeacherConfig:
     top_k: int = 0  # teacher top-K log-probs per token (0 = sampled token only)
     revision: str = "teacher-v0"
+    # "live": the teacher server scores every rollout during training. "offline" (Lightning OPD,
+    # ALGORITHMS.md §9): student rollouts of the init are scored once and stored; training reads
+    # the store (no live teacher scoring; the teacher server only serves evaluation).
+    mode: Literal["live", "offline"] = "live"
+    offline_samples: int = 4096  # samples in the offline store (rounded up to whole groups)
+    # Offline store directory; "" = <run.cache_dir>/offline/<hash of what made the data>.
+    offline_store: str = ""
 
 
 @dataclass
@@ -129,14 +139,57 @@ class TrainConfig:
 
 
 @dataclass
+class LSMConfig:
+    """Teacher top-K local support matching (ALGORITHMS.md §2); K is `teacher.top_k` (32 usual)."""
+    log_ratio_clamp: float = 0.0  # clamp log pi^ - log q^ to +-c on the support (0: off; paper: 5)
+
+
+@dataclass
+class AOPDConfig:
+    """Asymmetric OPD (§3): local top-K forward KL where q(y) - pi(y) <= tau, PG elsewhere."""
+    tau: float = 0.0
+    pg_form: Literal["clipped", "plain"] = "clipped"  # the PG term: §6 clipped ratio or -A log pi
+
+
+@dataclass
+class VOPDConfig:
+    """vOPD (§4): closed-form KL(pi || q) baseline. "full" needs the teacher's whole distribution
+    (teacher.top_k = model.vocab_size); "topk" renormalises both on the teacher's top-K."""
+    support: Literal["topk", "full"] = "topk"
+
+
+@dataclass
+class TokenSelectionConfig:
+    """TIP (§8): train on the top keep_ratio of tokens by soft-OR(entropy, divergence)."""
+    method: Literal["none", "tip"] = "none"
+    keep_ratio: float = 0.5
+    divergence: Literal["sampled", "topk"] = "sampled"  # |log pi - log q| of y_t, or top-K fwd KL
+
+
+@dataclass
 class ObjectiveConfig:
-    name: Literal["sampled_token_opd"] = "sampled_token_opd"
+    """The loss: a weighted sum of `terms` (megatron_opd/objectives/compose.py), each a pure
+    function of tensors. Switch with e.g. `objective.terms=[lsm]` on the command line."""
+    terms: list[str] = field(default_factory=lambda: ["sampled_token_opd"])
+    name: str = ""  # shorthand: `objective.name=lsm` means terms=[lsm] (resolved when validated)
+    weights: list[float] = field(default_factory=list)  # one per term (empty: all 1)
     kl_coef: float = 1.0  # lambda in A_t = -lambda * sg(log pi - log q)
     # Which student log-prob enters the reverse-KL sample k_t (ALGORITHMS.md §1).
-    kl_logprobs: Literal["current", "behaviour"] = "current"
+    kl_logprobs: Literal["current", "behaviour", "old"] = "current"
     discount: float = 0.0  # gamma for the discounted suffix sum of A_t (0 = per token)
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.28
+    # Special-token masking (§2 companion, applies to every term): the first occurrence in each
+    # response of these tokens (strings of the student's tokenizer) leaves the loss.
+    masked_tokens: list[str] = field(default_factory=list)
+    # pi in every term is softmax(logits / T) with the sampler's temperature T (what SGLang's
+    # log-probs mean); false: T = 1 whatever the sampler did.
+    use_sampler_temperature: bool = True
+    log_entropy: bool = True  # student entropy per token as a metric (one more pass per chunk)
+    lsm: LSMConfig = field(default_factory=LSMConfig)
+    aopd: AOPDConfig = field(default_factory=AOPDConfig)
+    vopd: VOPDConfig = field(default_factory=VOPDConfig)
+    token_selection: TokenSelectionConfig = field(default_factory=TokenSelectionConfig)
 
 
 @dataclass
@@ -315,7 +368,19 @@ def validate(cfg: Config) -> None:
          f"must be >= task.max_digits + 1 = {t.max_digits + 1} (answer + <eos>)")
     need(r.prompts_per_request > 0, "rollout.prompts_per_request", "must be positive")
     need(r.max_inflight_requests > 0, "rollout.max_inflight_requests", "must be positive")
+    need(r.group_size >= 1, "rollout.group_size", "must be >= 1")
+    need(cfg.train.batch_size % r.group_size == 0, "rollout.group_size",
+         f"must divide train.batch_size = {cfg.train.batch_size} (a group never straddles a batch)")
+    window = (cfg.async_.max_staleness + 1) * cfg.train.batch_size
+    need(window <= 0 or r.prompts_per_request * r.group_size <= window,  # <= 0: refused below
+         "rollout.prompts_per_request",
+         f"x rollout.group_size must be <= (async.max_staleness + 1) x train.batch_size = {window} "
+         "(a request larger than the staleness window is never admitted)")
     need(cfg.teacher.top_k >= 0, "teacher.top_k", "must be >= 0")
+    need(cfg.teacher.offline_samples >= 1, "teacher.offline_samples", "must be >= 1")
+    need(cfg.teacher.mode == "live" or cfg.train.routing_replay == "none", "teacher.mode",
+         "offline needs train.routing_replay=none (stored data carries no routing of the "
+         "trained policy)")
     need(cfg.async_.max_staleness >= 0, "async.max_staleness", "must be >= 0")
     validate_parallel(cfg.parallel, cfg.model)
     try:
@@ -343,6 +408,7 @@ def validate(cfg: Config) -> None:
     need(tr.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     need(0 <= tr.adam_beta1 < 1, "train.adam_beta1", "must be in [0, 1)")
     need(0 <= tr.adam_beta2 < 1, "train.adam_beta2", "must be in [0, 1)")
+    validate_objective(cfg)
     o = cfg.objective
     need(o.kl_coef > 0, "objective.kl_coef", "must be > 0")
     need(0 <= o.discount <= 1, "objective.discount", "must be in [0, 1]")
@@ -355,6 +421,55 @@ def validate(cfg: Config) -> None:
     need(cfg.server.threads >= 0, "server.threads", "must be >= 0")
     need(cfg.model.max_position_embeddings >= 3 + t.max_digits + r.max_new_tokens,
          "model.max_position_embeddings", "too small for prompt + max_new_tokens")
+
+
+def validate_objective(cfg: Config) -> None:
+    """The objective's terms against each other and against what the fleets will deliver: a
+    combination that cannot train is refused before anything starts."""
+    from megatron_opd.objectives.compose import NEEDS_TOPK, TERMS
+
+    def need(cond: bool, key: str, why: str) -> None:
+        if not cond:
+            raise ConfigError(f"objective.{key}: {why}")
+
+    o = cfg.objective
+    if o.name:  # the shorthand resolves into terms; the saved config shows the terms
+        need(o.terms in (["sampled_token_opd"], [o.name]), "name",
+             f"give either name or terms, not both (name={o.name!r}, terms={o.terms})")
+        o.terms, o.name = [o.name], ""
+    need(len(o.terms) > 0, "terms", f"needs at least one term; known: {list(TERMS)}")
+    for i, t in enumerate(o.terms):
+        need(t in TERMS, f"terms[{i}]", f"unknown term {t!r}; known: {list(TERMS)}")
+    need(len(set(o.terms)) == len(o.terms), "terms", "has duplicates")
+    need(not o.weights or len(o.weights) == len(o.terms), "weights",
+         f"needs one weight per term ({len(o.terms)}), or none")
+    need(all(w >= 0 for w in o.weights) and (not o.weights or sum(o.weights) > 0), "weights",
+         "must be >= 0 with a positive sum")
+    k = cfg.teacher.top_k
+    for t in o.terms:
+        need(t not in NEEDS_TOPK or k >= 1, "terms",
+             f"{t} needs the teacher's top-K log-probs: set teacher.top_k >= 1 (32 is usual)")
+    if "vopd" in o.terms:
+        if o.vopd.support == "topk":
+            need(k >= 1, "vopd.support", "topk needs teacher.top_k >= 1")
+        else:
+            need(k == cfg.model.vocab_size, "vopd.support",
+                 f"full needs the teacher's whole distribution: teacher.top_k = model.vocab_size "
+                 f"= {cfg.model.vocab_size}, got {k} (or use vopd.support=topk)")
+    sel = o.token_selection
+    need(0 < sel.keep_ratio <= 1, "token_selection.keep_ratio", "must be in (0, 1]")
+    need(sel.method != "tip" or sel.divergence != "topk" or k >= 1, "token_selection.divergence",
+         "topk needs teacher.top_k >= 1")
+    need(o.lsm.log_ratio_clamp >= 0, "lsm.log_ratio_clamp", "must be >= 0 (0: off)")
+    need(o.aopd.tau > -1 and o.aopd.tau < 1, "aopd.tau", "must be in (-1, 1) (a probability gap)")
+    group = cfg.rollout.group_size
+    need("grpo_opd" not in o.terms or group >= 2, "terms",
+         f"grpo_opd needs groups of samples per prompt: set rollout.group_size >= 2 (got {group})")
+    mode = cfg.teacher.mode
+    need("offline_opd" not in o.terms or mode == "offline", "terms",
+         "offline_opd trains on precomputed teacher log-probs: set teacher.mode=offline")
+    for i, tok in enumerate(o.masked_tokens):
+        need(bool(tok), f"masked_tokens[{i}]", "empty token")
 
 
 def validate_parallel(p: ParallelConfig, spec: MoEModelSpec, prefix: str = "parallel") -> None:

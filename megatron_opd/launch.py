@@ -59,25 +59,21 @@ def prepare_run_dir(cfg: Config) -> Path:
 
 
 def train(cfg: Config) -> dict:
-    from megatron_opd.prepare import prepare
-    from megatron_opd.serving.sglang_server import SGLangServer
-
     from megatron_opd.models.precision import resolve_here
+    from megatron_opd.prepare import prepare
 
     # The learner runs here: refuse a precision this machine cannot run before anything starts.
     resolve_here(cfg.precision, distributed_optimizer=cfg.train.distributed_optimizer)
     run_dir = prepare_run_dir(cfg)
     prepared = prepare(cfg, progress=cfg.logging.progress)
+    from megatron_opd.learner.main import masked_token_ids
+
+    masked_token_ids(cfg.objective.masked_tokens, prepared.student_dir)  # a bad token fails here
     logs = run_dir / "logs"
-    sv = cfg.server
-    common = dict(dtype=sv.dtype, max_total_tokens=sv.max_total_tokens, threads=sv.threads or None)
-    servers = [
-        SGLangServer("teacher", str(prepared.teacher_dir), _free_port(), str(logs / "teacher.log"),
-                     **common),
-        SGLangServer("rollout", str(prepared.student_dir), _free_port(), str(logs / "rollout.log"),
-                     extra_args=("--weight-version", "0"),
-                     enable_return_routed_experts=cfg.train.routing_replay == "r3", **common),
-    ]
+    # In offline mode (teacher.mode=offline) the teacher server scores nothing for training: it
+    # serves evaluation only (the exact reverse KL against the teacher); the rollout server
+    # serves the store's build (version 0, before the learner starts) and evaluation.
+    servers = list(make_servers(cfg, prepared, logs).values())
     children: list[Child] = []
     previous_term = signal.signal(signal.SIGTERM, _raise_terminated)
     # Ctrl-C must stop the run even when we were started with SIGINT ignored (background jobs
@@ -90,12 +86,18 @@ def train(cfg: Config) -> dict:
         print(f"[megatron-opd] starting SGLang servers (logs in {logs})", flush=True)
         for s in servers:
             s.wait_ready(timeout=cfg.server.start_timeout_s)
+        offline_store = ""
+        if cfg.teacher.mode == "offline":  # made here if missing, with the fresh servers
+            from megatron_opd.offline_store import build_store
+
+            offline_store = str(build_store(cfg, servers[1].url, servers[0].url,
+                                            progress=cfg.logging.progress).path)
         wiring = RunWiring(
             run_dir=str(run_dir), rollout_urls=[servers[1].url], teacher_urls=[servers[0].url],
             samples_endpoint=f"tcp://127.0.0.1:{_free_port()}",
             control_endpoint=f"tcp://127.0.0.1:{_free_port()}",
             teacher_dir=str(prepared.teacher_dir), student_dir=str(prepared.student_dir),
-            weight_sync_master_port=_free_port())
+            weight_sync_master_port=_free_port(), offline_store=offline_store)
         wiring.save(run_dir / "wiring.json")
         py = [sys.executable, "-m"]
         children.append(Child.spawn("learner", _learner_command(cfg, run_dir),
@@ -118,6 +120,23 @@ def train(cfg: Config) -> dict:
     summary = _summary(records, train_seconds, time.time() - t_start, prepared.meta)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def make_servers(cfg: Config, prepared, logs: Path) -> dict:
+    """The run's SGLang servers (not started): the teacher, and the rollout server with the
+    student init at weight version 0."""
+    from megatron_opd.serving.sglang_server import SGLangServer
+
+    sv = cfg.server
+    common = dict(dtype=sv.dtype, max_total_tokens=sv.max_total_tokens, threads=sv.threads or None)
+    return {
+        "teacher": SGLangServer("teacher", str(prepared.teacher_dir), _free_port(),
+                                str(logs / "teacher.log"), **common),
+        "rollout": SGLangServer("rollout", str(prepared.student_dir), _free_port(),
+                                str(logs / "rollout.log"), extra_args=("--weight-version", "0"),
+                                enable_return_routed_experts=cfg.train.routing_replay == "r3",
+                                **common),
+    }
 
 
 def _learner_command(cfg: Config, run_dir: Path) -> list[str]:

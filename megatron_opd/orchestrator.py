@@ -1,5 +1,10 @@
 """The orchestrator process: prompts → rollout fleet → teacher fleet → samples to the learner.
 
+Each prompt is sampled `rollout.group_size` times (a GRPO group: one group_id, rewards from the
+task verifier, sent back to back). With `teacher.mode=offline` the samples come from the offline
+store instead (megatron_opd/offline_store.py), and no rollout or teacher request is made for
+training.
+
 Generation runs ahead of training (asynchronous) but only within the staleness budget: a new
 request is admitted while `started + k <= (version + max_staleness + 1) * batch_size`, so with
 in-order consumption a sample started at version v is trained by step v + max_staleness. The
@@ -66,68 +71,131 @@ def _compact(routed: np.ndarray | None) -> np.ndarray | None:
     return routed.astype(np.uint8 if top < 256 else np.int16 if top < 32768 else np.int32)
 
 
-def make_samples(cfg: Config, examples, results, scores, ids) -> list[Sample]:
+def training_stream(cfg: Config, task: DigitTask):
+    """The run's stream of training prompts (held-out prompts excluded); live rollouts and the
+    offline store draw from the same one."""
+    held_out = {ex.prompt_ids for ex in task.eval_set(cfg.task.num_eval_prompts, cfg.run.seed)}
+    return task.train_stream(cfg.run.seed + 3, held_out)
+
+
+def sampling_params(cfg: Config, task: DigitTask) -> dict:
+    """No sampling seed: the group_size copies of a prompt in one request sample independently
+    (temperature > 0 is validated)."""
+    return {"temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p,
+            "max_new_tokens": cfg.rollout.max_new_tokens, "stop_token_ids": [task.eos]}
+
+
+def request_prompts(examples, group_size: int) -> list[list[int]]:
+    """The sequences of one /generate call: each prompt repeated group_size times, back to back
+    (copy j of prompt i at position i * group_size + j)."""
+    return [list(ex.prompt_ids) for ex in examples for _ in range(group_size)]
+
+
+def make_groups(cfg: Config, task: DigitTask, examples, results, scores,
+                group_ids: list[str]) -> list[list[Sample]]:
+    """Generate + score results of one request (laid out as `request_prompts`) -> one list of
+    Samples per prompt: its group_size responses, one group_id, rewards from the task verifier.
+
+    A group in which any response came back empty (e.g. an aborted request) is dropped whole,
+    so every group that reaches the learner has exactly group_size samples (batches then hold
+    whole groups). With group_size 1 the sample id is the group id."""
+    g, k = cfg.rollout.group_size, cfg.teacher.top_k
+    if not len(results) == len(scores) == len(examples) * g == len(group_ids) * g:
+        raise ValueError(f"make_groups: {len(examples)} prompts x group_size {g} != "
+                         f"{len(results)} results / {len(scores)} scores / {len(group_ids)} ids")
     out = []
-    for ex, res, sc, sid in zip(examples, results, scores, ids):
-        n = len(res.output_ids)
-        if n == 0:
+    for i, (ex, gid) in enumerate(zip(examples, group_ids)):
+        members = list(zip(results[i * g:(i + 1) * g], scores[i * g:(i + 1) * g]))
+        if any(len(res.output_ids) == 0 for res, _ in members):
             continue
-        k = cfg.teacher.top_k
-        out.append(Sample(
-            sample_id=sid, group_id=sid,
-            prompt_ids=np.asarray(ex.prompt_ids, dtype=np.int32),
-            response_ids=np.asarray(res.output_ids, dtype=np.int32),
-            loss_mask=np.ones(n, dtype=np.uint8),  # single-turn task: every response token trains
-            behaviour_logprobs=np.asarray(res.output_logprobs, dtype=np.float32),
-            token_versions=np.asarray(res.token_versions, dtype=np.int64),
-            teacher_logprobs=np.asarray(sc.logprobs, dtype=np.float32),
-            teacher_topk_ids=np.asarray(sc.topk_ids, dtype=np.int32).reshape(n, k),
-            teacher_topk_logprobs=np.asarray(sc.topk_logprobs, dtype=np.float32).reshape(n, k),
-            teacher_revision=cfg.teacher.revision, routed_experts=_compact(res.routed_experts),
-            reward=0.0,
-            metadata={"op": ex.op}, created_at=time.time(), finish_reason=res.finish_reason,
-        ))
+        group = []
+        for j, (res, sc) in enumerate(members):
+            n = len(res.output_ids)
+            group.append(Sample(
+                sample_id=gid if g == 1 else f"{gid}-{j}", group_id=gid,
+                prompt_ids=np.asarray(ex.prompt_ids, dtype=np.int32),
+                response_ids=np.asarray(res.output_ids, dtype=np.int32),
+                loss_mask=np.ones(n, dtype=np.uint8),  # single-turn task: every token trains
+                behaviour_logprobs=np.asarray(res.output_logprobs, dtype=np.float32),
+                token_versions=np.asarray(res.token_versions, dtype=np.int64),
+                teacher_logprobs=np.asarray(sc.logprobs, dtype=np.float32),
+                teacher_topk_ids=np.asarray(sc.topk_ids, dtype=np.int32).reshape(n, k),
+                teacher_topk_logprobs=np.asarray(sc.topk_logprobs, dtype=np.float32).reshape(n, k),
+                teacher_revision=cfg.teacher.revision, routed_experts=_compact(res.routed_experts),
+                # the response ends with <eos> when the model stopped: is_correct expects it there
+                reward=1.0 if task.is_correct(ex.prompt_ids, res.output_ids) else 0.0,
+                metadata={"op": ex.op}, created_at=time.time(), finish_reason=res.finish_reason,
+                temperature=float(cfg.rollout.temperature), top_p=float(cfg.rollout.top_p),
+            ))
+        out.append(group)
     return out
+
+
+def rollout_and_score(cfg: Config, task: DigitTask, rollout, teacher, examples,
+                      group_ids: list[str]) -> list[list[Sample]]:
+    """One request: group_size responses per prompt from the rollout fleet, every one scored by
+    the teacher (sampled-token log-prob, and top-K when teacher.top_k > 0)."""
+    prompts = request_prompts(examples, cfg.rollout.group_size)
+    results = rollout.generate(
+        prompts, sampling_params(cfg, task), return_logprob=True,
+        return_routed_experts=cfg.train.routing_replay == "r3",
+        routed_experts_shape=(cfg.model.num_layers, cfg.model.moe_router_topk))
+    scores = teacher.score([p + list(r.output_ids) for p, r in zip(prompts, results)],
+                           start=[len(p) for p in prompts], top_k=cfg.teacher.top_k)
+    return make_groups(cfg, task, examples, results, scores, group_ids)
 
 
 def run_orchestrator(cfg: Config, wiring: RunWiring) -> None:
     from megatron_opd.serving.sglang_client import SGLangClient
 
     task = DigitTask.from_config(cfg.task, cfg.model.vocab_size)
-    held_out = {ex.prompt_ids for ex in task.eval_set(cfg.task.num_eval_prompts, cfg.run.seed)}
-    stream = task.train_stream(cfg.run.seed + 3, held_out)
+    stream = training_stream(cfg, task)
     stream_lock = threading.Lock()
     counter = itertools.count()
     rollout = SGLangClient(wiring.rollout_urls[0], timeout=cfg.server.request_timeout_s)
     teacher = SGLangClient(wiring.teacher_urls[0], timeout=cfg.server.request_timeout_s)
+    # Admission counts samples: a request of k prompts is k x group_size samples. In offline mode
+    # the same budget only bounds how far the feeder runs ahead of the learner (flow control).
     admission = Admission(cfg.train.batch_size, cfg.async_.max_staleness)
-    ready: queue.Queue[Sample] = queue.Queue()
+    ready: queue.Queue[list[Sample]] = queue.Queue()  # whole groups, sent back to back
     errors: list[BaseException] = []
-    sampling = {"temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p,
-                "max_new_tokens": cfg.rollout.max_new_tokens, "stop_token_ids": [task.eos]}
-    k = cfg.rollout.prompts_per_request
+    k, g = cfg.rollout.prompts_per_request, cfg.rollout.group_size
 
     def worker() -> None:
         try:
-            while admission.acquire(k):
+            while admission.acquire(k * g):
                 with stream_lock:
                     examples = [next(stream) for _ in range(k)]
                     ids = [f"{cfg.run.name}-{next(counter):09d}" for _ in range(k)]
-                prompts = [list(ex.prompt_ids) for ex in examples]
-                results = rollout.generate(
-                    prompts, sampling, return_logprob=True,
-                    return_routed_experts=cfg.train.routing_replay == "r3",
-                    routed_experts_shape=(cfg.model.num_layers, cfg.model.moe_router_topk))
-                scores = teacher.score([p + list(r.output_ids) for p, r in zip(prompts, results)],
-                                       start=[len(p) for p in prompts], top_k=cfg.teacher.top_k)
-                for s in make_samples(cfg, examples, results, scores, ids):
-                    ready.put(s)
+                for group in rollout_and_score(cfg, task, rollout, teacher, examples, ids):
+                    ready.put(group)
         except BaseException as e:  # surface in the main thread: the process must die loudly
             errors.append(e)
             admission.stop()
 
-    threads = [threading.Thread(target=worker, daemon=True, name=f"rollout-{i}")
-               for i in range(cfg.rollout.max_inflight_requests)]
+    def offline_feeder() -> None:
+        """Offline OPD (ALGORITHMS.md §9): the stored rollouts of the init, scored once by the
+        teacher, in store order, cycling; no rollout or teacher request is made for training."""
+        from megatron_opd.offline_store import open_store
+
+        try:
+            store = open_store(wiring.offline_store)
+            if store is None:
+                raise RuntimeError(f"teacher.mode=offline: no complete store at "
+                                   f"{wiring.offline_store!r}")
+            for group in store.training_groups(cfg.run.name):
+                if not admission.acquire(len(group)):
+                    return
+                ready.put(group)
+        except BaseException as e:
+            errors.append(e)
+            admission.stop()
+
+    if cfg.teacher.mode == "offline":
+        threads = [threading.Thread(target=offline_feeder, daemon=True, name="offline")]
+    else:
+        threads = [threading.Thread(target=worker, daemon=True, name=f"rollout-{i}")
+                   for i in range(cfg.rollout.max_inflight_requests)]
     sender = SampleSender(wiring.samples_endpoint)
     control = ControlSubscriber(wiring.control_endpoint)
     for t in threads:
@@ -142,14 +210,14 @@ def run_orchestrator(cfg: Config, wiring: RunWiring) -> None:
                     print(f"[orchestrator] shutdown: {msg.reason}", flush=True)
                     admission.stop()
             while not ready.empty():
-                sample = ready.get_nowait()
-                while not sender.send(sample, timeout_ms=1000):
-                    if admission.stopped:
-                        break
-                sent += 1
-                if sent % 100 == 0:
-                    print(f"[orchestrator] sent {sent} samples, version {admission.version}, "
-                          f"started {admission.started}", flush=True)
+                for sample in ready.get_nowait():  # one group, back to back on the one socket
+                    while not sender.send(sample, timeout_ms=1000):
+                        if admission.stopped:
+                            break
+                    sent += 1
+                    if sent % 100 == 0:
+                        print(f"[orchestrator] sent {sent} samples, version {admission.version}, "
+                              f"started {admission.started}", flush=True)
         if errors:
             raise errors[0]
     finally:

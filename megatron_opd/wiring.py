@@ -22,6 +22,7 @@ class RunWiring:
     student_dir: str
     weight_sync_master_addr: str = "127.0.0.1"
     weight_sync_master_port: int = 0
+    offline_store: str = ""  # teacher.mode=offline: the store the orchestrator reads samples from
 
     def save(self, path: str | Path) -> None:
         tmp = Path(str(path) + ".tmp")

@@ -102,15 +102,27 @@ def test_a_dying_process_or_ctrl_c_stops_every_process(tmp_path, fault):
 def test_parallel_learner_in_the_full_pipeline(tmp_path):
     """The same run with a two-rank learner (EP2, dense layers data-parallel) and routing replay
     R3: torchrun ranks force the experts SGLang chose; rank 0 gathers the experts from both
-    ranks and publishes them every step."""
+    ranks and publishes them every step. The objective composes sampled-token OPD with LSM on
+    the teacher's top-8 over groups of 2 responses per prompt, so top-K log-probs, groups and
+    sampler settings cross every process boundary (SGLang -> orchestrator -> ZeroMQ -> rank 0
+    -> broadcast -> micro-batches of both ranks)."""
     run_dir = tmp_path / "run"
     steps = 20
     out = subprocess.run(_train_cmd(run_dir, f"train.steps={steps}", "eval.interval=10",
                                     "parallel.world_size=2", "parallel.expert_parallel=2",
-                                    "train.checkpoint_interval=10", "train.routing_replay=r3"),
+                                    "train.checkpoint_interval=10", "train.routing_replay=r3",
+                                    "teacher.top_k=8", "objective.terms=[sampled_token_opd,lsm]",
+                                    "rollout.group_size=2"),
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     train = [r for r in _records(run_dir) if "train/loss" in r]
+    # both terms trained; the total is their sum (weights 1); the top-8 of the sharp teacher
+    # holds nearly all its mass (the renormalisation divides by it)
+    for r in train:
+        assert r["train/loss"] == pytest.approx(
+            r["train/sampled_token_opd/loss"] + r["train/lsm/loss"], rel=1e-4, abs=1e-5)
+        assert 0.9 < r["train/lsm/lsm_teacher_mass"] <= 1.0 + 1e-6
+        assert r["train/lsm/loss"] > 0
     assert [r["weights/version"] for r in train] == list(range(1, steps + 1))
     assert all(r["samples/with_routed_experts"] == 1.0 for r in train)
     evals = {r["eval/version"]: r for r in _records(run_dir)}

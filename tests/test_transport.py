@@ -8,12 +8,12 @@ import pytest
 import zmq
 
 from megatron_opd.transport import (
-    ControlPublisher, ControlSubscriber, EvalReport, ProtocolError, Sample, SampleReceiver,
-    SampleSender, Shutdown, WeightsPublished, decode, encode, free_tcp_endpoint,
+    SCHEMA_VERSION, ControlPublisher, ControlSubscriber, EvalReport, ProtocolError, Sample,
+    SampleReceiver, SampleSender, Shutdown, WeightsPublished, decode, encode, free_tcp_endpoint,
 )
 
 
-def make_sample(T=5, K=3, P=4, routed=False, sid="s-1") -> Sample:
+def make_sample(T=5, K=3, P=4, routed=False, sid="s-1", temperature=0.7, top_p=0.9) -> Sample:
     rng = np.random.default_rng(0)
     return Sample(
         sample_id=sid, group_id="g", prompt_ids=np.arange(P, dtype=np.int32),
@@ -27,7 +27,7 @@ def make_sample(T=5, K=3, P=4, routed=False, sid="s-1") -> Sample:
         teacher_revision="t0",
         routed_experts=rng.integers(0, 8, (P + T - 1, 2, 2)).astype(np.uint8) if routed else None,
         reward=0.5, metadata={"op": "rev", "n": 3, "ok": True}, created_at=123.5,
-        finish_reason="stop")
+        finish_reason="stop", temperature=temperature, top_p=top_p)
 
 
 def assert_same(a, b):
@@ -63,6 +63,7 @@ def recv_one(rx, timeout_s=5.0):
 
 @pytest.mark.parametrize("msg", [
     make_sample(), make_sample(K=0), make_sample(routed=True), make_sample(T=1, K=1, P=1),
+    make_sample(temperature=1.0, top_p=1.0), make_sample(temperature=1e-3, top_p=1e-3),
     EvalReport(version=3, metrics={"acc": 0.5}), WeightsPublished(version=7, step=7, published_at=1.0),
     Shutdown(reason="done"),
 ])
@@ -90,7 +91,8 @@ def test_zero_copy_both_ways():
 
 
 def header(**over):
-    h = {"schema": "megatron-opd", "version": 1, "kind": "shutdown", "fields": {"reason": "x"},
+    h = {"schema": "megatron-opd", "version": SCHEMA_VERSION, "kind": "shutdown",
+         "fields": {"reason": "x"},
          "tensors": []}
     h.update(over)
     return orjson.dumps(h)
@@ -173,3 +175,54 @@ def test_control_pub_sub_after_slow_joiner():
         got = sub.poll(timeout_ms=100)
     assert got and got[0] == WeightsPublished(version=4, step=4, published_at=2.0)
     pub.close(), sub.close()
+
+
+def test_sampler_fields_are_in_the_header_and_default_to_plain_sampling():
+    head = orjson.loads(encode(make_sample(temperature=0.7, top_p=0.9))[0])
+    assert head["version"] == SCHEMA_VERSION == 2
+    assert head["fields"]["temperature"] == 0.7 and head["fields"]["top_p"] == 0.9
+    # a sender that leaves them out means temperature 1, top-p 1
+    del head["fields"]["temperature"], head["fields"]["top_p"]
+    frames = [orjson.dumps(head)] + [bytes(f) for f in encode(make_sample())[1:]]
+    out = decode(frames)
+    assert out.temperature == 1.0 and out.top_p == 1.0
+
+
+def test_a_version_1_peer_is_refused():
+    frames = [bytes(f) for f in encode(make_sample())]
+    head = orjson.loads(frames[0])
+    head["version"] = 1
+    del head["fields"]["temperature"], head["fields"]["top_p"]
+    with pytest.raises(ProtocolError) as err:
+        decode([orjson.dumps(head)] + frames[1:])
+    assert err.value.reason == "bad_schema_version"
+
+
+@pytest.mark.parametrize("field, value, reason", [
+    ("temperature", 0.0, "bad_value"), ("temperature", -0.5, "bad_value"),
+    ("temperature", float("nan"), "bad_field"), ("temperature", float("inf"), "bad_field"),
+    ("temperature", "1.0", "bad_field"), ("temperature", True, "bad_field"),
+    ("top_p", 0.0, "bad_value"), ("top_p", 1.0000001, "bad_value"), ("top_p", -1.0, "bad_value"),
+    ("top_p", None, "bad_field"),
+])
+def test_bad_sampler_values_are_refused_at_both_ends(field, value, reason):
+    bad = make_sample()
+    setattr(bad, field, value)
+    with pytest.raises(ProtocolError) as err:  # the sender validates before encoding
+        encode(bad)
+    assert err.value.reason == reason
+    # a peer that skips validation: the receiver refuses the same message
+    frames = [bytes(f) for f in encode(make_sample())]
+    head = orjson.loads(frames[0])
+    if isinstance(value, float) and not np.isfinite(value):
+        # JSON has no NaN/inf: a header spelling one is not even JSON
+        raw = orjson.dumps(head).replace(b'"temperature":0.7', b'"temperature":NaN')
+        assert b"NaN" in raw
+        with pytest.raises(ProtocolError) as err:
+            decode([raw] + frames[1:])
+        assert err.value.reason == "bad_header"
+        return
+    head["fields"][field] = value
+    with pytest.raises(ProtocolError) as err:
+        decode([orjson.dumps(head)] + frames[1:])
+    assert err.value.reason == reason

@@ -102,7 +102,7 @@ def test_optional_outputs_absent_and_leading_shapes_kept():
     st = vocab_parallel_token_stats(z.float().requires_grad_(), ids)
     assert st.entropy is None and st.topk_logits is None
     assert st.logprobs.shape == (3, 2, 4) and st.logsumexp.shape == (3, 2, 4)
-    assert not st.logsumexp.requires_grad
+    assert st.logsumexp.requires_grad  # its gradient is the softmax (tests/test_objective_inputs.py)
     st.logprobs.sum().backward()
 
 
@@ -244,3 +244,87 @@ def test_tp2_gloo_matches_unsharded_reference(tmp_path):
     ref = _reference(z.float(), ids, topk, w)
     for r in range(2):
         _assert_close(ranks[r]["single"], ref)
+
+
+def test_temperature_and_logsumexp_gradient_match_reference():
+    """Statistics of logits / T per token (no scaled copy made by the caller), with the
+    log-normaliser differentiable: d lse / dz = softmax."""
+    z, ids, topk, w = _inputs(11)
+    temp = torch.rand(LEAD, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
+    w_lse = torch.randn(LEAD, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    zt = z.clone().requires_grad_(True)
+    st = vocab_parallel_token_stats(zt, ids, entropy=True, topk_ids=topk, temperature=temp,
+                                    chunk_tokens=4)
+    loss = ((st.logprobs * w["lp"]).sum() + (st.entropy * w["h"]).sum()
+            + (st.topk_logits * w["tk"]).sum() + (st.logsumexp * w_lse).sum())
+    (g,) = torch.autograd.grad(loss, zt)
+    zr = z.clone().requires_grad_(True)
+    zs = zr / temp[..., None]
+    logp = torch.log_softmax(zs, -1)
+    ref = ((logp.gather(-1, ids[..., None]).squeeze(-1) * w["lp"]).sum()
+           + (-(logp.exp() * logp).sum(-1) * w["h"]).sum()
+           + (zs.gather(-1, topk) * w["tk"]).sum() + (torch.logsumexp(zs, -1) * w_lse).sum())
+    (g_ref,) = torch.autograd.grad(ref, zr)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck_with_temperature_and_logsumexp():
+    z, ids, topk, _ = _inputs(12, lead=(4,), vocab=7, k=5)
+    z = (z / 3).requires_grad_(True)
+    temp = torch.tensor([0.5, 1.0, 1.7, 0.9], dtype=torch.float64)
+
+    def f(x):
+        st = vocab_parallel_token_stats(x, ids, entropy=True, topk_ids=topk, temperature=temp,
+                                        chunk_tokens=3)
+        return st.logprobs, st.entropy, st.topk_logits, st.logsumexp
+
+    assert torch.autograd.gradcheck(f, (z,), eps=1e-6, atol=1e-7)
+
+
+def test_reverse_kl_matches_reference_and_handles_zero_probabilities():
+    from megatron_opd.learner.vocab_parallel import vocab_parallel_reverse_kl
+
+    z, ids, _, _ = _inputs(13)
+    g = torch.Generator().manual_seed(3)
+    logq = torch.log_softmax(torch.randn(*LEAD, V, generator=g, dtype=torch.float64), -1)
+    temp = torch.full(LEAD, 0.8, dtype=torch.float64)
+    z = z.clone()
+    z[0, 0, 3] = -torch.inf  # p = 0 where the teacher also has q = 0: contributes 0, not nan
+    logq[0, 0, 3] = -torch.inf
+    lse = vocab_parallel_token_stats(z, ids, temperature=temp).logsumexp
+    got = vocab_parallel_reverse_kl(z, logq, lse, temperature=temp, chunk_tokens=5)
+    logp = torch.log_softmax(z / 0.8, -1)
+    p = logp.exp()
+    ref = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_positions_read_rows_in_place_equal_a_gathered_copy():
+    """positions [b, T] pick the logits row of each token (a row may be read twice, others not at
+    all): same statistics and gradient as gathering the rows first; unread rows get exactly 0."""
+    g = torch.Generator().manual_seed(14)
+    z = torch.randn(2, 5, V, generator=g, dtype=torch.float64) * 2
+    pos = torch.tensor([[0, 1, 1, 3], [4, 2, 0, 0]])
+    ids = torch.randint(0, V, (2, 4), generator=g)
+    topk = torch.randint(0, V, (2, 4, 3), generator=g)
+    temp = torch.full((2, 4), 0.9, dtype=torch.float64)
+    w = torch.randn(4, 2, 4, generator=g, dtype=torch.float64)
+
+    def weighted(st):
+        return ((st.logprobs * w[0]).sum() + (st.entropy * w[1]).sum()
+                + (st.topk_logits.sum(-1) * w[2]).sum() + (st.logsumexp * w[3]).sum())
+
+    za = z.clone().requires_grad_(True)
+    got = weighted(vocab_parallel_token_stats(za, ids, entropy=True, topk_ids=topk,
+                                              temperature=temp, positions=pos, chunk_tokens=3))
+    (ga,) = torch.autograd.grad(got, za)
+    zb = z.clone().requires_grad_(True)
+    copy = torch.gather(zb, 1, pos[..., None].expand(-1, -1, V))
+    ref = weighted(vocab_parallel_token_stats(copy, ids, entropy=True, topk_ids=topk,
+                                              temperature=temp))
+    (gb,) = torch.autograd.grad(ref, zb)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-12)
+    assert (ga[0, 2] == 0).all() and (ga[0, 4] == 0).all() and (ga[1, 1] == 0).all()

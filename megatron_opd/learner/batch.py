@@ -1,4 +1,9 @@
-"""From received samples to padded training tensors, with the staleness bound enforced."""
+"""From received samples to padded training tensors, with the staleness bound enforced.
+
+Everything here is built on global rank 0 from the *whole* batch, before the data-parallel /
+micro-batch split: per-sample quantities that need other samples (GRPO group statistics) are
+final when the batch is cut. Every field is batch-first, so `split_microbatches` slices dim 0.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,16 @@ class TrainBatch:
     behaviour_logprobs: torch.Tensor  # [B, T] float32
     teacher_logprobs: torch.Tensor  # [B, T] float32
     token_versions: torch.Tensor  # [B, T] int64 (-1 on padding)
+    # Teacher top-K support per response token (K = the samples' K, may be 0 -> [B, T, 0]);
+    # padding positions hold id 0 and log-prob 0.0 (masked by loss_mask).
+    teacher_topk_ids: torch.Tensor  # [B, T, K] int64
+    teacher_topk_logprobs: torch.Tensor  # [B, T, K] float32
+    rewards: torch.Tensor  # [B] float32: Sample.reward (task verifier)
+    # [B] float32: group-normalised rewards over the samples of the batch sharing a group_id
+    # (objectives.grpo.group_normalized_advantages; a lone sample gets 0)
+    sample_advantages: torch.Tensor
+    temperature: torch.Tensor  # [B] float32: sampling temperature that produced the sample
+    top_p: torch.Tensor  # [B] float32: its top-p (behaviour_logprobs are not renormalised for it)
     # [B, L, layers, top_k] int64: the rollout engine's experts per input position (R3), or None
     routed_experts: torch.Tensor | None = None
 
@@ -29,10 +44,26 @@ class StalenessReport:
     staleness_max: int
 
 
-def collate(samples, pad_id: int, step: int, max_staleness: int) -> tuple[TrainBatch, StalenessReport]:
+def group_indices(group_ids: list[str]) -> np.ndarray:
+    """[B] int64: samples with the same group id get the same index (0, 1, ... by first
+    appearance)."""
+    first: dict[str, int] = {}
+    return np.asarray([first.setdefault(g, len(first)) for g in group_ids], dtype=np.int64)
+
+
+def collate(samples, pad_id: int, step: int,
+            max_staleness: int | None) -> tuple[TrainBatch, StalenessReport]:
     """Pad samples into a batch. A token made by version v has staleness `step - v` (the learner's
-    current version is its step); tokens over `max_staleness` are masked out and counted."""
+    current version is its step); tokens over `max_staleness` are masked out and counted.
+    `max_staleness=None` applies no bound (offline OPD: stored data is fixed off-policy data by
+    design, never dropped for its age; staleness is still reported)."""
+    from megatron_opd.objectives.grpo import group_normalized_advantages
+
     B = len(samples)
+    Ks = {s.teacher_topk_ids.shape[1] for s in samples}
+    if len(Ks) != 1:
+        raise ValueError(f"samples disagree on the teacher top-K width: {sorted(Ks)}")
+    (K,) = Ks
     L = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
     T = max(len(s.response_ids) for s in samples)
     input_ids = np.full((B, L), pad_id, dtype=np.int64)
@@ -42,6 +73,8 @@ def collate(samples, pad_id: int, step: int, max_staleness: int) -> tuple[TrainB
     mu = np.zeros((B, T), dtype=np.float32)
     q = np.zeros((B, T), dtype=np.float32)
     versions = np.full((B, T), -1, dtype=np.int64)
+    topk_ids = np.zeros((B, T, K), dtype=np.int64)
+    topk_lp = np.zeros((B, T, K), dtype=np.float32)
     for b, s in enumerate(samples):
         P, n = len(s.prompt_ids), len(s.response_ids)
         input_ids[b, :P] = s.prompt_ids
@@ -52,9 +85,12 @@ def collate(samples, pad_id: int, step: int, max_staleness: int) -> tuple[TrainB
         mu[b, :n] = s.behaviour_logprobs
         q[b, :n] = s.teacher_logprobs
         versions[b, :n] = s.token_versions
+        topk_ids[b, :n] = s.teacher_topk_ids
+        topk_lp[b, :n] = s.teacher_topk_logprobs
     staleness = step - versions
     trainable = mask > 0
-    stale = trainable & (staleness > max_staleness)
+    stale = trainable & (staleness > max_staleness) if max_staleness is not None \
+        else np.zeros_like(trainable)
     kept = trainable & ~stale
     mask[stale] = 0.0
     report = StalenessReport(
@@ -71,7 +107,16 @@ def collate(samples, pad_id: int, step: int, max_staleness: int) -> tuple[TrainB
         k = samples[0].routed_experts.shape[-1]
         routed = torch.stack([experts_from_rollout(torch.from_numpy(s.routed_experts.astype(np.int64)),
                                                    L, k) for s in samples])
-    batch = TrainBatch(t(input_ids), t(index), t(resp), t(mask), t(mu), t(q), t(versions), routed)
+    rewards = torch.tensor([float(s.reward) for s in samples], dtype=torch.float32)
+    groups = torch.from_numpy(group_indices([s.group_id for s in samples]))
+    batch = TrainBatch(
+        input_ids=t(input_ids), response_index=t(index), response_ids=t(resp), loss_mask=t(mask),
+        behaviour_logprobs=t(mu), teacher_logprobs=t(q), token_versions=t(versions),
+        teacher_topk_ids=t(topk_ids), teacher_topk_logprobs=t(topk_lp), rewards=rewards,
+        sample_advantages=group_normalized_advantages(rewards, groups).to(torch.float32),
+        temperature=torch.tensor([float(s.temperature) for s in samples], dtype=torch.float32),
+        top_p=torch.tensor([float(s.top_p) for s in samples], dtype=torch.float32),
+        routed_experts=routed)
     return batch, report
 
 

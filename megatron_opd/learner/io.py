@@ -11,26 +11,36 @@ import torch.distributed as dist
 from megatron_opd.learner.batch import TrainBatch
 from megatron_opd.transport import Sample, WeightsPublished
 
-_BATCH_FIELDS = ("input_ids", "response_index", "response_ids", "loss_mask",
-                 "behaviour_logprobs", "teacher_logprobs", "token_versions")
-_DTYPES = {"input_ids": torch.int64, "response_index": torch.int64, "response_ids": torch.int64,
-           "loss_mask": torch.float32, "behaviour_logprobs": torch.float32,
-           "teacher_logprobs": torch.float32, "token_versions": torch.int64}
+# Every tensor field of TrainBatch but routed_experts (optional, sent after): dtype and which of
+# the batch dimensions (B, L, T, K) make its shape.
+_BATCH_FIELDS = {
+    "input_ids": (torch.int64, "BL"), "response_index": (torch.int64, "BT"),
+    "response_ids": (torch.int64, "BT"), "loss_mask": (torch.float32, "BT"),
+    "behaviour_logprobs": (torch.float32, "BT"), "teacher_logprobs": (torch.float32, "BT"),
+    "token_versions": (torch.int64, "BT"), "teacher_topk_ids": (torch.int64, "BTK"),
+    "teacher_topk_logprobs": (torch.float32, "BTK"), "rewards": (torch.float32, "B"),
+    "sample_advantages": (torch.float32, "B"), "temperature": (torch.float32, "B"),
+    "top_p": (torch.float32, "B"),
+}
 
 
 def broadcast_batch(batch: TrainBatch | None) -> TrainBatch:
-    """Rank 0 passes its batch; every rank returns the same batch."""
+    """Rank 0 passes its batch; every rank returns the same batch (tensors only: the sizes
+    B, L, T, K go first, then each field in a fixed order)."""
     if dist.get_world_size() == 1:
         return batch
-    shape = torch.zeros(3, dtype=torch.int64)
+    shape = torch.zeros(4, dtype=torch.int64)
     if dist.get_rank() == 0:
-        shape[:] = torch.tensor([*batch.input_ids.shape, batch.response_ids.shape[1]])
+        shape[:] = torch.tensor([*batch.input_ids.shape, batch.response_ids.shape[1],
+                                 batch.teacher_topk_ids.shape[2]])
     dist.broadcast(shape, src=0)
-    B, L, T = shape.tolist()
+    sizes = dict(zip("BLTK", shape.tolist()))
     out = {}
-    for name in _BATCH_FIELDS:
-        t = (getattr(batch, name).contiguous() if dist.get_rank() == 0
-             else torch.empty((B, L) if name == "input_ids" else (B, T), dtype=_DTYPES[name]))
+    for name, (dtype, dims) in _BATCH_FIELDS.items():
+        if dist.get_rank() == 0:
+            t = getattr(batch, name).to(dtype).contiguous()
+        else:
+            t = torch.empty([sizes[d] for d in dims], dtype=dtype)
         dist.broadcast(t, src=0)
         out[name] = t
     routed = batch.routed_experts if dist.get_rank() == 0 else None

@@ -8,7 +8,6 @@ import torch.distributed as dist
 
 from megatron_opd.learner.train_step import LossFn, MicroBatch
 from megatron_opd.learner.vocab_parallel import vocab_parallel_token_stats
-from megatron_opd.objectives import sampled_token_opd_loss
 
 # Tensors a micro-batch of OPD training data carries in `MicroBatch.data` ([b, T] each).
 OPD_FIELDS = ("response_index", "response_ids", "loss_mask", "behaviour_logprobs",
@@ -21,21 +20,81 @@ def response_logits(logits: torch.Tensor, response_index: torch.Tensor) -> torch
     return torch.gather(logits, 1, idx)
 
 
-def opd_loss_fn(objective, tp_group) -> LossFn:
-    """Sampled-token OPD (ALGORITHMS.md §1 with the §6 clipped IS loss)."""
+def objective_fields(objective) -> tuple[str, ...]:
+    """The `TrainBatch` fields the configured objective reads (what micro-batches must carry)."""
+    terms = set(objective.terms)
+    fields = OPD_FIELDS + ("temperature",)
+    if _wants_topk(objective):
+        fields += ("teacher_topk_ids", "teacher_topk_logprobs")
+    if "grpo_opd" in terms:
+        fields += ("sample_advantages",)
+    return fields
+
+
+def _wants_topk(objective) -> bool:
+    from megatron_opd.objectives import NEEDS_TOPK
+
+    sel = objective.token_selection
+    return (any(t in NEEDS_TOPK for t in objective.terms) or "vopd" in objective.terms
+            or (sel.method == "tip" and sel.divergence == "topk"))
+
+
+def objective_loss_fn(objective, tp_group, masked_ids: tuple[int, ...] = ()) -> LossFn:
+    """The configured objective (megatron_opd/objectives/compose.py) on vocab-sharded logits: the
+    per-token statistics come from `vocab_parallel_token_stats` (log-prob of y_t, log-normaliser,
+    entropy, logits at the teacher's top-K ids: two collectives per chunk), never the gathered
+    vocabulary; vOPD's full-vocab KL is one more chunked pass over this rank's shard."""
+    from megatron_opd.learner.vocab_parallel import vocab_parallel_reverse_kl
+    from megatron_opd.objectives import ObjectiveInputs, objective_loss
+
+    tip = objective.token_selection.method == "tip"
+    want_entropy = objective.log_entropy or tip
+    want_topk = _wants_topk(objective)
+    full_kl = "vopd" in objective.terms and objective.vopd.support == "full"
+
     def loss_fn(logits: torch.Tensor, mb: MicroBatch):
         d = mb.data
-        z = response_logits(logits, d["response_index"])
-        logprobs = vocab_parallel_token_stats(z, d["response_ids"], group=tp_group).logprobs
-        loss, terms = sampled_token_opd_loss(
-            logprobs, d["behaviour_logprobs"], d["teacher_logprobs"], d["loss_mask"],
-            kl_coef=objective.kl_coef, kl_logprobs=objective.kl_logprobs,
-            discount=objective.discount, clip_eps_low=objective.clip_eps_low,
-            clip_eps_high=objective.clip_eps_high)
-        n = d["loss_mask"].sum()
-        metrics = {k: (v * n, n) for k, v in terms.items() if k not in ("tokens", "ratio_max")}
+        pos = d["response_index"]  # the rows predicting each response token: read in place
+        temp = None
+        if objective.use_sampler_temperature:
+            t = d["temperature"].to(torch.float32)
+            if bool((t != 1).any()):
+                temp = t[:, None].expand(pos.shape)
+        topk_ids = d["teacher_topk_ids"] if want_topk else None
+        stats = vocab_parallel_token_stats(logits, d["response_ids"], group=tp_group,
+                                           entropy=want_entropy, topk_ids=topk_ids,
+                                           temperature=temp, positions=pos)
+        full = None
+        if full_kl:
+            full = vocab_parallel_reverse_kl(
+                logits, _teacher_shard(d, logits.shape[-1], tp_group), stats.logsumexp,
+                group=tp_group, temperature=temp, positions=pos)
+        inp = ObjectiveInputs(
+            mask=d["loss_mask"], response_ids=d["response_ids"], logprobs=stats.logprobs,
+            behaviour_logprobs=d["behaviour_logprobs"], teacher_logprobs=d["teacher_logprobs"],
+            logsumexp=stats.logsumexp,
+            entropy=None if stats.entropy is None else stats.entropy.detach(),
+            topk_logits=stats.topk_logits,
+            teacher_topk_logprobs=d["teacher_topk_logprobs"] if want_topk else None,
+            full_reverse_kl=full, sample_advantages=d.get("sample_advantages"))
+        loss, n, terms = objective_loss(inp, objective, masked_ids)
+        # token-weighted means over the step (ratio maxima do not average: left out)
+        metrics = {k: (v * n, n) for k, v in terms.items()
+                   if k != "tokens" and not k.endswith("ratio_max")}
         return loss * n, n, metrics
     return loss_fn
+
+
+def _teacher_shard(d: dict, v_local: int, tp_group) -> torch.Tensor:
+    """This rank's columns of the teacher's full distribution, scattered from its top-K = whole
+    vocabulary (validated: teacher.top_k == model.vocab_size for vopd.support=full)."""
+    rank = dist.get_rank(tp_group) if tp_group is not None else 0
+    ids, lq = d["teacher_topk_ids"], d["teacher_topk_logprobs"]
+    full = torch.full((*ids.shape[:-1], v_local * (dist.get_world_size(tp_group)
+                                                    if tp_group is not None else 1)),
+                      -torch.inf, dtype=torch.float32)
+    full.scatter_(-1, ids.long(), lq.float())
+    return full[..., rank * v_local:(rank + 1) * v_local]
 
 
 def reverse_kl_fn(tp_group, tp_rank: int) -> LossFn:

@@ -28,7 +28,7 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
                                                  load_checkpoint, save_checkpoint)
     from megatron_opd.learner.evaluate import evaluate
     from megatron_opd.learner.io import broadcast_batch
-    from megatron_opd.learner.losses import OPD_FIELDS, opd_loss_fn
+    from megatron_opd.learner.losses import objective_fields, objective_loss_fn
     from megatron_opd.learner.parallel import destroy_distributed, init_distributed
     from megatron_opd.learner.routing_replay import RoutingReplay
     from megatron_opd.learner.train_step import (forward_backward, optimizer_step,
@@ -62,7 +62,8 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
         load_hf_checkpoint(chunks, wiring.student_dir, spec, groups)
         state = TrainerState(counters={"skipped_steps": 0, "dropped_stale_tokens": 0})
     io = _RankZeroIO(cfg, wiring) if rank0 else None
-    loss_fn = opd_loss_fn(cfg.objective, groups.tp)
+    loss_fn = objective_loss_fn(cfg.objective, groups.tp,
+                                masked_token_ids(cfg.objective.masked_tokens, wiring.student_dir))
     eval_set = task.eval_set(cfg.task.num_eval_prompts, cfg.run.seed)
 
     def publish() -> float:  # every rank gathers; rank 0 streams to the rollout fleet
@@ -94,7 +95,7 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
         if r3 and batch.routed_experts is None:
             raise RuntimeError("train.routing_replay=r3: samples arrived without routed_experts "
                                "(is the rollout server started with --enable-return-routed-experts?)")
-        fields = OPD_FIELDS + (("routed_experts",) if r3 else ())
+        fields = objective_fields(cfg.objective) + (("routed_experts",) if r3 else ())
         micro = split_microbatches(batch, fields, groups, cfg.parallel.micro_batch_size)
         loss, tokens, terms = forward_backward(
             ddp, micro, loss_fn, groups,
@@ -134,6 +135,22 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
     return last_eval
 
 
+def masked_token_ids(tokens: list[str], tokenizer_dir) -> tuple[int, ...]:
+    """`objective.masked_tokens` as ids of the student's tokenizer; each must be one token."""
+    if not tokens:
+        return ()
+    from megatron_opd.config import ConfigError
+    from megatron_opd.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(tokenizer_dir).get_vocab()
+    missing = [(i, t) for i, t in enumerate(tokens) if t not in vocab]
+    if missing:
+        i, t = missing[0]
+        raise ConfigError(f"objective.masked_tokens[{i}]: {t!r} is not a token of the student's "
+                          f"tokenizer ({tokenizer_dir})")
+    return tuple(vocab[t] for t in tokens)
+
+
 class _RankZeroIO:
     """Sockets, servers, weight publisher and metrics: global rank 0 only."""
 
@@ -165,7 +182,9 @@ class _RankZeroIO:
 
         samples = receive_samples(self.receiver, self.control, cfg.train.batch_size,
                                   state.version, self.seen_ids)
-        batch, stale = collate(samples, task.pad, state.version, cfg.async_.max_staleness)
+        # Offline OPD data is fixed off-policy data by design (version 0): no staleness bound.
+        bound = None if cfg.teacher.mode == "offline" else cfg.async_.max_staleness
+        batch, stale = collate(samples, task.pad, state.version, bound)
         return samples, batch, stale
 
     def log(self, state, samples, stale, last_eval: dict, train: dict) -> None:

@@ -2,7 +2,9 @@
 
 k_t = log pi(y_t|c_t) - log q(y_t|c_t) is a one-sample estimate of the per-token reverse KL;
 A_t = -lambda * sg(k_t) (optionally a gamma-discounted suffix sum), trained with the clipped
-importance-sampled policy gradient of §6 against pi_old.
+importance-sampled policy gradient of §6 against pi_old. Which pi enters k_t is a choice:
+the current pi_theta recomputed now ("current", most robust under staleness), the behaviour mu
+("behaviour": what the rollout engine reported) or pi_old ("old").
 """
 
 from __future__ import annotations
@@ -10,6 +12,20 @@ from __future__ import annotations
 import torch
 
 from megatron_opd.objectives.policy_gradient import clipped_policy_gradient, masked_mean
+
+KL_SOURCES = ("current", "behaviour", "old")
+
+
+def pick_kl_logprobs(choice: str, logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor,
+                     old_logprobs: torch.Tensor | None) -> torch.Tensor:
+    """The student log-probs that enter k_t (always a constant: sg)."""
+    if choice == "current":
+        return logprobs.detach()
+    if choice == "behaviour":
+        return behaviour_logprobs
+    if choice == "old":
+        return behaviour_logprobs if old_logprobs is None else old_logprobs
+    raise ValueError(f"objective.kl_logprobs: unknown choice {choice!r}; known: {list(KL_SOURCES)}")
 
 
 def opd_advantages(kl_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor,
@@ -42,9 +58,7 @@ def sampled_token_opd_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss and metrics. logprobs: current student log-probs of the sampled tokens (with grad);
     behaviour_logprobs: the rollout engine's (mu); old_logprobs: pi_old (defaults to mu)."""
-    if kl_logprobs not in ("current", "behaviour"):
-        raise ValueError(f"objective.kl_logprobs: unknown choice {kl_logprobs!r}")
-    kl_source = logprobs if kl_logprobs == "current" else behaviour_logprobs
+    kl_source = pick_kl_logprobs(kl_logprobs, logprobs, behaviour_logprobs, old_logprobs)
     adv = opd_advantages(kl_source, teacher_logprobs, mask, kl_coef, discount)
     old = behaviour_logprobs if old_logprobs is None else old_logprobs
     loss, metrics = clipped_policy_gradient(logprobs, old, adv, mask, clip_eps_low, clip_eps_high)

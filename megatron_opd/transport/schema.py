@@ -6,6 +6,9 @@ raw little-endian, C-contiguous bytes of one tensor, in table order. Tensors are
 as buffers (no copy through Python objects) and decoded with `np.frombuffer` over the received
 frames (zero-copy, read-only). Nothing is ever pickled. `decode` validates everything and raises
 `ProtocolError(reason, detail)`; receivers count rejections by reason and keep serving.
+
+Both ends of a run come from one build, so the version must match exactly: version 2 added the
+sampler fields of `Sample` (`temperature`, `top_p`); a version-1 peer is refused, not guessed at.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 import orjson
 
 SCHEMA = "megatron-opd"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: Sample.temperature / Sample.top_p
 MAX_HEADER_BYTES = 1 << 20
 
 
@@ -45,6 +48,15 @@ class Sample:
       <= 0 (1e-4 slack); token_versions >= 0 and non-decreasing (weights only move forward
       while a response is generated).
     - routed_experts, when present, is [P + T - 1, num_moe_layers, top_k].
+    - temperature > 0 and 0 < top_p <= 1: the sampler settings that produced response_ids.
+    - reward is finite (the task verifier's outcome, e.g. 1.0 / 0.0 for exact answers); samples
+      of one GRPO group share group_id (the orchestrator sends a group back to back).
+
+    behaviour_logprobs are what SGLang returns: log_softmax(logits / temperature) of the sampled
+    token, NOT renormalised over the top-p nucleus (nor top-k). So with top_p < 1 they are not the
+    log-probs of the distribution the token was actually drawn from (that one is the nucleus
+    renormalisation, >= these values); a loss that needs μ exactly must renormalise itself, using
+    `temperature` and `top_p` carried here.
     """
 
     sample_id: str
@@ -63,6 +75,8 @@ class Sample:
     metadata: dict = field(default_factory=dict)
     created_at: float = 0.0
     finish_reason: str = ""
+    temperature: float = 1.0  # sampling temperature of the rollout (behaviour_logprobs use it)
+    top_p: float = 1.0  # nucleus of the rollout sampler (behaviour_logprobs are NOT renormalised)
 
     KIND: ClassVar[str] = "sample"
     TENSORS: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -91,6 +105,12 @@ class Sample:
         _check_str(self.finish_reason, "finish_reason", 0, 64)
         _check_float(self.reward, "reward")
         _check_float(self.created_at, "created_at")
+        _check_float(self.temperature, "temperature")
+        _check_float(self.top_p, "top_p")
+        if not self.temperature > 0:
+            _fail("bad_value", f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            _fail("bad_value", f"top_p must be in (0, 1], got {self.top_p}")
         _check_metadata(self.metadata)
         for name, dtypes in self.TENSORS.items():
             arr = getattr(self, name)

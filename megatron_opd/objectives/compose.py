@@ -1,0 +1,158 @@
+"""One selectable, composable objective: a weighted sum of terms over one micro-batch.
+
+`objective_loss(inputs, cfg)` is a pure function of tensors and the `objective` config section.
+Order of work: special-token masking (tokens the two tokenizers disagree on leave every term),
+optional TIP token selection, then each term's token mean over the surviving mask, summed with its
+weight. All terms share the mask, so the caller's token count (for the token mean across
+micro-batches and data-parallel ranks) is the one returned here.
+
+Terms (ALGORITHMS.md): sampled_token_opd (§1 + §6), lsm (§2), aopd (§3), vopd (§4), grpo_opd (§5),
+offline_opd (§9: the §1 loss on samples whose teacher log-probs were precomputed; the data source
+is `teacher.mode=offline`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_opd.objectives.aopd import aopd_loss
+from megatron_opd.objectives.grpo import grpo_opd_loss
+from megatron_opd.objectives.lsm import first_occurrence_mask, lsm_loss, renormalised_topk_reverse_kl
+from megatron_opd.objectives.policy_gradient import masked_mean, masked_where
+from megatron_opd.objectives.sampled_token_opd import pick_kl_logprobs, sampled_token_opd_loss
+from megatron_opd.objectives.token_selection import tip_select
+from megatron_opd.objectives.vopd import vopd_loss
+
+TERMS = ("sampled_token_opd", "lsm", "aopd", "vopd", "grpo_opd", "offline_opd")
+# Terms that read the student's logits at the teacher's top-K ids (teacher.top_k >= 1).
+NEEDS_TOPK = ("lsm", "aopd")
+# Terms trained with a policy-gradient ratio against pi_old.
+PG_TERMS = ("sampled_token_opd", "aopd", "vopd", "grpo_opd", "offline_opd")
+
+
+@dataclass
+class ObjectiveInputs:
+    """One micro-batch, [b, T] unless noted. Tensors marked (grad) carry the student's graph; the
+    rest are constants. Optional ones are None when no selected term or metric needs them."""
+
+    mask: torch.Tensor  # loss mask (0: padding, prompt/tool tokens, stale tokens)
+    response_ids: torch.Tensor  # int64: sampled tokens y_t
+    logprobs: torch.Tensor  # (grad) log pi_theta(y_t), sampler temperature applied
+    behaviour_logprobs: torch.Tensor  # log mu(y_t) as SGLang reported it
+    teacher_logprobs: torch.Tensor  # log q(y_t)
+    old_logprobs: torch.Tensor | None = None  # pi_old; None: mu stands in (§6 versioning: later)
+    logsumexp: torch.Tensor | None = None  # (grad) the student's full-vocab log-normaliser
+    entropy: torch.Tensor | None = None  # student entropy (constant)
+    topk_logits: torch.Tensor | None = None  # (grad) [b, T, K] student logits at teacher top-K ids
+    teacher_topk_logprobs: torch.Tensor | None = None  # [b, T, K] log q at its top-K ids
+    full_reverse_kl: torch.Tensor | None = None  # exact KL(pi || q) per token (vopd support=full)
+    sample_advantages: torch.Tensor | None = None  # [b] group-normalised rewards (grpo_opd)
+
+
+def masked_token_ids_mask(inp: ObjectiveInputs, masked_ids) -> torch.Tensor:
+    return first_occurrence_mask(inp.response_ids, inp.mask, list(masked_ids))
+
+
+def objective_loss(inp: ObjectiveInputs, cfg, masked_ids=()) -> tuple[
+        torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss: token mean over the final mask, tokens in that mask, metrics). `cfg` is the
+    `objective` section; `masked_ids` the resolved ids of `objective.masked_tokens`."""
+    inp = _in_compute_dtype(inp)
+    base = (inp.mask > 0).to(inp.logprobs.dtype)
+    mask = first_occurrence_mask(inp.response_ids, base, list(masked_ids)) if masked_ids else base
+    special_masked = base.sum() - mask.sum()
+    sel = cfg.token_selection
+    if sel.method == "tip":
+        mask = tip_select(inp.entropy, _tip_divergence(inp, sel.divergence), mask, sel.keep_ratio)
+    old = inp.behaviour_logprobs if inp.old_logprobs is None else inp.old_logprobs
+    kl_lp = pick_kl_logprobs(cfg.kl_logprobs, inp.logprobs, inp.behaviour_logprobs,
+                             inp.old_logprobs)
+    weights = list(cfg.weights) or [1.0] * len(cfg.terms)
+    total = inp.logprobs.new_zeros(())
+    metrics: dict[str, torch.Tensor] = {}
+    for name, w in zip(cfg.terms, weights):
+        loss, m = _term(name, inp, cfg, mask, old, kl_lp)
+        total = total + w * loss
+        metrics[f"{name}/loss"] = loss.detach()
+        metrics.update({f"{name}/{k}": v for k, v in m.items()})
+    with torch.no_grad():
+        n = mask.sum()
+        metrics["tokens"] = n
+        metrics["masked_fraction"] = 1 - n / base.sum().clamp_min(1.0)
+        metrics["special_masked_fraction"] = special_masked / base.sum().clamp_min(1.0)
+        if inp.entropy is not None:
+            metrics["entropy"] = masked_mean(inp.entropy, mask)
+        k = masked_where(inp.logprobs - inp.teacher_logprobs, mask)
+        metrics["kl_sample"] = masked_mean(k, mask)
+        metrics["mismatch_abs"] = masked_mean((inp.logprobs - inp.behaviour_logprobs).abs(), mask)
+    return total, n, metrics
+
+
+def _term(name: str, inp: ObjectiveInputs, cfg, mask, old, kl_lp):
+    pg = dict(clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high)
+    if name in ("sampled_token_opd", "offline_opd"):
+        loss, m = sampled_token_opd_loss(inp.logprobs, inp.behaviour_logprobs, inp.teacher_logprobs,
+                                         mask, kl_coef=cfg.kl_coef, kl_logprobs=cfg.kl_logprobs,
+                                         discount=cfg.discount, old_logprobs=inp.old_logprobs, **pg)
+        adv = -cfg.kl_coef * masked_where(kl_lp - inp.teacher_logprobs, mask)
+        m.pop("tokens"), m.pop("kl_sample"), m.pop("mismatch_abs")
+        return loss, m | _quantiles("advantage", adv, mask)
+    if name == "lsm":
+        return lsm_loss(inp.topk_logits, inp.teacher_topk_logprobs, mask,
+                        log_ratio_clamp=cfg.lsm.log_ratio_clamp, logsumexp=inp.logsumexp)
+    if name == "aopd":
+        student_topk_logprobs = inp.topk_logits - inp.logsumexp.unsqueeze(-1)
+        return aopd_loss(inp.logprobs, kl_lp, old, inp.teacher_logprobs, student_topk_logprobs,
+                         inp.teacher_topk_logprobs, mask, tau=cfg.aopd.tau,
+                         pg_form=cfg.aopd.pg_form, **pg)
+    if name == "vopd":
+        if cfg.vopd.support == "full":
+            kl = inp.full_reverse_kl
+        else:
+            m3 = mask[..., None] > 0
+            kl = masked_where(renormalised_topk_reverse_kl(
+                torch.where(m3, inp.topk_logits.detach(), torch.zeros_like(inp.topk_logits)),
+                torch.where(m3, inp.teacher_topk_logprobs, torch.zeros_like(inp.teacher_topk_logprobs))),
+                mask)
+        loss, m = vopd_loss(inp.logprobs, kl_lp, old, inp.teacher_logprobs, masked_where(kl, mask),
+                            mask, kl_coef=cfg.kl_coef, **pg)
+        adv = cfg.kl_coef * masked_where(inp.teacher_logprobs - kl_lp + kl, mask)
+        return loss, m | _quantiles("advantage", adv, mask)
+    if name == "grpo_opd":
+        loss, m = grpo_opd_loss(inp.logprobs, old, kl_lp, inp.teacher_logprobs,
+                                inp.sample_advantages, mask, kl_coef=cfg.kl_coef, **pg)
+        adv = inp.sample_advantages.to(mask.dtype)[..., None] + cfg.kl_coef * (inp.teacher_logprobs - kl_lp)
+        return loss, m | _quantiles("advantage", masked_where(adv, mask), mask)
+    raise ValueError(f"objective.terms: unknown term {name!r}; known: {list(TERMS)}")
+
+
+def _in_compute_dtype(inp: ObjectiveInputs) -> ObjectiveInputs:
+    """Constants (log-probs from the fleets arrive in float32) in the dtype of the student's
+    statistics, so every term is computed at one precision (float64 in the reference tests)."""
+    dt = inp.logprobs.dtype
+    out = ObjectiveInputs(**vars(inp))
+    for name in ("behaviour_logprobs", "teacher_logprobs", "old_logprobs", "teacher_topk_logprobs",
+                 "full_reverse_kl", "sample_advantages", "entropy"):
+        t = getattr(out, name)
+        if t is not None and t.is_floating_point() and t.dtype != dt:
+            setattr(out, name, t.to(dt))
+    return out
+
+
+def _tip_divergence(inp: ObjectiveInputs, kind: str) -> torch.Tensor:
+    if kind == "sampled":
+        return (inp.logprobs.detach() - inp.teacher_logprobs).abs()
+    lq = inp.teacher_topk_logprobs
+    lp = (inp.topk_logits - inp.logsumexp.unsqueeze(-1)).detach()
+    return (lq.exp() * (lq - lp)).sum(-1)
+
+
+@torch.no_grad()
+def _quantiles(prefix: str, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """p10 / p50 / p90 of x over the trainable tokens of this micro-batch (0 when there are none)."""
+    vals = x[mask > 0].double()
+    qs = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    got = torch.quantile(vals, qs) if vals.numel() else torch.zeros(3, dtype=torch.float64)
+    return {f"{prefix}_p{int(q * 100)}": v.to(x.dtype) for q, v in zip(qs.tolist(), got)}

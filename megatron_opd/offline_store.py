@@ -1,0 +1,357 @@
+"""Offline OPD data (ALGORITHMS.md §9, Lightning OPD): student rollouts scored once by the teacher.
+
+`megatron-opd precompute-teacher` (and `megatron-opd train` with `teacher.mode=offline`, when the
+store is missing) samples `teacher.offline_samples` responses of the student's *init* from the
+task's training stream, with the live run's sampler (`rollout.*`, groups of `rollout.group_size`)
+and rewards, scores them with the teacher (sampled-token log-prob, top-K when `teacher.top_k > 0`)
+and stores them. Training then reads the store in order, cycling, and never asks the teacher.
+
+Layout of a store directory:
+    manifest.json      format, version, config hash, teacher revision, count, K, group size,
+                       sampler, one entry per shard {file, count, sha256}
+    shard-00000.npz    up to SHARD_SIZE samples as flat arrays + offsets (numpy .npz of plain
+    ...                numeric / fixed-width unicode arrays; read with allow_pickle=False)
+
+Writes are atomic: shards and then the manifest go into a temporary sibling directory that is
+renamed into place at the end. A directory without a manifest (or whose shards do not match their
+recorded hashes) is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from megatron_opd.config import Config, to_dict
+from megatron_opd.transport import Sample
+
+FORMAT = "megatron-opd-offline"
+OFFLINE_VERSION = 1  # bump when what is stored, or how it is made, changes
+SHARD_SIZE = 1024
+MANIFEST = "manifest.json"
+# Per-sample arrays ([n]) and per-token arrays (flat over the shard's responses, [sum T, ...]).
+_SAMPLE_ARRAYS = {"reward": np.float32, "temperature": np.float64, "top_p": np.float64,
+                  "group": np.int64}
+_TOKEN_ARRAYS = {"response_ids": np.int32, "loss_mask": np.uint8,
+                 "behaviour_logprobs": np.float32, "teacher_logprobs": np.float32,
+                 "teacher_topk_ids": np.int32, "teacher_topk_logprobs": np.float32}
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------ identity
+def store_config(cfg: Config) -> dict:
+    """Everything that decides the stored data (the hash covers exactly this)."""
+    from megatron_opd.prepare import cache_key
+
+    r, t = cfg.rollout, cfg.teacher
+    return {"format": FORMAT, "version": OFFLINE_VERSION,
+            "prepared": cache_key(cfg),  # teacher + student init (task, models, SFT, seed)
+            "task": to_dict(cfg.task), "seed": cfg.run.seed,
+            "rollout": {"temperature": r.temperature, "top_p": r.top_p,
+                        "max_new_tokens": r.max_new_tokens, "group_size": r.group_size},
+            "teacher": {"top_k": t.top_k, "revision": t.revision,
+                        "offline_samples": t.offline_samples},
+            "server_dtype": cfg.server.dtype}
+
+
+def store_key(cfg: Config) -> str:
+    blob = json.dumps(store_config(cfg), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def store_path(cfg: Config) -> Path:
+    """`teacher.offline_store`, or `<run.cache_dir>/offline/<store_key>` when it is empty."""
+    if cfg.teacher.offline_store:
+        return Path(cfg.teacher.offline_store).resolve()
+    return (Path(cfg.run.cache_dir) / "offline" / store_key(cfg)).resolve()
+
+
+# ------------------------------------------------------------------------------ writing
+def _shard_arrays(samples: list[Sample], group_of: dict[str, int]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for name, off in (("prompt_ids", "prompt_offsets"), ("response_ids", "response_offsets")):
+        lengths = [len(getattr(s, name)) for s in samples]
+        out[off] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    out["prompt_ids"] = np.concatenate([s.prompt_ids for s in samples]).astype(np.int32)
+    for name, dtype in _TOKEN_ARRAYS.items():
+        # [sum T] or, for the top-K arrays, [sum T, K] (K may be 0)
+        out[name] = np.concatenate([getattr(s, name) for s in samples]).astype(dtype)
+    out["reward"] = np.asarray([s.reward for s in samples], dtype=np.float32)
+    out["temperature"] = np.asarray([s.temperature for s in samples], dtype=np.float64)
+    out["top_p"] = np.asarray([s.top_p for s in samples], dtype=np.float64)
+    out["group"] = np.asarray([group_of[s.group_id] for s in samples], dtype=np.int64)
+    # fixed-width unicode arrays: plain numpy dtypes, no pickling involved
+    out["op"] = np.asarray([str(s.metadata.get("op", "")) for s in samples], dtype=np.str_)
+    out["finish_reason"] = np.asarray([s.finish_reason for s in samples], dtype=np.str_)
+    return out
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_store(path: str | Path, samples: list[Sample], config_hash: str,
+                extra: dict | None = None) -> dict:
+    """Write `samples` (whole groups, in order) as a store at `path`, atomically; returns the
+    manifest. If a complete store appeared at `path` meanwhile, it is kept and returned."""
+    path = Path(path)
+    if not samples:
+        raise StoreError("write_store: no samples")
+    Ks = {s.teacher_topk_ids.shape[1] for s in samples}
+    if len(Ks) != 1:
+        raise StoreError(f"write_store: samples disagree on teacher top-K width {sorted(Ks)}")
+    revisions = {s.teacher_revision for s in samples}
+    if len(revisions) != 1:
+        raise StoreError(f"write_store: several teacher revisions {sorted(revisions)}")
+    group_of: dict[str, int] = {}
+    for s in samples:
+        group_of.setdefault(s.group_id, len(group_of))
+    sizes = np.bincount([group_of[s.group_id] for s in samples])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        shards = []
+        for i in range(0, len(samples), SHARD_SIZE):
+            part = samples[i:i + SHARD_SIZE]
+            buf = io.BytesIO()
+            np.savez(buf, **_shard_arrays(part, group_of))
+            data = buf.getvalue()
+            name = f"shard-{i // SHARD_SIZE:05d}.npz"
+            _fsync_write(tmp / name, data)
+            shards.append({"file": name, "count": len(part),
+                           "sha256": hashlib.sha256(data).hexdigest()})
+        first = samples[0]
+        manifest = {
+            "format": FORMAT, "version": OFFLINE_VERSION, "config_hash": config_hash,
+            "teacher_revision": first.teacher_revision, "count": len(samples),
+            "top_k": int(first.teacher_topk_ids.shape[1]), "num_groups": len(group_of),
+            "group_size": int(sizes.max()) if int(sizes.min()) == int(sizes.max()) else 0,
+            "temperature": float(first.temperature), "top_p": float(first.top_p),
+            "policy_version": 0, "created_at": time.time(), "shards": shards, **(extra or {}),
+        }
+        # The manifest is written last, and the directory only appears under its name complete.
+        _fsync_write(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
+        _clear_incomplete(path)
+        try:
+            tmp.rename(path)
+        except OSError:
+            if open_store(path) is None:  # not a complete store that won a race: a real error
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            return open_store(path).manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _clear_incomplete(path: Path) -> None:
+    """Remove what a crashed writer could have left at `path` (never a complete store and never
+    anything that is not ours)."""
+    if not path.exists() or (path / MANIFEST).exists():
+        return
+    if not path.is_dir() or any(not (p.is_file() and p.name.startswith("shard-"))
+                                for p in path.iterdir()):
+        raise StoreError(f"teacher.offline_store: {path} exists and is not an offline store")
+    shutil.rmtree(path)
+
+
+# ------------------------------------------------------------------------------ reading
+@dataclass
+class OfflineStore:
+    path: Path
+    manifest: dict
+
+    @property
+    def count(self) -> int:
+        return int(self.manifest["count"])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.manifest["top_k"])
+
+    def _load_shard(self, entry: dict) -> dict[str, np.ndarray]:
+        data = (self.path / entry["file"]).read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise StoreError(f"{self.path / entry['file']}: contents do not match the manifest")
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except ValueError as e:  # an object array would need pickle: refused
+            raise StoreError(f"{self.path / entry['file']}: {e}") from None
+
+    def iter_samples(self) -> Iterator[tuple[int, Sample]]:
+        """(group number, Sample) in store order; ids are the stored positions, versions 0."""
+        n = 0
+        revision = self.manifest["teacher_revision"]
+        for entry in self.manifest["shards"]:
+            z = self._load_shard(entry)
+            po, ro = z["prompt_offsets"], z["response_offsets"]
+            if len(po) != entry["count"] + 1 or len(ro) != entry["count"] + 1:
+                raise StoreError(f"{self.path / entry['file']}: count mismatch")
+            for i in range(entry["count"]):
+                a, b = int(ro[i]), int(ro[i + 1])
+                group = int(z["group"][i])
+                yield group, Sample(
+                    sample_id=f"stored-{n:09d}", group_id=f"stored-g{group:09d}",
+                    prompt_ids=z["prompt_ids"][po[i]:po[i + 1]],
+                    response_ids=z["response_ids"][a:b], loss_mask=z["loss_mask"][a:b],
+                    behaviour_logprobs=z["behaviour_logprobs"][a:b],
+                    token_versions=np.zeros(b - a, dtype=np.int64),  # made by the init, version 0
+                    teacher_logprobs=z["teacher_logprobs"][a:b],
+                    teacher_topk_ids=z["teacher_topk_ids"][a:b],
+                    teacher_topk_logprobs=z["teacher_topk_logprobs"][a:b],
+                    teacher_revision=revision, reward=float(z["reward"][i]),
+                    metadata={"op": str(z["op"][i]), "offline": True},
+                    finish_reason=str(z["finish_reason"][i]),
+                    temperature=float(z["temperature"][i]), top_p=float(z["top_p"][i]))
+                n += 1
+
+    def groups(self) -> Iterator[list[Sample]]:
+        """Whole groups, in store order."""
+        current, members = None, []
+        for group, sample in self.iter_samples():
+            if members and group != current:
+                yield members
+                members = []
+            current = group
+            members.append(sample)
+        if members:
+            yield members
+
+    def training_groups(self, run_name: str) -> Iterator[list[Sample]]:
+        """The store in order, cycling forever. Ids carry the cycle, so they stay unique across
+        cycles (the learner de-duplicates by sample id) and a group of one cycle never merges
+        with the same group of the next."""
+        for cycle in range(1 << 62):
+            for group in self.groups():
+                for s in group:
+                    s.sample_id = f"{run_name}-off-c{cycle}-{s.sample_id.removeprefix('stored-')}"
+                    s.group_id = f"{run_name}-off-c{cycle}-{s.group_id.removeprefix('stored-')}"
+                    s.created_at = time.time()
+                yield group
+
+
+def open_store(path: str | Path, expect_hash: str | None = None) -> OfflineStore | None:
+    """The complete store at `path`, or None when there is none (no manifest: never used).
+    Raises StoreError when the store was made from another config (`expect_hash`) or is not a
+    store this build reads."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None
+    if manifest.get("format") != FORMAT or manifest.get("version") != OFFLINE_VERSION:
+        raise StoreError(f"{path}: not a version-{OFFLINE_VERSION} {FORMAT} store")
+    if expect_hash is not None and manifest.get("config_hash") != expect_hash:
+        raise StoreError(f"teacher.offline_store: {path} holds data of another config (hash "
+                         f"{manifest.get('config_hash')}, this config {expect_hash}); remove it "
+                         "or point teacher.offline_store elsewhere")
+    missing = [e["file"] for e in manifest["shards"] if not (path / e["file"]).is_file()]
+    if missing:
+        raise StoreError(f"{path}: shards missing: {missing}")
+    return OfflineStore(path, manifest)
+
+
+# ------------------------------------------------------------------------------ building
+def generate_samples(cfg: Config, rollout, teacher, progress: bool = False) -> list[Sample]:
+    """`teacher.offline_samples` samples, rounded up to whole groups, from the run's training
+    stream, made and scored exactly as the live orchestrator makes them, in a deterministic
+    order."""
+    from tqdm import tqdm
+
+    from megatron_opd.orchestrator import rollout_and_score, training_stream
+    from megatron_opd.task import DigitTask
+
+    task = DigitTask.from_config(cfg.task, cfg.model.vocab_size)
+    stream = training_stream(cfg, task)
+    k, want = cfg.rollout.prompts_per_request, cfg.teacher.offline_samples
+    samples: list[Sample] = []
+    counter = 0
+    bar = tqdm(total=want, desc="precompute teacher", unit="sample", disable=not progress)
+
+    def submit(pool):
+        nonlocal counter
+        examples = [next(stream) for _ in range(k)]
+        ids = [f"offline-{counter + i:09d}" for i in range(k)]
+        counter += k
+        return pool.submit(rollout_and_score, cfg, task, rollout, teacher, examples, ids)
+
+    with ThreadPoolExecutor(cfg.rollout.max_inflight_requests) as pool:
+        pending = deque(submit(pool) for _ in range(cfg.rollout.max_inflight_requests))
+        while len(samples) < want:
+            for group in pending.popleft().result():  # in submission order: deterministic
+                if len(samples) < want:
+                    samples.extend(group)
+                    bar.update(len(group))
+            if len(samples) < want:
+                pending.append(submit(pool))
+        for f in pending:
+            f.cancel()
+    bar.close()
+    return samples
+
+
+def build_store(cfg: Config, rollout_url: str, teacher_url: str,
+                progress: bool = False) -> OfflineStore:
+    """Reuse the store of this config, or make it with the given servers (the rollout server
+    must serve the student init, version 0)."""
+    from megatron_opd.serving.sglang_client import SGLangClient
+
+    path, key = store_path(cfg), store_key(cfg)
+    store = open_store(path, key)
+    if store is not None:
+        return store
+    t0 = time.time()
+    timeout = cfg.server.request_timeout_s
+    samples = generate_samples(cfg, SGLangClient(rollout_url, timeout=timeout),
+                               SGLangClient(teacher_url, timeout=timeout), progress)
+    write_store(path, samples, key, extra={"config": store_config(cfg),
+                                           "seconds": time.time() - t0})
+    print(f"[offline] stored {len(samples)} teacher-scored samples in {path} "
+          f"({time.time() - t0:.0f} s)", flush=True)
+    return open_store(path, key)
+
+
+def precompute_teacher(cfg: Config) -> OfflineStore:
+    """`megatron-opd precompute-teacher`: the store of this config, made if missing (starts a
+    rollout server with the student init and a teacher server, and stops both)."""
+    from megatron_opd.launch import make_servers
+    from megatron_opd.prepare import prepare
+
+    store = open_store(store_path(cfg), store_key(cfg))
+    if store is not None:
+        return store
+    prepared = prepare(cfg, progress=cfg.logging.progress)
+    path = store_path(cfg)
+    logs = path.with_name(path.name + ".logs")
+    servers = make_servers(cfg, prepared, logs)
+    try:
+        for s in servers.values():
+            s.start()
+        for s in servers.values():
+            s.wait_ready(timeout=cfg.server.start_timeout_s)
+        return build_store(cfg, servers["rollout"].url, servers["teacher"].url,
+                           progress=cfg.logging.progress)
+    finally:
+        for s in servers.values():
+            s.stop()

@@ -1,0 +1,244 @@
+"""The orchestrator without SGLang: GRPO groups and rewards from generate/score results, the
+requests it makes, and (over real ZeroMQ sockets) the offline feeder's stream of stored groups."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_opd.config import load_config
+from megatron_opd.orchestrator import make_groups, request_prompts, rollout_and_score
+from megatron_opd.serving.sglang_client import GenerateResult, ScoreResult
+from megatron_opd.task import DigitTask
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def config(*overrides):
+    return load_config(ROOT / "configs/quickstart.yaml", list(overrides))
+
+
+def ids(task, words):
+    return [task.ids[w] for w in words]
+
+
+def result(output_ids, version=0, finish="stop"):
+    n = len(output_ids)
+    return GenerateResult(output_ids=list(output_ids),
+                          output_logprobs=-np.linspace(0.1, 0.5, n).astype(np.float32),
+                          token_versions=np.full(n, version, dtype=np.int64),
+                          weight_version=version, finish_reason=finish)
+
+
+def score(n, K, seed):
+    rng = np.random.default_rng(seed)
+    return ScoreResult(-rng.random(n).astype(np.float32),
+                       rng.integers(0, 32, (n, K)).astype(np.int32),
+                       -rng.random((n, K)).astype(np.float32))
+
+
+def two_prompts(task):
+    return [task.make("rev", [1, 2, 3]), task.make("sort", [3, 1, 2, 2])]
+
+
+def test_request_prompts_repeats_each_prompt_back_to_back():
+    cfg = config()
+    task = DigitTask.from_config(cfg.task, cfg.model.vocab_size)
+    ex = two_prompts(task)
+    assert request_prompts(ex, 3) == [list(ex[0].prompt_ids)] * 3 + [list(ex[1].prompt_ids)] * 3
+    assert request_prompts(ex, 1) == [list(e.prompt_ids) for e in ex]
+
+
+def test_make_groups_sets_one_group_id_rewards_and_sampler_info():
+    cfg = config("rollout.group_size=3", "train.batch_size=48", "teacher.top_k=2",
+                 "rollout.temperature=0.8", "rollout.top_p=0.95")
+    task = DigitTask.from_config(cfg.task, cfg.model.vocab_size)
+    ex = two_prompts(task)
+    eos = "<eos>"
+    responses = [  # prompt 0: rev 1 2 3 -> 3 2 1 <eos>; prompt 1: sort 3 1 2 2 -> 1 2 2 3 <eos>
+        ids(task, ["3", "2", "1", eos]),  # right
+        ids(task, ["3", "2", "1"]),  # right digits, but it did not stop: wrong
+        ids(task, ["1", "2", "3", eos]),  # wrong
+        ids(task, ["1", "2", "2", "3", eos]),  # right
+        ids(task, ["1", "2", "2", "3", eos]),  # right
+        ids(task, [eos]),  # wrong
+    ]
+    results = [result(r, version=i % 2) for i, r in enumerate(responses)]
+    scores = [score(len(r), 2, i) for i, r in enumerate(responses)]
+    groups = make_groups(cfg, task, ex, results, scores, ["run-000000001", "run-000000002"])
+    assert [len(g) for g in groups] == [3, 3]
+    assert [s.reward for g in groups for s in g] == [1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
+    flat = [s for g in groups for s in g]
+    assert [s.group_id for s in flat] == ["run-000000001"] * 3 + ["run-000000002"] * 3
+    assert len({s.sample_id for s in flat}) == 6
+    for i, s in enumerate(flat):
+        s.validate()
+        assert s.prompt_ids.tolist() == list(ex[i // 3].prompt_ids)
+        assert s.response_ids.tolist() == responses[i]
+        assert s.temperature == 0.8 and s.top_p == 0.95
+        assert np.array_equal(s.behaviour_logprobs, results[i].output_logprobs)
+        assert np.array_equal(s.token_versions, results[i].token_versions)
+        assert np.array_equal(s.teacher_logprobs, scores[i].logprobs)
+        assert s.teacher_topk_ids.shape == (len(responses[i]), 2)
+        assert np.array_equal(s.teacher_topk_logprobs, scores[i].topk_logprobs)
+        assert s.metadata["op"] == ex[i // 3].op
+
+
+def test_a_group_with_an_empty_response_is_dropped_whole():
+    cfg = config("rollout.group_size=2")
+    task = DigitTask.from_config(cfg.task, cfg.model.vocab_size)
+    ex = two_prompts(task)
+    responses = [ids(task, ["3", "<eos>"]), [], ids(task, ["1", "<eos>"]), ids(task, ["2"])]
+    groups = make_groups(cfg, task, ex, [result(r) for r in responses],
+                         [score(len(r), 0, 0) for r in responses], ["g1", "g2"])
+    assert [[s.sample_id for s in g] for g in groups] == [["g2-0", "g2-1"]]
+
+
+def test_group_size_1_keeps_the_sample_id_and_fills_the_reward():
+    cfg = config()
+    task = DigitTask.from_config(cfg.task, cfg.model.vocab_size)
+    ex = two_prompts(task)
+    responses = [ids(task, ["3", "2", "1", "<eos>"]), ids(task, ["1", "2", "2", "<eos>"])]
+    groups = make_groups(cfg, task, ex, [result(r) for r in responses],
+                         [score(len(r), 0, 0) for r in responses], ["x1", "x2"])
+    assert [(s.sample_id, s.group_id, s.reward) for g in groups for s in g] == \
+        [("x1", "x1", 1.0), ("x2", "x2", 0.0)]
+
+
+class FakeRollout:
+    def __init__(self, task):
+        self.task, self.calls = task, []
+
+    def generate(self, prompts, sampling, **kw):
+        self.calls.append((prompts, sampling, kw))
+        return [result([self.task.eos] if i % 2 else [self.task.ids["5"], self.task.eos])
+                for i in range(len(prompts))]
+
+
+class FakeTeacher:
+    def __init__(self):
+        self.calls = []
+
+    def score(self, seqs, *, start, top_k):
+        self.calls.append((seqs, start, top_k))
+        return [score(len(x) - s, top_k, 0) for x, s in zip(seqs, start)]
+
+
+def test_rollout_and_score_requests_group_copies_and_scores_prompt_plus_response():
+    cfg = config("rollout.group_size=2", "teacher.top_k=4", "rollout.temperature=0.9")
+    task = DigitTask.from_config(cfg.task, cfg.model.vocab_size)
+    ex = two_prompts(task)
+    rollout, teacher = FakeRollout(task), FakeTeacher()
+    groups = rollout_and_score(cfg, task, rollout, teacher, ex, ["g1", "g2"])
+    (prompts, sampling, kw), = rollout.calls
+    assert prompts == request_prompts(ex, 2)
+    assert sampling["temperature"] == 0.9 and sampling["top_p"] == 1.0
+    assert "sampling_seed" not in sampling and "n" not in sampling  # copies sample independently
+    assert sampling["stop_token_ids"] == [task.eos] and kw["return_logprob"]
+    (seqs, start, top_k), = teacher.calls
+    outs = [[task.ids["5"], task.eos], [task.eos]] * 2
+    assert seqs == [p + o for p, o in zip(prompts, outs)]
+    assert start == [len(p) for p in prompts] and top_k == 4
+    assert [[s.group_id for s in g] for g in groups] == [["g1", "g1"], ["g2", "g2"]]
+    assert groups[0][0].teacher_topk_ids.shape == (2, 4)
+
+
+def test_offline_feeder_streams_whole_stored_groups_in_order_cycling(tmp_path):
+    """run_orchestrator in offline mode against real ZeroMQ sockets: stored groups come in store
+    order, back to back, cycling with fresh ids, and never more than the admission allows."""
+    from megatron_opd.offline_store import open_store, write_store
+    from megatron_opd.orchestrator import run_orchestrator
+    from megatron_opd.transport import (ControlPublisher, SampleReceiver, Shutdown,
+                                        WeightsPublished, free_tcp_endpoint)
+    from megatron_opd.wiring import RunWiring
+
+    cfg = config("teacher.mode=offline", "rollout.group_size=2", "train.batch_size=8",
+                 "parallel.micro_batch_size=8", "async.max_staleness=0",
+                 "rollout.prompts_per_request=4", "run.name=r1")
+    task = DigitTask.from_config(cfg.task, cfg.model.vocab_size)
+    stored = []
+    for i in range(3):  # 3 groups of 2 = 6 samples; the learner will want 16
+        ex = [task.make("rev", [i, 1, 2])]
+        responses = [ids(task, [str(2), "1", str(i), "<eos>"]), ids(task, ["9", "<eos>"])]
+        stored += make_groups(cfg, task, ex, [result(r) for r in responses],
+                              [score(len(r), 0, i) for r in responses], [f"g{i}"])[0]
+    write_store(tmp_path / "store", stored, "hash0")
+    wiring = RunWiring(run_dir=str(tmp_path), rollout_urls=["http://127.0.0.1:9"],
+                       teacher_urls=["http://127.0.0.1:9"], samples_endpoint=free_tcp_endpoint(),
+                       control_endpoint=free_tcp_endpoint(), teacher_dir="", student_dir="",
+                       offline_store=str(tmp_path / "store"))
+    rx, control = SampleReceiver(wiring.samples_endpoint), ControlPublisher(wiring.control_endpoint)
+    errors = []
+
+    def target():
+        try:
+            run_orchestrator(cfg, wiring)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    got = []
+    try:
+        def drain(until, timeout=10.0):
+            deadline = time.time() + timeout
+            while len(got) < until and time.time() < deadline:
+                msg = rx.recv(timeout_ms=100)
+                if msg is not None:
+                    got.append(msg)
+        drain(8)
+        assert len(got) == 8
+        drain(9, timeout=1.5)  # version 0, max_staleness 0: one batch admitted, no more
+        assert len(got) == 8
+        deadline = time.time() + 10
+        while len(got) < 16 and time.time() < deadline:  # announce version 1
+            control.publish(WeightsPublished(version=1, step=1, published_at=time.time()))
+            drain(16, timeout=0.3)
+        assert len(got) == 16
+    finally:
+        for _ in range(20):
+            control.publish(Shutdown(reason="test"))
+            thread.join(timeout=0.1)
+            if not thread.is_alive():
+                break
+        rx.close(), control.close()
+    assert not thread.is_alive() and not errors, errors
+    assert len({s.sample_id for s in got}) == 16  # unique across cycles
+    ref = [s for _, s in open_store(tmp_path / "store").iter_samples()]
+    for i, s in enumerate(got):
+        r = ref[i % 6]
+        assert s.response_ids.tolist() == r.response_ids.tolist()
+        assert s.prompt_ids.tolist() == r.prompt_ids.tolist() and s.reward == r.reward
+        assert s.token_versions.tolist() == [0] * s.num_tokens
+        cycle, group = divmod(i, 6)
+        assert s.group_id == f"r1-off-c{cycle}-g{group // 2:09d}"
+    # groups arrive whole and back to back
+    assert all(got[i].group_id == got[i + 1].group_id for i in range(0, 16, 2))
+    assert all(got[i].group_id != got[i + 1].group_id for i in range(1, 15, 2))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("rollout.group_size=0", "rollout.group_size"),
+    ("rollout.group_size=3", "rollout.group_size"),  # does not divide train.batch_size=64
+    ("rollout.group_size=64", "rollout.prompts_per_request"),  # 8 x 64 > 3 x 64
+    ("teacher.offline_samples=0", "teacher.offline_samples"),
+    ("teacher.mode=nope", "teacher.mode"),
+])
+def test_group_and_offline_config_errors_name_the_key(override, key):
+    from megatron_opd.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        config(override)
+    assert str(err.value).startswith(key + ":"), str(err.value)
+
+
+def test_offline_mode_refuses_routing_replay():
+    from megatron_opd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="^teacher.mode:"):
+        config("teacher.mode=offline", "train.routing_replay=r3")
+    assert config("teacher.mode=offline").teacher.mode == "offline"
