@@ -293,7 +293,10 @@ def test_reverse_kl_matches_reference_and_handles_zero_probabilities():
     z[0, 0, 3] = -torch.inf  # p = 0 where the teacher also has q = 0: contributes 0, not nan
     logq[0, 0, 3] = -torch.inf
     lse = vocab_parallel_token_stats(z, ids, temperature=temp).logsumexp
-    got = vocab_parallel_reverse_kl(z, logq, lse, temperature=temp, chunk_tokens=5)
+    # the teacher's ids in a shuffled order per token: the sum must not depend on it
+    perm = torch.argsort(torch.rand(*LEAD, V, generator=g), dim=-1)
+    got = vocab_parallel_reverse_kl(z, perm, logq.gather(-1, perm), lse, temperature=temp,
+                                    chunk_tokens=5)
     logp = torch.log_softmax(z / 0.8, -1)
     p = logp.exp()
     ref = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)

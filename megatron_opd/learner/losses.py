@@ -66,8 +66,9 @@ def objective_loss_fn(objective, tp_group, masked_ids: tuple[int, ...] = ()) -> 
                                            temperature=temp, positions=pos)
         full = None
         if full_kl:
+            # teacher.top_k == vocab (validated): the sum over its ids is the exact KL
             full = vocab_parallel_reverse_kl(
-                logits, _teacher_shard(d, logits.shape[-1], tp_group), stats.logsumexp,
+                logits, d["teacher_topk_ids"], d["teacher_topk_logprobs"], stats.logsumexp,
                 group=tp_group, temperature=temp, positions=pos)
         inp = ObjectiveInputs(
             mask=d["loss_mask"], response_ids=d["response_ids"], logprobs=stats.logprobs,
@@ -83,18 +84,6 @@ def objective_loss_fn(objective, tp_group, masked_ids: tuple[int, ...] = ()) -> 
                    if k != "tokens" and not k.endswith("ratio_max")}
         return loss * n, n, metrics
     return loss_fn
-
-
-def _teacher_shard(d: dict, v_local: int, tp_group) -> torch.Tensor:
-    """This rank's columns of the teacher's full distribution, scattered from its top-K = whole
-    vocabulary (validated: teacher.top_k == model.vocab_size for vopd.support=full)."""
-    rank = dist.get_rank(tp_group) if tp_group is not None else 0
-    ids, lq = d["teacher_topk_ids"], d["teacher_topk_logprobs"]
-    full = torch.full((*ids.shape[:-1], v_local * (dist.get_world_size(tp_group)
-                                                    if tp_group is not None else 1)),
-                      -torch.inf, dtype=torch.float32)
-    full.scatter_(-1, ids.long(), lq.float())
-    return full[..., rank * v_local:(rank + 1) * v_local]
 
 
 def reverse_kl_fn(tp_group, tp_rank: int) -> LossFn:

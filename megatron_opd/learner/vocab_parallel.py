@@ -266,42 +266,46 @@ def vocab_parallel_token_stats(logits: Tensor, ids: Tensor, *, group=None, entro
 
 
 @torch.no_grad()
-def vocab_parallel_reverse_kl(logits: Tensor, teacher_logprobs: Tensor, logsumexp: Tensor, *,
-                              group=None, temperature: Tensor | None = None,
+def vocab_parallel_reverse_kl(logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor,
+                              logsumexp: Tensor, *, group=None, temperature: Tensor | None = None,
                               positions: Tensor | None = None,
                               chunk_tokens: int = 4096) -> Tensor:
-    """Exact KL(pi || q) = sum_v p_v (log p_v - log q_v) over the whole vocabulary, per token, from
-    this rank's shards of the student logits and the teacher log-probs [..., V_local] (same
-    columns) and the student's log-normaliser (from `vocab_parallel_token_stats`). No gradient
-    (it enters losses as a constant); one SUM all-reduce per call; chunked like the stats.
-    `positions` as in `vocab_parallel_token_stats` (logits [b, s, V_local], the rest [b, T]).
-    p_v = 0 contributes 0 even where q_v = 0; p_v > 0 with q_v = 0 gives +inf."""
-    tp, _ = _group_coords(group)
+    """sum_{v in S} p_v (log p_v - log q_v) per token, S = the teacher's ids [..., K] (global vocab
+    ids, distinct) with log q there [..., K]: the exact KL(pi || q) when S is the whole
+    vocabulary. From this rank's shard of the student logits [..., V_local] and the student's
+    log-normaliser (from `vocab_parallel_token_stats`); each rank adds the ids it owns, one SUM
+    all-reduce per call, chunked; nothing vocabulary-wide is built beyond a chunk. No gradient (it
+    enters losses as a constant). `positions` as in `vocab_parallel_token_stats` (logits
+    [b, s, V_local], the rest [b, T, ...]). p_v = 0 contributes 0 even where q_v = 0."""
+    tp, rank = _group_coords(group)
     v_local = logits.shape[-1]
-    lead = tuple(teacher_logprobs.shape[:-1])
+    lead = tuple(teacher_ids.shape[:-1])
+    if tuple(teacher_logprobs.shape) != tuple(teacher_ids.shape):
+        raise ValueError(f"teacher_logprobs {tuple(teacher_logprobs.shape)} != teacher_ids "
+                         f"{tuple(teacher_ids.shape)}")
     rows = None
     if positions is not None:
         b, s_len = logits.shape[:2]
         rows = (positions.long() + torch.arange(b, device=positions.device)[:, None] * s_len).reshape(-1)
-    elif tuple(teacher_logprobs.shape) != tuple(logits.shape):
-        raise ValueError(f"teacher_logprobs shape {tuple(teacher_logprobs.shape)} != logits shape "
-                         f"{tuple(logits.shape)} (both are this rank's vocab shard)")
-    if teacher_logprobs.shape[-1] != v_local:
-        raise ValueError(f"teacher_logprobs has {teacher_logprobs.shape[-1]} columns, this rank's "
-                         f"shard of the logits {v_local}")
+    elif tuple(logits.shape[:-1]) != lead:
+        raise ValueError(f"logits leading shape {tuple(logits.shape[:-1])} != {lead}")
     cdtype = _compute_dtype(logits.dtype)
     flat = logits.reshape(-1, v_local)
-    flat_q = teacher_logprobs.reshape(-1, v_local)
+    k = teacher_ids.shape[-1]
+    flat_ids = teacher_ids.reshape(-1, k).long()
+    flat_q = teacher_logprobs.reshape(-1, k)
     flat_lse = logsumexp.reshape(-1).to(cdtype)
-    n = flat_q.shape[0]
+    n = flat_ids.shape[0]
     scale = None if temperature is None else (1.0 / temperature.to(cdtype)).reshape(-1)
     out = torch.empty(n, dtype=cdtype, device=logits.device)
     for s in range(0, n, chunk_tokens):
         e = min(s + chunk_tokens, n)
-        logp = _scaled(flat, rows, scale, s, e, cdtype) - flat_lse[s:e, None]
+        idx, owned = _local_index(flat_ids[s:e], rank * v_local, v_local)
+        logp = _scaled(flat, rows, scale, s, e, cdtype).gather(1, idx).to(cdtype) \
+            - flat_lse[s:e, None]
         p = torch.exp(logp)
         term = p * (logp - flat_q[s:e].to(cdtype))
-        out[s:e] = torch.where(p > 0, term, torch.zeros_like(term)).sum(dim=-1)
+        out[s:e] = torch.where(owned & (p > 0), term, torch.zeros_like(term)).sum(dim=-1)
     if tp > 1:
         dist.all_reduce(out, group=group)
     return out.view(lead)
