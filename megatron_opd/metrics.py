@@ -9,8 +9,17 @@ from typing import Any
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None):
+        """`resume_step`: the run continues from a checkpoint taken after `resume_step` steps;
+        records of later steps (logged before the crash, now being redone) are dropped first."""
         self.path = Path(run_dir) / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and _complete_step(line) is not None
+                    and _complete_step(line) < resume_step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            tmp.replace(self.path)
         self._file = open(self.path, "a", buffering=1)  # line-buffered: a crash keeps past steps
         self._tb = None
         if tensorboard:
@@ -30,6 +39,14 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _complete_step(line: str) -> int | None:
+    """The step of a JSONL record; None for a line cut short by a crash."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _plain(v: Any) -> Any:
