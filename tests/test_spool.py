@@ -39,6 +39,7 @@ def test_round_trip_order_and_release(tmp_path):
     assert [seq for seq, _ in got] == [0, 1, 2, 3, 4]
     for (_, s), ref in zip(got, samples):
         _same(s, ref)
+    assert spool.release_through(1) == 0  # segment 0..2 is not all consumed yet
     assert spool.release_through(2) == 3
     assert [seq for seq, _ in spool.pending(after=-1)] == [3, 4]
     assert [seq for seq, _ in spool.pending(after=3)] == [4]
@@ -51,14 +52,16 @@ def test_round_trip_order_and_release(tmp_path):
 def test_corrupt_and_partial_files_are_never_read(tmp_path):
     spool = SampleSpool(tmp_path)
     spool.append([make_sample(sid=f"s-{i}") for i in range(3)])
-    (tmp_path / "000000000001.sample").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00abc")
-    (tmp_path / "000000000007.tmp").write_bytes(b"half")
-    (tmp_path / "notes.sample").write_text("not a sequence number")
+    spool.append([make_sample(sid="s-3")])
+    seg = tmp_path / "000000000003+1.seg"
+    seg.write_bytes(seg.read_bytes()[:-7])  # cut short
+    (tmp_path / "000000000007+1.tmp").write_bytes(b"half")
+    (tmp_path / "notes.seg").write_text("not a sequence number")
     again = SampleSpool(tmp_path)
-    assert not (tmp_path / "000000000007.tmp").exists()
+    assert not (tmp_path / "000000000007+1.tmp").exists()
     got = again.pending(after=-1)
-    assert [s.sample_id for _, s in got] == ["s-0", "s-2"]
-    assert len(again.corrupt) == 1 and "000000000001" in again.corrupt[0]
+    assert [s.sample_id for _, s in got] == ["s-0", "s-1", "s-2"]
+    assert len(again.corrupt) == 1 and "000000000003" in again.corrupt[0]
 
 
 _WRITER = textwrap.dedent("""

@@ -11,9 +11,11 @@ Exactly-once bookkeeping between orchestrator and learner:
   training again, first, in the same order: so every accepted sample is trained exactly once in
   the history the final model comes from (steps after the last checkpoint are redone).
 
-One file per sample, `<seq:012d>.sample`: the message's ZeroMQ frames (the schema's own encoding,
-never pickle) as length-prefixed records. Files whose name does not parse, temp files of an
-interrupted write, or contents that fail to decode are reported and skipped, never trained.
+One segment file per `append` call (one fsync for a whole batch of arrivals), named
+`<first seq:012d>+<count>.seg`: for each sample, its frame count then its ZeroMQ frames (the
+schema's own encoding, never pickle) as length-prefixed records. Temp files of an interrupted
+write are removed; files whose name does not parse or whose contents fail to decode are reported
+and skipped, never trained.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from megatron_opd.transport.schema import ProtocolError, Sample, decode, encode
 
-_SUFFIX = ".sample"
+_SUFFIX = ".seg"
 _LEN = struct.Struct("<Q")
 
 
@@ -42,82 +44,97 @@ class SampleSpool:
         self.dir.mkdir(parents=True, exist_ok=True)
         for tmp in self.dir.glob("*.tmp"):  # a write interrupted by a crash: never acknowledged
             tmp.unlink()
-        seqs = self._seqs()
-        self.next_seq = (max(seqs) + 1) if seqs else 0
+        segs = self._segments()
+        self.next_seq = (segs[-1][0] + segs[-1][1]) if segs else 0
+        self.corrupt: list[str] = []
 
-    def _seqs(self) -> list[int]:
+    def _segments(self) -> list[tuple[int, int, Path]]:
+        """(first seq, count, path) of every segment, in order."""
         out = []
         for p in self.dir.glob(f"*{_SUFFIX}"):
             try:
-                out.append(int(p.name[:-len(_SUFFIX)]))
+                first, count = p.name[:-len(_SUFFIX)].split("+")
+                out.append((int(first), int(count), p))
             except ValueError:
                 continue
         return sorted(out)
 
-    def _path(self, seq: int) -> Path:
-        return self.dir / f"{seq:012d}{_SUFFIX}"
-
     def append(self, samples: list[Sample]) -> list[int]:
-        """Write samples durably (each file fsynced, then the directory once); returns their
-        sequence numbers. Only after this returns may the samples be acknowledged."""
-        seqs = []
-        for s in samples:
-            seq = self.next_seq
-            self.next_seq += 1
-            final = self._path(seq)
-            tmp = final.with_suffix(".tmp")
-            with open(tmp, "wb") as f:
-                for frame in encode(s):
+        """Write samples durably (one segment, fsynced, renamed into place, directory fsynced);
+        returns their sequence numbers. Only after this returns may they be acknowledged."""
+        if not samples:
+            return []
+        first = self.next_seq
+        final = self.dir / f"{first:012d}+{len(samples)}{_SUFFIX}"
+        tmp = final.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            for s in samples:
+                frames = encode(s)
+                f.write(_LEN.pack(len(frames)))
+                for frame in frames:
                     buf = memoryview(frame).cast("B")
                     f.write(_LEN.pack(buf.nbytes))
                     f.write(buf)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            seqs.append(seq)
-        if samples:
-            _fsync_dir(self.dir)
-        return seqs
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(self.dir)
+        self.next_seq += len(samples)
+        return list(range(first, self.next_seq))
 
     def pending(self, after: int) -> list[tuple[int, Sample]]:
         """Spooled samples with sequence number > `after`, in order (the ones to train first
-        on resume). Unreadable files are skipped and reported in `self.corrupt`."""
-        self.corrupt: list[str] = []
+        on resume). Unreadable segments are skipped and reported in `self.corrupt`."""
+        self.corrupt = []
         out = []
-        for seq in self._seqs():
-            if seq <= after:
+        for first, count, path in self._segments():
+            if first + count - 1 <= after:
                 continue
             try:
-                out.append((seq, self._read(self._path(seq))))
+                samples = self._read(path)
+                if len(samples) != count:
+                    raise ValueError(f"{len(samples)} samples, name says {count}")
             except (ProtocolError, OSError, struct.error, ValueError) as e:
-                self.corrupt.append(f"{self._path(seq).name}: {e}")
+                self.corrupt.append(f"{path.name}: {e}")
+                continue
+            out.extend((first + i, s) for i, s in enumerate(samples) if first + i > after)
         return out
 
     @staticmethod
-    def _read(path: Path) -> Sample:
+    def _read(path: Path) -> list[Sample]:
         data = path.read_bytes()
-        frames, pos = [], 0
-        while pos < len(data):
+        view = memoryview(data)
+        out, pos = [], 0
+
+        def take() -> memoryview:
+            nonlocal pos
             (n,) = _LEN.unpack_from(data, pos)
             pos += _LEN.size
             if pos + n > len(data):
                 raise ValueError("truncated record")
-            frames.append(memoryview(data)[pos:pos + n])
             pos += n
-        msg = decode(frames)
-        if not isinstance(msg, Sample):
-            raise ValueError(f"not a sample: {type(msg).__name__}")
-        return msg
+            return view[pos - n:pos]
+
+        while pos < len(data):
+            (nframes,) = _LEN.unpack_from(data, pos)
+            pos += _LEN.size
+            if nframes > 64:
+                raise ValueError(f"implausible frame count {nframes}")
+            msg = decode([take() for _ in range(nframes)])
+            if not isinstance(msg, Sample):
+                raise ValueError(f"not a sample: {type(msg).__name__}")
+            out.append(msg)
+        return out
 
     def release_through(self, seq: int) -> int:
-        """Delete spooled samples with sequence number <= seq (their training is in a committed
-        checkpoint). Returns how many were deleted."""
+        """Delete segments whose samples all have sequence number <= seq (their training is in
+        a committed checkpoint). Returns how many samples went."""
         n = 0
-        for s in self._seqs():
-            if s > seq:
+        for first, count, path in self._segments():
+            if first + count - 1 > seq:
                 break
-            self._path(s).unlink(missing_ok=True)
-            n += 1
+            path.unlink(missing_ok=True)
+            n += count
         return n
 
     def ids(self) -> list[str]:
