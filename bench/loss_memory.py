@@ -39,7 +39,7 @@ to show what the entropy metric costs). Not run: offline_opd (the same math and 
 sampled_token_opd), vopd support=full (needs the teacher's whole 152k distribution per token:
 teacher.top_k = vocab_size; not a 152k-vocab use case).
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/loss_memory.py          # 2-core CPU: ~6 min
+    OMP_NUM_THREADS=2 .venv/bin/python bench/loss_memory.py          # 2 idle cores: ~9 min
     .venv/bin/python bench/loss_memory.py --lengths 512,2048 --repeats 5 --objectives lsm,aopd
     python bench/loss_memory.py --dtype bfloat16 --lengths 4096,8192,16384   # GPU
 
@@ -230,6 +230,7 @@ def run_worker(args) -> None:
 
     from megatron_opd.learner.losses import objective_fields, objective_loss_fn
 
+    hashes = code_hashes()  # the code this worker imported (others may edit it meanwhile)
     cuda = torch.cuda.is_available() and not args.cpu
     device = "cuda" if cuda else "cpu"
     mem = CudaMemory(torch) if cuda else CpuMemory()
@@ -319,7 +320,8 @@ def run_worker(args) -> None:
             alloc_peaks[name] = allocator_peak(torch, lambda name=name: cases[name]())
             log(f"{name}: allocator peak extra {alloc_peaks[name] / GIB:.3f} GiB")
 
-    out = {"tokens": t, "logits_bytes": logits.numel() * logits.element_size(),
+    out = {"tokens": t, "code_sha256": hashes,
+           "logits_bytes": logits.numel() * logits.element_size(),
            "probe_bytes": probe, "alloc_probe_bytes": alloc_probe, "probe_ok": probe_ok,
            "memory_method": mem.kind, "times_s": times, "peak_extra_bytes": peaks,
            "alloc_peak_extra_bytes": alloc_peaks, "leftover_bytes": leftover}
@@ -410,6 +412,11 @@ def main() -> int:
                          "yes" if ok_t and ok_m else "NO (" + ",".join(miss) + ")"))
         summary[str(t)] = entry
 
+    hashes = results[0]["code_sha256"]
+    if any(r["code_sha256"] != hashes for r in results):
+        hashes = {str(r["tokens"]): r["code_sha256"] for r in results}
+        print("WARNING: the code under test changed between lengths (sha256 per length in the "
+              "JSON): rerun for comparable figures", file=sys.stderr)
     print(f"loss_memory: vocab {VOCAB}, logits [1, T, V] {args.dtype}, teacher top-K {TOP_K}, "
           f"temperature {args.temperature}, {'CUDA' if cuda else 'CPU'} "
           f"({torch.get_num_threads()} threads), {args.repeats} rounds; goal mem <= {GOAL_MEM}x, "
@@ -443,7 +450,7 @@ def main() -> int:
         "repeats": args.repeats, "baseline": BASELINE,
         "memory_method": results[0]["memory_method"], "memory_probe_ok": probes_ok,
         "goal": {"mem_ratio_max": GOAL_MEM, "time_ratio_max": GOAL_TIME},
-        "all_meet_goal": all_meet, "skipped": SKIPPED, "code_sha256": code_hashes(),
+        "all_meet_goal": all_meet, "skipped": SKIPPED, "code_sha256": hashes,
         "host": platform.node(), "torch": torch.__version__,
         "wall_s": round(time.time() - t_start, 1), "results": summary}))
     return 0 if probes_ok else 1

@@ -21,11 +21,26 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", help="YAML config (defaults when omitted)")
         sp.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotlist overrides, e.g. train.steps=20 run.dir=runs/x")
+    kg = sub.add_parser("keygen", help="write a new run secret (32 random bytes, mode 0600) that "
+                        "authenticates the messages between processes on different machines")
+    kg.add_argument("--out", required=True, help="file to create")
+    kg.add_argument("--force", action="store_true", help="replace an existing file")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "keygen":
+        from megatron_opd.transport.auth import write_secret
+
+        try:
+            path = write_secret(args.out, force=args.force)
+        except OSError as e:
+            print(f"megatron-opd: keygen: {e}", file=sys.stderr)
+            return 1
+        print(f"megatron-opd: wrote a new run secret to {path} (mode 0600); give the same file "
+              f"to every process of the run")
+        return 0
     try:  # a bad config fails here, before any process starts
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

@@ -9,6 +9,15 @@ frames (zero-copy, read-only). Nothing is ever pickled. `decode` validates every
 
 Both ends of a run come from one build, so the version must match exactly: version 2 added the
 sampler fields of `Sample` (`temperature`, `top_p`); a version-1 peer is refused, not guessed at.
+Version 2 also defines the kinds of the reliable sample channel (`Hello`, `Credit`, `Ack`; see
+`transport/channel.py`). They only travel between a ROUTER `SampleServer` and a DEALER
+`SampleClient`, socket types a pre-channel PUSH/PULL peer cannot even connect to, and every socket
+refuses kinds that are not meant for it (reason "wrong_kind").
+
+Limits: a header is at most MAX_HEADER_BYTES; a whole message at most the receiver's
+`max_message_bytes` (checked on frame sizes before anything is parsed or authenticated; reason
+"oversize"). With a run secret every message also carries an authentication frame in front of
+the header (`transport/auth.py`); that frame has its own version byte.
 """
 
 from __future__ import annotations
@@ -116,7 +125,7 @@ class Sample:
             arr = getattr(self, name)
             if arr is None and name == "routed_experts":
                 continue
-            if not isinstance(arr, np.ndarray) or arr.dtype.name not in dtypes:
+            if not isinstance(arr, np.ndarray) or arr.dtype.type not in _TYPES[dtypes]:
                 _fail("bad_dtype", f"{name} must be a numpy array of {dtypes}")
         P, T = self.prompt_ids.shape[0] if self.prompt_ids.ndim == 1 else -1, \
             self.response_ids.shape[0] if self.response_ids.ndim == 1 else -1
@@ -131,17 +140,18 @@ class Sample:
         re = self.routed_experts
         if re is not None and (re.ndim != 3 or re.shape[0] != P + T - 1):
             _fail("bad_shape", f"routed_experts must be [P+T-1={P + T - 1}, layers, top_k]")
-        if not np.all((self.loss_mask == 0) | (self.loss_mask == 1)):
+        # (few numpy calls: this runs for every message on both ends)
+        if self.loss_mask.max() > 1:  # uint8: 0/1 exactly
             _fail("bad_value", "loss_mask must be 0/1")
         for name in ("behaviour_logprobs", "teacher_logprobs"):
-            if not np.all(np.isfinite(getattr(self, name))):
+            if not np.isfinite(getattr(self, name)).all():
                 _fail("non_finite", f"{name} has NaN/inf")
-        if np.any(self.behaviour_logprobs > 1e-4):
+        if self.behaviour_logprobs.max() > 1e-4:
             _fail("bad_value", "behaviour_logprobs must be <= 0")
-        if K > 0 and not np.all(np.isfinite(self.teacher_topk_logprobs)):
+        if K > 0 and not np.isfinite(self.teacher_topk_logprobs).all():
             _fail("non_finite", "teacher_topk_logprobs has NaN/inf")
         v = self.token_versions
-        if np.any(v < 0) or np.any(np.diff(v) < 0):
+        if v[0] < 0 or (T > 1 and not (v[1:] >= v[:-1]).all()):  # non-decreasing from >= 0
             _fail("bad_versions", "token_versions must be >= 0 and non-decreasing")
 
 
@@ -190,8 +200,81 @@ class Shutdown:
         _check_str(self.reason, "reason", 0, 1024)
 
 
-Message = Sample | EvalReport | WeightsPublished | Shutdown
-KINDS: dict[str, type] = {c.KIND: c for c in (Sample, EvalReport, WeightsPublished, Shutdown)}
+MAX_IDS_PER_MESSAGE = 4096  # ids in one Credit / Ack (SampleServer.ack splits longer lists)
+
+
+@dataclass
+class Hello:
+    """Handshake (SampleClient → SampleServer): nothing but a Hello is sent before credit.
+
+    - run_id: the run the client belongs to (a server started with a run_id refuses others:
+      reason "wrong_run"); client: its name, unique in the run (acks are routed by it).
+    - epoch >= 1 numbers the client's handshakes; a retry of the same handshake repeats its epoch,
+      and the server's Credit echoes it (a Credit of an older epoch is stale).
+    """
+
+    run_id: str
+    client: str
+    epoch: int
+    KIND: ClassVar[str] = "hello"
+    TENSORS: ClassVar[dict] = {}
+
+    def validate(self) -> None:
+        _check_str(self.run_id, "run_id", 0, 128)
+        _check_str(self.client, "client", 1, 128)
+        _check_int(self.epoch, "epoch")
+        if self.epoch < 1:
+            _fail("bad_field", "epoch must be >= 1")
+
+
+@dataclass
+class Credit:
+    """Flow control (SampleServer → SampleClient).
+
+    - session: the server process's random nonce; a new one means the server restarted (the
+      client then re-sends everything not yet acked).
+    - epoch: the Hello it answers; 0 means "I do not know you: say Hello".
+    - total: how many samples the client may have sent since that Hello (cumulative, so a lost
+      Credit is repaired by the next one); the client sends only while its count is below it.
+    - received: ids the learner has consumed since the previous Credit (the client stops its
+      resend timer for them but keeps them until they are acked).
+    """
+
+    session: str
+    epoch: int
+    total: int
+    received: list = field(default_factory=list)
+    KIND: ClassVar[str] = "credit"
+    TENSORS: ClassVar[dict] = {}
+
+    def validate(self) -> None:
+        _check_str(self.session, "session", 1, 64)
+        _check_int(self.epoch, "epoch")
+        _check_int(self.total, "total")
+        _check_ids(self.received, "received")
+
+
+@dataclass
+class Ack:
+    """Durable acceptance (SampleServer → SampleClient): the learner has made the outcome of these
+    sample ids durable (e.g. they are in a checkpoint); the client forgets them."""
+
+    session: str
+    ids: list = field(default_factory=list)
+    KIND: ClassVar[str] = "ack"
+    TENSORS: ClassVar[dict] = {}
+
+    def validate(self) -> None:
+        _check_str(self.session, "session", 1, 64)
+        _check_ids(self.ids, "ids")
+
+
+_TYPES = {names: frozenset(np.dtype(n).type for n in names) for names in Sample.TENSORS.values()}
+_LITTLE = {n: np.dtype(n).newbyteorder("<") for names in Sample.TENSORS.values() for n in names}
+
+Message = Sample | EvalReport | WeightsPublished | Shutdown | Hello | Credit | Ack
+KINDS: dict[str, type] = {c.KIND: c for c in (Sample, EvalReport, WeightsPublished, Shutdown,
+                                              Hello, Credit, Ack)}
 
 
 def _check_str(v: Any, name: str, lo: int, hi: int) -> None:
@@ -209,6 +292,12 @@ def _check_float(v: Any, name: str) -> None:
         _fail("bad_field", f"{name} must be a finite number")
 
 
+def _check_ids(v: Any, name: str) -> None:
+    if not isinstance(v, list) or len(v) > MAX_IDS_PER_MESSAGE or not all(
+            isinstance(x, str) and 1 <= len(x) <= 128 for x in v):
+        _fail("bad_field", f"{name} must be a list of at most {MAX_IDS_PER_MESSAGE} sample ids")
+
+
 def _check_metadata(m: Any) -> None:
     if not isinstance(m, dict) or len(m) > 64:
         _fail("bad_field", "metadata must be a flat mapping of at most 64 entries")
@@ -218,22 +307,36 @@ def _check_metadata(m: Any) -> None:
 
 
 # ------------------------------------------------------------------------------ encoding
+_LAYOUTS: dict[type, tuple] = {}
+
+
+def _layout(cls) -> tuple[tuple[str, ...], frozenset, frozenset]:
+    """(field names in order, scalar field names, required field names) of a message class."""
+    lay = _LAYOUTS.get(cls)
+    if lay is None:
+        fs = fields(cls)
+        lay = _LAYOUTS[cls] = (
+            tuple(f.name for f in fs), frozenset(f.name for f in fs if f.name not in cls.TENSORS),
+            frozenset(f.name for f in fs if f.default is MISSING and f.default_factory is MISSING))
+    return lay
+
+
 def encode(msg: Message) -> list:
     """Header bytes + one buffer per tensor (views of the arrays, never copies)."""
     msg.validate()
     scalars, table, frames = {}, [], []
-    for f in fields(msg):
-        value = getattr(msg, f.name)
-        if f.name in msg.TENSORS:
+    for name in _layout(type(msg))[0]:
+        value = getattr(msg, name)
+        if name in msg.TENSORS:
             if value is None:
                 continue
             arr = np.ascontiguousarray(value)  # no copy when already contiguous
             if arr.dtype.byteorder == ">":
                 arr = arr.astype(arr.dtype.newbyteorder("<"))
-            table.append({"name": f.name, "dtype": arr.dtype.name, "shape": list(arr.shape)})
+            table.append({"name": name, "dtype": arr.dtype.name, "shape": list(arr.shape)})
             frames.append(memoryview(arr).cast("B") if arr.size else b"")
         else:
-            scalars[f.name] = value
+            scalars[name] = value
     header = {"schema": SCHEMA, "version": SCHEMA_VERSION, "kind": msg.KIND, "fields": scalars,
               "tensors": table}
     return [orjson.dumps(header)] + frames
@@ -270,14 +373,12 @@ def decode(frames: list, max_message_bytes: int | None = None) -> Message:
         _fail("bad_header", "fields must be an object and tensors a list")
     if len(table) != len(bufs) - 1:
         _fail("frame_count", f"{len(table)} tensors declared, {len(bufs) - 1} frames received")
-    scalar_names = {f.name for f in fields(cls) if f.name not in cls.TENSORS}
+    _, scalar_names, required = _layout(cls)
     if set(scalars) - scalar_names:
         _fail("bad_field", f"unknown fields {sorted(set(scalars) - scalar_names)}")
     arrays = {}
     for entry, buf in zip(table, bufs[1:]):
         arrays.update([_decode_tensor(cls, entry, buf, arrays)])
-    required = {f.name for f in fields(cls)
-                if f.default is MISSING and f.default_factory is MISSING}
     missing = required - set(scalars) - set(arrays)
     if missing:
         _fail("missing_field", f"{sorted(missing)}")
@@ -300,8 +401,8 @@ def _decode_tensor(cls, entry: Any, buf: memoryview, seen: dict) -> tuple[str, n
     if not isinstance(shape, list) or len(shape) > 4 or not all(
             isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31 for d in shape):
         _fail("bad_shape", f"{name}: shape {shape!r}")
-    dt = np.dtype(dtype).newbyteorder("<")
-    expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    dt = _LITTLE[dtype]
+    expected = math.prod(shape) * dt.itemsize
     if buf.nbytes != expected:
         _fail("bad_shape", f"{name}: {buf.nbytes} bytes for shape {shape} of {dtype}")
     arr = np.frombuffer(buf, dtype=dt) if expected else np.zeros(0, dtype=dt)

@@ -1,10 +1,18 @@
 """ZeroMQ sockets carrying the schema's messages.
 
-Samples: orchestrator PUSH (connect) → learner PULL (bind). High-water marks bound what is queued,
-so a slow learner makes `send` time out (the orchestrator waits) instead of growing memory.
+Samples, reliable (issue 5): `SampleServer` / `SampleClient` in `transport/channel.py` (credit
+flow control, acks, resends, dedup). The plain PUSH/PULL pair below stays for tools and tests:
+orchestrator PUSH (connect) → learner PULL (bind). High-water marks bound what is queued, so a slow
+learner makes `send` time out (the orchestrator waits) instead of growing memory.
 Control: learner PUB (bind) → orchestrator SUB (connect). PUB/SUB drops messages sent before the
 subscriber joined ("slow joiner"); version announcements are latest-wins, so the learner simply
-re-announces its version while it waits, and a missed one is harmless.
+re-announces its version while it waits, and a missed one is harmless. The subscriber accepts only
+control kinds (WeightsPublished, Shutdown).
+
+Every socket here takes `secret` (bytes or a secret file, see `transport/auth.py`): with it, every
+message is authenticated (HMAC-SHA256 by default) and unauthenticated / bad-MAC / replayed
+messages are rejected before parsing. Beyond loopback a secret is required (`AuthRequired` at
+construction). Every receiver counts rejections by reason (`stats`) and keeps serving.
 """
 
 from __future__ import annotations
@@ -15,7 +23,12 @@ from collections import Counter
 
 import zmq
 
-from megatron_opd.transport.schema import Message, ProtocolError, decode, encode
+from megatron_opd.transport.auth import (
+    MAGIC, Opener, Sealer, check_endpoint, resolve_secret,
+)
+from megatron_opd.transport.schema import (
+    Message, ProtocolError, Shutdown, WeightsPublished, decode, encode,
+)
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
@@ -28,24 +41,75 @@ def free_tcp_endpoint(host: str = "127.0.0.1") -> str:
 
 
 class _Socket:
-    def __init__(self, kind: int, context: zmq.Context | None):
+    """A ZeroMQ socket that speaks the schema, optionally authenticated with the run secret.
+
+    Subclasses bind/connect after this constructor checked the endpoint policy."""
+
+    def __init__(self, kind: int, context: zmq.Context | None, endpoint: str = "", *,
+                 secret=None, mac: str = "hmac-sha256", allow_insecure: bool = False,
+                 max_age_s: float | None = None, max_message_bytes: int | None = None,
+                 kinds: tuple | None = None, role: str = "socket"):
+        key = resolve_secret(secret)
+        if endpoint:
+            check_endpoint(endpoint, key, allow_insecure=allow_insecure, role=role)
+        self._sealer = Sealer(key, mac) if key is not None else None
+        self._opener = Opener(key, mac, max_age_s) if key is not None else None
+        self.authenticated = key is not None
+        self.max_message_bytes = max_message_bytes
+        self._kinds = kinds
+        self.rejected: Counter[str] = Counter()
         self._ctx = context or zmq.Context.instance()
         self.sock = self._ctx.socket(kind)
         self.sock.setsockopt(zmq.LINGER, 0)
+
+    def _outgoing(self, msg: Message) -> list:
+        """Frames of msg (tensor frames are views of its arrays), sealed when authenticated."""
+        frames = encode(msg)
+        return self._sealer.seal(frames) if self._sealer is not None else frames
+
+    def _incoming(self, frames: list) -> Message:
+        """Size check, authentication, decode, kind check; raises ProtocolError (never parses an
+        unauthenticated or oversize message)."""
+        if not frames:
+            raise ProtocolError("empty", "no frames")
+        if self.max_message_bytes is not None:
+            total = sum(len(f) for f in frames)
+            if total > self.max_message_bytes:
+                raise ProtocolError("oversize", f"{total} bytes > {self.max_message_bytes}")
+        if self._opener is not None:
+            frames = self._opener.open(frames)
+        else:
+            first = frames[0]
+            if bytes(memoryview(first.buffer if hasattr(first, "buffer") else first)[:4]) == MAGIC:
+                raise ProtocolError("auth_not_configured",
+                                    "authenticated message but this socket has no secret")
+        msg = decode(frames)
+        if self._kinds is not None and not isinstance(msg, self._kinds):
+            raise ProtocolError("wrong_kind", f"{msg.KIND} is not accepted on this socket")
+        return msg
+
+    def _reject(self, e: ProtocolError) -> None:
+        self.rejected[e.reason] += 1
+        n = self.rejected[e.reason]
+        if n in (1, 10, 100, 1000) or n % 10000 == 0:
+            log.warning("%s rejected message #%d (%s): %s", type(self).__name__, n, e.reason,
+                        e.detail[:200])
 
     def close(self) -> None:
         self.sock.close(linger=0)
 
 
 class SampleSender(_Socket):
-    def __init__(self, endpoint: str, *, sndhwm: int = 256, context: zmq.Context | None = None):
-        super().__init__(zmq.PUSH, context)
+    def __init__(self, endpoint: str, *, sndhwm: int = 256, context: zmq.Context | None = None,
+                 secret=None, mac: str = "hmac-sha256", allow_insecure: bool = False):
+        super().__init__(zmq.PUSH, context, endpoint, secret=secret, mac=mac,
+                         allow_insecure=allow_insecure, role="SampleSender")
         self.sock.setsockopt(zmq.SNDHWM, sndhwm)
         self.sock.connect(endpoint)
 
     def send(self, msg: Message, timeout_ms: int = 10_000) -> bool:
         """Send without copying tensor payloads; False if the peer did not take it in time."""
-        frames = encode(msg)
+        frames = self._outgoing(msg)
         if not self.sock.poll(timeout_ms, zmq.POLLOUT):
             return False
         self.sock.send_multipart(frames, copy=False)
@@ -54,17 +118,19 @@ class SampleSender(_Socket):
 
 class SampleReceiver(_Socket):
     def __init__(self, endpoint: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 rcvhwm: int = 256, context: zmq.Context | None = None):
-        super().__init__(zmq.PULL, context)
-        # `decode` rejects (and counts) messages over max_message_bytes. As a memory safety net
-        # ZeroMQ itself drops any single frame over twice that, by disconnecting the sending
+                 rcvhwm: int = 256, context: zmq.Context | None = None, secret=None,
+                 mac: str = "hmac-sha256", allow_insecure: bool = False,
+                 max_age_s: float | None = None):
+        super().__init__(zmq.PULL, context, endpoint, secret=secret, mac=mac,
+                         allow_insecure=allow_insecure, max_age_s=max_age_s,
+                         max_message_bytes=max_message_bytes, role="SampleReceiver")
+        # `_incoming` rejects (and counts) messages over max_message_bytes. As a memory safety
+        # net ZeroMQ itself drops any single frame over twice that, by disconnecting the sending
         # peer (which reconnects); those never reach us to be counted.
         self.sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_message_bytes)
         self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self.sock.bind(endpoint)
-        self.max_message_bytes = max_message_bytes
         self.received = 0
-        self.rejected: Counter[str] = Counter()
 
     @property
     def stats(self) -> dict:
@@ -77,35 +143,47 @@ class SampleReceiver(_Socket):
             return None
         frames = self.sock.recv_multipart(copy=False)
         try:
-            msg = decode(frames, self.max_message_bytes)
+            msg = self._incoming(frames)
         except ProtocolError as e:
-            self.rejected[e.reason] += 1
-            if self.rejected[e.reason] in (1, 10, 100, 1000) or self.rejected[e.reason] % 10000 == 0:
-                log.warning("rejected message #%d (%s): %s", self.rejected[e.reason], e.reason,
-                            e.detail[:200])
+            self._reject(e)
             return None
         self.received += 1
         return msg
 
 
+CONTROL_KINDS = (WeightsPublished, Shutdown)
+
+
 class ControlPublisher(_Socket):
-    def __init__(self, endpoint: str, *, context: zmq.Context | None = None):
-        super().__init__(zmq.PUB, context)
+    def __init__(self, endpoint: str, *, context: zmq.Context | None = None, secret=None,
+                 mac: str = "hmac-sha256", allow_insecure: bool = False):
+        super().__init__(zmq.PUB, context, endpoint, secret=secret, mac=mac,
+                         allow_insecure=allow_insecure, role="ControlPublisher")
         self.sock.bind(endpoint)
 
     def publish(self, msg: Message) -> None:
-        self.sock.send_multipart(encode(msg), copy=False)
+        if not isinstance(msg, CONTROL_KINDS):
+            raise TypeError(f"{type(msg).__name__} is not a control message")
+        self.sock.send_multipart(self._outgoing(msg), copy=False)
 
 
 class ControlSubscriber(_Socket):
     def __init__(self, endpoint: str, *, context: zmq.Context | None = None,
-                 max_message_bytes: int = 1 << 20):
-        super().__init__(zmq.SUB, context)
+                 max_message_bytes: int = 1 << 20, secret=None, mac: str = "hmac-sha256",
+                 allow_insecure: bool = False, max_age_s: float | None = None):
+        super().__init__(zmq.SUB, context, endpoint, secret=secret, mac=mac,
+                         allow_insecure=allow_insecure, max_age_s=max_age_s,
+                         max_message_bytes=max_message_bytes, kinds=CONTROL_KINDS,
+                         role="ControlSubscriber")
         self.sock.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_message_bytes)  # see SampleReceiver
         self.sock.connect(endpoint)
-        self.max_message_bytes = max_message_bytes
-        self.rejected: Counter[str] = Counter()
+        self.received = 0
+
+    @property
+    def stats(self) -> dict:
+        return {"received": self.received, "rejected_total": sum(self.rejected.values()),
+                "rejected_by_reason": dict(self.rejected)}
 
     def poll(self, timeout_ms: int = 0) -> list[Message]:
         """All valid messages available within timeout (invalid ones are counted, skipped)."""
@@ -114,8 +192,9 @@ class ControlSubscriber(_Socket):
         while self.sock.poll(wait, zmq.POLLIN):
             frames = self.sock.recv_multipart(copy=False)
             try:
-                out.append(decode(frames, self.max_message_bytes))
+                out.append(self._incoming(frames))
+                self.received += 1
             except ProtocolError as e:
-                self.rejected[e.reason] += 1
+                self._reject(e)
             wait = 0
         return out
