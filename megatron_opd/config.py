@@ -68,6 +68,9 @@ class ServerConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_total_tokens: int = 16384  # KV-cache tokens per server (SGLang sizes it from RAM otherwise)
     threads: int = 1  # torch threads per server process (0: SGLang's default)
+    # A server that dies is restarted on its port at most this many times (0: a death stops the
+    # run); see docs/fault-tolerance.md.
+    max_restarts: int = 3
 
 
 @dataclass
@@ -193,6 +196,19 @@ class ObjectiveConfig:
 
 
 @dataclass
+class TransportConfig:
+    """The orchestrator -> learner sample channel (megatron_opd/transport/channel.py)."""
+    # Run secret for the HMAC on every message (`megatron-opd keygen --out PATH`, mode 0600).
+    # "": the embedded launcher makes one per run (run_dir/transport.key); sockets beyond
+    # loopback refuse to start without one.
+    secret_file: str = ""
+    mac: Literal["hmac-sha256", "poly1305"] = "hmac-sha256"
+    credit: int = 128  # samples in flight per orchestrator before the learner takes them
+    resend_after_s: float = 60.0  # re-send a sample the learner has not taken by then
+    max_unacked: int = 0  # bound on samples the orchestrator holds unacknowledged (0: none)
+
+
+@dataclass
 class WeightSyncConfig:
     method: Literal["distributed", "disk"] = "distributed"
     backend: Literal["gloo", "nccl"] = "gloo"
@@ -225,6 +241,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -415,10 +432,14 @@ def validate(cfg: Config) -> None:
     need(0 <= o.clip_eps_low < 1, "objective.clip_eps_low", "must be in [0, 1)")
     need(o.clip_eps_high >= 0, "objective.clip_eps_high", "must be >= 0")
     need(cfg.weight_sync.bucket_mb > 0, "weight_sync.bucket_mb", "must be positive")
+    need(cfg.transport.credit >= 1, "transport.credit", "must be >= 1")
+    need(cfg.transport.resend_after_s > 0, "transport.resend_after_s", "must be > 0")
+    need(cfg.transport.max_unacked >= 0, "transport.max_unacked", "must be >= 0 (0: unbounded)")
     need(cfg.eval.interval > 0, "eval.interval", "must be positive")
     need(cfg.server.start_timeout_s > 0, "server.start_timeout_s", "must be positive")
     need(cfg.server.max_total_tokens >= 256, "server.max_total_tokens", "must be >= 256")
     need(cfg.server.threads >= 0, "server.threads", "must be >= 0")
+    need(cfg.server.max_restarts >= 0, "server.max_restarts", "must be >= 0")
     need(cfg.model.max_position_embeddings >= 3 + t.max_digits + r.max_new_tokens,
          "model.max_position_embeddings", "too small for prompt + max_new_tokens")
 

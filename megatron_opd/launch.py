@@ -2,8 +2,10 @@
 
 Starts the teacher and rollout SGLang servers, then the learner and the orchestrator, wires them
 (HTTP to SGLang, ZeroMQ to the learner) through `wiring.json` in the run directory, and shuts
-every process group down on success, on Ctrl-C / SIGTERM, and as soon as any of them dies (the
-error names the process and shows the tail of its log).
+every process group down on success, on Ctrl-C / SIGTERM, and as soon as the learner or the
+orchestrator dies (the error names the process and shows the tail of its log). A dead SGLang
+server is restarted on its port, at most `server.max_restarts` times each (restarts are counted
+in `server_restarts.json` in the run directory; see docs/fault-tolerance.md).
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from megatron_opd.config import Config, dump_config
 from megatron_opd.metrics import plot_curves, read_metrics
 from megatron_opd.procs import free_port as _free_port, log_tail, spawn_group, stop_group
 from megatron_opd.wiring import RunWiring
+
+
+RESTARTS_FILE = "server_restarts.json"  # {server name: restarts}, written by the supervisor
 
 
 class ProcessDied(RuntimeError):
@@ -142,7 +147,8 @@ def train(cfg: Config) -> dict:
             samples_endpoint=f"tcp://127.0.0.1:{_free_port()}",
             control_endpoint=f"tcp://127.0.0.1:{_free_port()}",
             teacher_dir=str(prepared.teacher_dir), student_dir=str(prepared.student_dir),
-            weight_sync_master_port=_free_port(), offline_store=offline_store)
+            weight_sync_master_port=_free_port(), offline_store=offline_store,
+            secret_file=_run_secret(cfg, run_dir))
         wiring.save(run_dir / "wiring.json")
         py = [sys.executable, "-m"]
         children.append(Child.spawn("learner", _learner_command(cfg, run_dir),
@@ -163,8 +169,23 @@ def train(cfg: Config) -> dict:
     records = read_metrics(run_dir / "metrics.jsonl")
     plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     summary = _summary(records, train_seconds, time.time() - t_start, prepared.meta)
+    if (run_dir / RESTARTS_FILE).exists():
+        summary["server_restarts"] = json.loads((run_dir / RESTARTS_FILE).read_text())
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _run_secret(cfg: Config, run_dir: Path) -> str:
+    """The HMAC key of this run's ZeroMQ messages: the configured file, or one made for the run
+    (mode 0600, kept across resumes). Authenticating on loopback too costs little (samples are
+    small) and keeps one code path."""
+    from megatron_opd.transport import load_secret, write_secret
+
+    path = Path(cfg.transport.secret_file) if cfg.transport.secret_file else run_dir / "transport.key"
+    if not cfg.transport.secret_file and not path.exists():
+        write_secret(path)
+    load_secret(path)  # refuses a missing or group/world-readable file, naming it
+    return str(path)
 
 
 def make_servers(cfg: Config, prepared, logs: Path) -> dict:
@@ -200,8 +221,14 @@ def _raise_terminated(signum, frame):
 
 
 def _supervise(cfg: Config, run_dir: Path, servers, children: list[Child]) -> None:
-    """Wait for the learner to finish; fail fast, naming the process, if anything dies."""
+    """Wait for the learner to finish; fail fast, naming the process, if the learner or the
+    orchestrator dies; restart a dead SGLang server (bounded: server.max_restarts each)."""
     from tqdm import tqdm
+
+    from megatron_opd.serving.sglang_server import ServerRestartLimit, ServerSupervisor
+
+    supervisor = ServerSupervisor(servers, cfg.server.max_restarts,
+                                  run_dir / RESTARTS_FILE)
 
     learner = children[0]
     bar = tqdm(total=cfg.train.steps, desc="train", unit="step", disable=not cfg.logging.progress)
@@ -218,10 +245,10 @@ def _supervise(cfg: Config, run_dir: Path, servers, children: list[Child]) -> No
                 if c.proc.poll() not in (None, 0):  # 0: it finished (e.g. after Shutdown)
                     raise ProcessDied(f"{c.name} exited with code {c.proc.returncode}; last lines "
                                       f"of {c.log}:\n" + log_tail(c.log))
-            for s in servers:
-                if not s.alive():
-                    raise ProcessDied(f"SGLang server {s.name} died; last lines of {s.log_path}:\n"
-                                      + log_tail(Path(s.log_path)))
+            try:  # a dead server is restarted on its port (clients retry, the publisher reconnects)
+                supervisor.check()
+            except ServerRestartLimit as e:
+                raise ProcessDied(str(e)) from None
             _update_bar(bar, metrics_path)
             time.sleep(0.5)
         _update_bar(bar, metrics_path)

@@ -27,7 +27,7 @@ import numpy as np
 
 from megatron_opd.config import Config, load_config
 from megatron_opd.task import DigitTask
-from megatron_opd.transport import (ControlSubscriber, Sample, SampleSender, Shutdown,
+from megatron_opd.transport import (ControlSubscriber, Sample, SampleClient, Shutdown,
                                     WeightsPublished)
 from megatron_opd.wiring import RunWiring
 
@@ -145,28 +145,59 @@ def rollout_and_score(cfg: Config, task: DigitTask, rollout, teacher, examples,
     return make_groups(cfg, task, examples, results, scores, group_ids)
 
 
+def accepted_in_checkpoint(run_dir: Path):
+    """The sample ids the learner had accepted at its latest checkpoint (a resumed run skips
+    their prompts; ids accepted after it are dropped by the learner as duplicates)."""
+    import json
+
+    from megatron_opd.transport import SeenIds
+
+    latest = run_dir / "checkpoints" / "latest"
+    if not latest.is_file():
+        return SeenIds()
+    meta = run_dir / "checkpoints" / latest.read_text().strip() / "meta.json"
+    if not meta.is_file():
+        return SeenIds()
+    cursor = json.loads(meta.read_text()).get("data_cursor", {})
+    return SeenIds.from_state(cursor["accepted"]) if "accepted" in cursor else SeenIds()
+
+
 def run_orchestrator(cfg: Config, wiring: RunWiring) -> None:
-    from megatron_opd.serving.sglang_client import SGLangClient
+    from megatron_opd.serving.sglang_client import fleet_client
 
     task = DigitTask.from_config(cfg.task, cfg.model.vocab_size)
     stream = training_stream(cfg, task)
     stream_lock = threading.Lock()
     counter = itertools.count()
-    rollout = SGLangClient(wiring.rollout_urls[0], timeout=cfg.server.request_timeout_s)
-    teacher = SGLangClient(wiring.teacher_urls[0], timeout=cfg.server.request_timeout_s)
+    # requests that fail because a server is down are re-issued (other URL, or after restart)
+    rollout = fleet_client(wiring.rollout_urls, cfg.server)
+    teacher = fleet_client(wiring.teacher_urls, cfg.server)
     # Admission counts samples: a request of k prompts is k x group_size samples. In offline mode
     # the same budget only bounds how far the feeder runs ahead of the learner (flow control).
     admission = Admission(cfg.train.batch_size, cfg.async_.max_staleness)
     ready: queue.Queue[list[Sample]] = queue.Queue()  # whole groups, sent back to back
     errors: list[BaseException] = []
     k, g = cfg.rollout.prompts_per_request, cfg.rollout.group_size
+    accepted = accepted_in_checkpoint(Path(wiring.run_dir))
+    skipped = 0
+
+    def fully_accepted(group_id: str) -> bool:
+        members = [group_id] if g == 1 else [f"{group_id}-{j}" for j in range(g)]
+        return all(m in accepted for m in members)
 
     def worker() -> None:
+        nonlocal skipped
         try:
             while admission.acquire(k * g):
-                with stream_lock:
-                    examples = [next(stream) for _ in range(k)]
-                    ids = [f"{cfg.run.name}-{next(counter):09d}" for _ in range(k)]
+                examples, ids = [], []
+                with stream_lock:  # prompt i always gets id <run>-i: ids survive restarts
+                    while len(examples) < k:
+                        ex, gid = next(stream), f"{cfg.run.name}-{next(counter):09d}"
+                        if fully_accepted(gid):  # trained or spooled before a restart
+                            skipped += 1
+                            continue
+                        examples.append(ex)
+                        ids.append(gid)
                 for group in rollout_and_score(cfg, task, rollout, teacher, examples, ids):
                     ready.put(group)
         except BaseException as e:  # surface in the main thread: the process must die loudly
@@ -184,6 +215,8 @@ def run_orchestrator(cfg: Config, wiring: RunWiring) -> None:
                 raise RuntimeError(f"teacher.mode=offline: no complete store at "
                                    f"{wiring.offline_store!r}")
             for group in store.training_groups(cfg.run.name):
+                if all(x.sample_id in accepted for x in group):
+                    continue
                 if not admission.acquire(len(group)):
                     return
                 ready.put(group)
@@ -196,28 +229,40 @@ def run_orchestrator(cfg: Config, wiring: RunWiring) -> None:
     else:
         threads = [threading.Thread(target=worker, daemon=True, name=f"rollout-{i}")
                    for i in range(cfg.rollout.max_inflight_requests)]
-    sender = SampleSender(wiring.samples_endpoint)
-    control = ControlSubscriber(wiring.control_endpoint)
+    tr, secret = cfg.transport, wiring.secret_file or None
+    sender = SampleClient(wiring.samples_endpoint, secret=secret, mac=tr.mac, run_id=cfg.run.name,
+                          name="orchestrator", resend_after_s=tr.resend_after_s,
+                          max_unacked=tr.max_unacked or None)
+    control = ControlSubscriber(wiring.control_endpoint, secret=secret, mac=tr.mac)
     for t in threads:
         t.start()
     sent = 0
+
+    def handle_control(timeout_ms: int) -> None:
+        for msg in control.poll(timeout_ms=timeout_ms):
+            if isinstance(msg, WeightsPublished):
+                admission.set_version(msg.version)
+            elif isinstance(msg, Shutdown):
+                print(f"[orchestrator] shutdown: {msg.reason}", flush=True)
+                admission.stop()
+
     try:
         while not admission.stopped:
-            for msg in control.poll(timeout_ms=50):
-                if isinstance(msg, WeightsPublished):
-                    admission.set_version(msg.version)
-                elif isinstance(msg, Shutdown):
-                    print(f"[orchestrator] shutdown: {msg.reason}", flush=True)
-                    admission.stop()
+            sender.poll()  # acks free memory, resends happen, a restarted learner is re-fed
+            handle_control(timeout_ms=50)
             while not ready.empty():
                 for sample in ready.get_nowait():  # one group, back to back on the one socket
-                    while not sender.send(sample, timeout_ms=1000):
+                    while not sender.send(sample, timeout_ms=1000):  # waits for credit
+                        handle_control(timeout_ms=0)
                         if admission.stopped:
                             break
                     sent += 1
                     if sent % 100 == 0:
-                        print(f"[orchestrator] sent {sent} samples, version {admission.version}, "
-                              f"started {admission.started}", flush=True)
+                        st = sender.stats
+                        print(f"[orchestrator] sent {sent} samples ({st['resent']} re-sent, "
+                              f"{st['unacked']} unacked), version {admission.version}, started "
+                              f"{admission.started}, skipped {skipped} accepted prompts",
+                              flush=True)
         if errors:
             raise errors[0]
     finally:

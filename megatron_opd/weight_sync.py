@@ -6,11 +6,20 @@ learner asks the servers to receive (`update_weights_from_distributed`, which bl
 broadcasts arrive) and broadcasts the tensors in the announced order. Disk (fallback): write a
 complete HF model directory for the version and ask the servers to load it.
 Both wrap the update in begin/end_weight_update and tag it with `weight_version = str(v)`.
+
+A server that dies and is restarted by the launcher (docs/fault-tolerance.md) comes back with the
+student init at version 0 and outside the update group. The next publish then fails (HTTP
+connection errors, or the gloo broadcast to the dead peer); the distributed publisher drains the
+weights it was given (on a parallel learner every rank takes part in gathering them), waits for
+every server to answer again, re-forms the update group on a fresh rendezvous port and raises
+`PublishInterrupted`: `publish_with_retries` then gathers and sends the full weights again. The
+disk publisher keeps the written directory and simply asks the restarted server to load it.
 """
 
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import timedelta
@@ -19,7 +28,35 @@ from typing import Iterable
 
 import torch
 
-from megatron_opd.serving.sglang_client import SGLangClient
+from megatron_opd.serving.sglang_client import SGLangClient, SGLangError, ServerUnavailable
+
+
+class PublishInterrupted(RuntimeError):
+    """A server failed during publish; the update group was re-formed with the servers as they
+    are now. Publish the full weights again (`publish_with_retries`)."""
+
+
+class _Source:
+    """The weights iterator, remembering whether it raised itself (then nothing is retried)."""
+
+    def __init__(self, named: Iterable[tuple[str, torch.Tensor]]):
+        self._it, self.failed = iter(named), False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise
+        except BaseException:
+            self.failed = True
+            raise
+
+    def drain(self) -> None:
+        for _ in self:
+            pass
 
 
 def _buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int):
@@ -43,10 +80,15 @@ class DistributedWeightPublisher:
                  master_port: int | None = None, backend: str = "gloo",
                  group_name: str = "megatron_opd_weights", server_world_size: int = 1,
                  bucket_bytes: int = 64 << 20, timeout_s: float = 300.0,
-                 pause_mode: str | None = "retract"):
+                 pause_mode: str | None = "retract", reconnect_timeout_s: float = 0.0):
         from megatron_opd.serving.sglang_server import free_port
 
         self.clients, self.backend, self.group_name = clients, backend, group_name
+        self.base_group_name = group_name
+        # How long a failed publish waits for every server to answer again (a restart) before
+        # giving up; 0: a failed publish raises its error (no reconnection).
+        self.reconnect_timeout_s = reconnect_timeout_s
+        self.reconnects = 0
         self.master_addr, self.master_port = master_addr, master_port or free_port(master_addr)
         self.server_world_size = server_world_size  # ranks per server (its TP size)
         self.bucket_bytes, self.timeout_s = bucket_bytes, timeout_s
@@ -90,8 +132,46 @@ class DistributedWeightPublisher:
         if self.group is None:
             raise RuntimeError("DistributedWeightPublisher.publish before connect()")
         t0 = time.time()
+        source = _Source(named_tensors)
+        try:
+            self._send(source, version, flush_cache)
+        except Exception as e:
+            if source.failed or self.reconnect_timeout_s <= 0:
+                raise
+            source.drain()  # the other learner ranks gather every tensor with us
+            print(f"[weight_sync] publishing version {version} failed ({e}); reconnecting",
+                  file=sys.stderr, flush=True)
+            self.reconnect()
+            raise PublishInterrupted(f"publishing version {version} failed ({e}); the update "
+                                     "group was re-formed: publish again") from e
+        return time.time() - t0
+
+    def reconnect(self) -> None:
+        """Wait until every server answers (within reconnect_timeout_s), drop the old group on
+        every side, and form a new one on a fresh rendezvous port and group name."""
+        from megatron_opd.serving.sglang_server import free_port
+
+        if self.group is not None:
+            try:
+                torch.distributed.destroy_process_group(self.group)
+            except Exception:
+                pass
+            self.group = None
+        for c in self.clients:
+            c.wait_ready(self.reconnect_timeout_s)
+            try:  # a server that survived still holds the old group
+                c.destroy_weights_update_group(self.group_name)
+            except SGLangError:
+                pass  # a restarted server has none
+        self.reconnects += 1
+        self.group_name = f"{self.base_group_name}_r{self.reconnects}"
+        self.master_port = free_port(self.master_addr)
+        self.connect()
+
+    def _send(self, named_tensors, version: int, flush_cache: bool) -> None:
         paused, opened = [], []
         opening = self._pool.submit(self._open_update, paused, opened)
+        sent = False
         try:
             for bucket in _buckets(named_tensors, self.bucket_bytes):
                 opening.result(timeout=self.timeout_s)  # raises if pausing or beginning failed
@@ -106,15 +186,22 @@ class DistributedWeightPublisher:
                 for f in futures:
                     f.result(timeout=self.timeout_s)
             opening.result(timeout=self.timeout_s)  # (nothing to send: still report its error)
+            sent = True
         finally:
             wait([opening], timeout=self.timeout_s)
-            try:
-                for c in opened:
+            errors = []
+            for c in opened:  # every server resumes, even if one of them failed
+                try:
                     c.end_weight_update()
-            finally:
-                for c in paused:
+                except Exception as e:
+                    errors.append(e)
+            for c in paused:
+                try:
                     c.continue_generation()
-        return time.time() - t0
+                except Exception as e:
+                    errors.append(e)
+            if sent and errors:  # (after a failure, the first error is the one that matters)
+                raise errors[0]
 
     def _open_update(self, paused: list, opened: list) -> None:
         if self.pause_mode:
@@ -137,12 +224,47 @@ class DistributedWeightPublisher:
         self._pool.shutdown(wait=False)
 
 
+def publish_with_retries(make_weights, publisher, version: int, attempts: int = 1,
+                         flush_cache: bool = True) -> float:
+    """Publish `version`, gathering and sending the full weights again after a server fault.
+
+    Called by every learner rank: `make_weights()` streams the weights (on a parallel learner
+    every rank takes part in gathering them); `publisher` is rank 0's (None on the others). After
+    `PublishInterrupted` (the publisher already re-formed its update group) all ranks go round
+    again, at most `attempts` times in all; rank 0 tells the others by a broadcast."""
+    import torch.distributed as dist
+
+    t0 = time.time()
+    for attempt in range(attempts):
+        weights, again = make_weights(), False
+        if publisher is not None:
+            try:
+                publisher.publish(weights, version, flush_cache)
+            except PublishInterrupted:
+                if attempt + 1 >= attempts:
+                    raise
+                again = True
+        else:
+            for _ in weights:
+                pass
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([int(again)], dtype=torch.int64)
+            dist.broadcast(flag, src=0)
+            again = bool(flag.item())
+        if not again:
+            break
+    return time.time() - t0
+
+
 class DiskWeightPublisher:
     """Fallback: a complete HF model dir per version (written aside, then renamed into place)."""
 
     def __init__(self, clients: list[SGLangClient], directory: str | Path, base_model_dir: str | Path,
-                 keep: int = 2):
+                 keep: int = 2, reconnect_timeout_s: float = 0.0):
         self.clients, self.directory = clients, Path(directory)
+        # A server that does not answer (restarting) is waited for this long, then asked again
+        # to load the version's directory; 0: its error raises at once.
+        self.reconnect_timeout_s = reconnect_timeout_s
         self.base_model_dir, self.keep = Path(base_model_dir), keep
         self.directory.mkdir(parents=True, exist_ok=True)
 
@@ -162,14 +284,26 @@ class DiskWeightPublisher:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for c in self.clients:
-            c.begin_weight_update()
-            try:
-                c.update_weights_from_disk(str(final), str(version), flush_cache)
-            finally:
-                c.end_weight_update()
+            self._load(c, final, version, flush_cache)
         for old in sorted(self.directory.glob("v*"))[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return time.time() - t0
+
+    def _load(self, c: SGLangClient, path: Path, version: int, flush_cache: bool) -> None:
+        for attempt in range(3):
+            try:
+                c.begin_weight_update()
+                try:
+                    c.update_weights_from_disk(str(path), str(version), flush_cache)
+                finally:
+                    c.end_weight_update()
+                return
+            except ServerUnavailable as e:
+                if self.reconnect_timeout_s <= 0 or attempt == 2:
+                    raise
+                print(f"[weight_sync] loading version {version} on {c.url} failed ({e}); "
+                      "waiting for the server", file=sys.stderr, flush=True)
+                c.wait_ready(self.reconnect_timeout_s)
 
     def close(self) -> None:
         pass

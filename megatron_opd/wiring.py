@@ -16,13 +16,14 @@ class RunWiring:
     run_dir: str
     rollout_urls: list[str]
     teacher_urls: list[str]
-    samples_endpoint: str  # learner binds a PULL socket here; the orchestrator PUSHes samples
+    samples_endpoint: str  # learner binds a SampleServer (ROUTER) here; the orchestrator connects
     control_endpoint: str  # learner binds a PUB socket here; the orchestrator SUBscribes
     teacher_dir: str  # prepared models (HF format), for their tokenizer/task ids
     student_dir: str
     weight_sync_master_addr: str = "127.0.0.1"
     weight_sync_master_port: int = 0
     offline_store: str = ""  # teacher.mode=offline: the store the orchestrator reads samples from
+    secret_file: str = ""  # run secret for the HMAC on every ZeroMQ message ("": none, loopback only)
 
     def save(self, path: str | Path) -> None:
         tmp = Path(str(path) + ".tmp")

@@ -152,7 +152,7 @@ def test_offline_feeder_streams_whole_stored_groups_in_order_cycling(tmp_path):
     order, back to back, cycling with fresh ids, and never more than the admission allows."""
     from megatron_opd.offline_store import open_store, write_store
     from megatron_opd.orchestrator import run_orchestrator
-    from megatron_opd.transport import (ControlPublisher, SampleReceiver, Shutdown,
+    from megatron_opd.transport import (ControlPublisher, SampleServer, Shutdown,
                                         WeightsPublished, free_tcp_endpoint)
     from megatron_opd.wiring import RunWiring
 
@@ -171,7 +171,8 @@ def test_offline_feeder_streams_whole_stored_groups_in_order_cycling(tmp_path):
                        teacher_urls=["http://127.0.0.1:9"], samples_endpoint=free_tcp_endpoint(),
                        control_endpoint=free_tcp_endpoint(), teacher_dir="", student_dir="",
                        offline_store=str(tmp_path / "store"))
-    rx, control = SampleReceiver(wiring.samples_endpoint), ControlPublisher(wiring.control_endpoint)
+    rx = SampleServer(wiring.samples_endpoint, run_id="r1")
+    control = ControlPublisher(wiring.control_endpoint)
     errors = []
 
     def target():

@@ -331,3 +331,47 @@ def test_positions_read_rows_in_place_equal_a_gathered_copy():
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-12)
     assert (ga[0, 2] == 0).all() and (ga[0, 4] == 0).all() and (ga[1, 1] == 0).all()
+
+
+@pytest.mark.parametrize("temperature", [None, 0.7])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_positions_contiguous_runs_equal_a_gathered_copy(temperature, dtype):
+    """The learner's layout: each sequence's positions are one contiguous run (read as views, the
+    gradient written in place), then padding reading position 0, which one run also reads (shared
+    row: accumulated); a run longer than the chunk is split. Same statistics and gradient as a
+    gathered copy; unread rows get exactly 0; -inf logits stay harmless."""
+    g = torch.Generator().manual_seed(21)
+    b, s_len, t_len, vocab = 3, 50, 30, 40
+    z = (torch.randn(b, s_len, vocab, generator=g, dtype=torch.float64) * 3).to(dtype)
+    z[1, :, 3:9] = float("-inf")
+    pos = torch.zeros(b, t_len, dtype=torch.long)
+    for i, (p0, n_i) in enumerate([(0, 28), (7, 21), (19, 12)]):
+        pos[i, :n_i] = torch.arange(p0, p0 + n_i)
+    ids = torch.randint(9, vocab, (b, t_len), generator=g)
+    topk = torch.randint(9, vocab, (b, t_len, 4), generator=g)
+    temp = None if temperature is None else torch.full((b, t_len), temperature, dtype=dtype)
+    w = torch.randn(4, b, t_len, generator=g, dtype=torch.float64)
+
+    def weighted(st, use_h):
+        out = ((st.logprobs * w[0]).sum() + (st.topk_logits.sum(-1) * w[2]).sum()
+               + (st.logsumexp * w[3]).sum())
+        return out + (st.entropy * w[1]).sum() if use_h else out
+
+    for use_h in (False, True):
+        za = z.clone().requires_grad_(True)
+        sa = vocab_parallel_token_stats(za, ids, entropy=True, topk_ids=topk, temperature=temp,
+                                        positions=pos, chunk_tokens=16)
+        (ga,) = torch.autograd.grad(weighted(sa, use_h), za)
+        zb = z.clone().requires_grad_(True)
+        copy = torch.gather(zb, 1, pos[..., None].expand(-1, -1, vocab))
+        sb = vocab_parallel_token_stats(copy, ids, entropy=True, topk_ids=topk, temperature=temp,
+                                        chunk_tokens=16)
+        (gb,) = torch.autograd.grad(weighted(sb, use_h), zb)
+        for x, y in ((sa.logprobs, sb.logprobs), (sa.entropy, sb.entropy),
+                     (sa.topk_logits, sb.topk_logits), (sa.logsumexp, sb.logsumexp), (ga, gb)):
+            assert torch.isfinite(x).all()
+            torch.testing.assert_close(x, y, rtol=1e-12 if dtype == torch.float64 else 1e-6,
+                                       atol=1e-12 if dtype == torch.float64 else 1e-6)
+        # unread: past each run, and before it except position 0 (read by the padding)
+        assert (ga[0, 28:] == 0).all() and (ga[1, 1:7] == 0).all() and (ga[1, 28:] == 0).all()
+        assert (ga[2, 1:19] == 0).all() and (ga[2, 31:] == 0).all()

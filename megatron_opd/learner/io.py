@@ -63,16 +63,15 @@ def broadcast_tensor(t: torch.Tensor | None, ndim: int, dtype: torch.dtype) -> t
     return buf
 
 
-def receive_samples(receiver, control, n: int, version: int, seen_ids: set) -> list[Sample]:
-    """(Rank 0.) Block until n new samples arrived; re-announce the version while waiting
-    (PUB/SUB may have dropped it before the orchestrator subscribed). Duplicate sample ids are
-    never trained twice."""
+def receive_samples(receiver, control, n: int, version: int) -> list[Sample]:
+    """(Rank 0.) Block until n new samples arrived from the `SampleServer` (which drops ids it
+    has accepted before); re-announce the version while waiting (PUB/SUB may have dropped it
+    before the orchestrator subscribed)."""
     samples: list[Sample] = []
     last_announce = time.time()
     while len(samples) < n:
         msg = receiver.recv(timeout_ms=500)
-        if isinstance(msg, Sample) and msg.sample_id not in seen_ids:
-            seen_ids.add(msg.sample_id)
+        if msg is not None:
             samples.append(msg)
         if time.time() - last_announce > 2.0:
             control.publish(WeightsPublished(version=version, step=version, published_at=time.time()))

@@ -61,19 +61,20 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
     else:
         load_hf_checkpoint(chunks, wiring.student_dir, spec, groups)
         state = TrainerState(counters={"skipped_steps": 0, "dropped_stale_tokens": 0})
-    io = _RankZeroIO(cfg, wiring) if rank0 else None
+    io = _RankZeroIO(cfg, wiring, state, resumed=resume_from is not None) if rank0 else None
     loss_fn = objective_loss_fn(cfg.objective, groups.tp,
                                 masked_token_ids(cfg.objective.masked_tokens, wiring.student_dir))
     eval_set = task.eval_set(cfg.task.num_eval_prompts, cfg.run.seed)
 
     def publish() -> float:  # every rank gathers; rank 0 streams to the rollout fleet
-        weights = iter_hf_weights(chunks, spec, groups)
-        if not rank0:
-            for _ in weights:
-                pass
-            return 0.0
-        t = io.publisher.publish(weights, state.version)
-        io.announce(state)
+        from megatron_opd.weight_sync import publish_with_retries
+
+        # a restarted rollout server: the publisher reconnects, every rank gathers again
+        t = publish_with_retries(lambda: iter_hf_weights(chunks, spec, groups),
+                                 io.publisher if rank0 else None, state.version,
+                                 attempts=cfg.server.max_restarts + 1)
+        if rank0:
+            io.announce(state)
         return t
 
     def run_eval() -> dict:
@@ -81,6 +82,14 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
                         state.version, spec.vocab_size, cfg.rollout.max_new_tokens,
                         seed=cfg.run.seed + state.version,
                         micro_batch_size=cfg.parallel.micro_batch_size)
+
+    def checkpoint(hf_export=None) -> None:
+        if rank0:
+            io.record_cursor(state)  # what was consumed and accepted, into meta.json
+        save_checkpoint(ckpt_root, chunks, optimizer, scheduler, state,
+                        keep=cfg.train.keep_checkpoints, hf_export=hf_export)
+        if rank0:
+            io.release_spool(state)  # trained and committed: the spool may forget it
 
     if state.version > 0:  # resumed: the fleet restarted from the init weights
         publish()
@@ -114,8 +123,7 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
             last_eval = run_eval()
         if cfg.train.checkpoint_interval and state.step % cfg.train.checkpoint_interval == 0 \
                 and state.step < cfg.train.steps:
-            save_checkpoint(ckpt_root, chunks, optimizer, scheduler, state,
-                            keep=cfg.train.keep_checkpoints)
+            checkpoint()
         if rank0:
             state.counters["dropped_stale_tokens"] += stale.dropped_tokens
             io.log(state, samples, stale, last_eval, {
@@ -125,10 +133,8 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
                 "time/wait_samples_s": t_wait, "time/weight_sync_s": t_sync,
                 "time/step_s": time.time() - t0})
     if cfg.train.checkpoint:
-        save_checkpoint(ckpt_root, chunks, optimizer, scheduler, state,
-                        keep=cfg.train.keep_checkpoints,
-                        hf_export=lambda path: save_hf_checkpoint(
-                            chunks, spec, path, tokenizer_dir=wiring.student_dir, groups=groups))
+        checkpoint(hf_export=lambda path: save_hf_checkpoint(
+            chunks, spec, path, tokenizer_dir=wiring.student_dir, groups=groups))
     if rank0:
         io.close(state, last_eval)
     destroy_distributed()
@@ -154,18 +160,28 @@ def masked_token_ids(tokens: list[str], tokenizer_dir) -> tuple[int, ...]:
 class _RankZeroIO:
     """Sockets, servers, weight publisher and metrics: global rank 0 only."""
 
-    def __init__(self, cfg: Config, wiring: RunWiring):
+    def __init__(self, cfg: Config, wiring: RunWiring, state, resumed: bool):
         from megatron_opd.metrics import MetricsWriter
-        from megatron_opd.serving.sglang_client import SGLangClient
-        from megatron_opd.transport import ControlPublisher, SampleReceiver
+        from megatron_opd.serving.sglang_client import fleet_client
+        from megatron_opd.transport import ControlPublisher, SampleServer
 
-        self.rollout = SGLangClient(wiring.rollout_urls[0], timeout=cfg.server.request_timeout_s)
-        self.teacher = SGLangClient(wiring.teacher_urls[0], timeout=cfg.server.request_timeout_s)
-        self.receiver = SampleReceiver(wiring.samples_endpoint)
-        self.control = ControlPublisher(wiring.control_endpoint)
+        # evaluation requests to a server being restarted are re-issued (docs/fault-tolerance.md)
+        self.rollout = fleet_client(wiring.rollout_urls, cfg.server)
+        self.teacher = fleet_client(wiring.teacher_urls, cfg.server)
+        self.restarts_path = Path(wiring.run_dir) / "server_restarts.json"
+        secret = wiring.secret_file or None
+        tr = cfg.transport
+        self.receiver = SampleServer(wiring.samples_endpoint, secret=secret, mac=tr.mac,
+                                     run_id=cfg.run.name, credit=tr.credit)
+        self.control = ControlPublisher(wiring.control_endpoint, secret=secret, mac=tr.mac)
         self.publisher = _make_publisher(cfg, wiring, self.rollout)
-        self.metrics = MetricsWriter(Path(wiring.run_dir), tensorboard=cfg.logging.tensorboard)
-        self.seen_ids: set = set()
+        from megatron_opd.learner.spool import SampleLedger
+
+        self.metrics = MetricsWriter(Path(wiring.run_dir), tensorboard=cfg.logging.tensorboard,
+                                     resume_step=state.step if resumed else None)
+        self.ledger = SampleLedger(Path(wiring.run_dir) / "ledger.jsonl",
+                                   resume_step=state.step if resumed else None)
+        self._restore_spool(Path(wiring.run_dir) / "spool", state)
         from megatron_opd.gpu_metrics import GpuMetrics
 
         self.gpu = GpuMetrics()  # utilisation / memory through nvidia-ml-py; {} without GPUs
@@ -176,18 +192,64 @@ class _RankZeroIO:
         self.control.publish(WeightsPublished(version=state.version, step=state.step,
                                               published_at=time.time()))
 
+    def _restore_spool(self, directory: Path, state) -> None:
+        """Accepted samples survive a crash in the spool (learner/spool.py): those consumed by
+        steps in the checkpoint are forgotten, the rest are trained first, in arrival order."""
+        from collections import deque
+
+        from megatron_opd.learner.spool import SampleSpool
+
+        self.spool = SampleSpool(directory)
+        consumed = int(state.data_cursor.get("consumed_through", -1))
+        self.spool.release_through(consumed)
+        self.queue = deque(self.spool.pending(after=consumed))
+        if self.spool.corrupt:
+            print(f"[learner] spool: skipped unreadable {self.spool.corrupt}", flush=True)
+        from megatron_opd.transport import SeenIds
+
+        # accepted = in the checkpoint's ledger, or spooled since: a re-sent copy is a duplicate
+        seen = SeenIds.from_state(state.data_cursor["accepted"]) \
+            if "accepted" in state.data_cursor else SeenIds()
+        for _, s in self.queue:
+            seen.add(s.sample_id)
+        self.receiver.load_seen_state(seen.to_state())
+        state.counters.setdefault("accepted_samples", 0)
+        state.counters.setdefault("duplicate_samples", 0)
+        if self.queue:
+            print(f"[learner] resuming with {len(self.queue)} accepted, untrained samples from the "
+                  f"spool", flush=True)
+
+    def record_cursor(self, state) -> None:
+        state.data_cursor["accepted"] = self.receiver.seen_state()
+
+    def release_spool(self, state) -> None:
+        self.spool.release_through(int(state.data_cursor.get("consumed_through", -1)))
+
     def next_batch(self, cfg: Config, state, task):
         from megatron_opd.learner.batch import collate
         from megatron_opd.learner.io import receive_samples
 
-        samples = receive_samples(self.receiver, self.control, cfg.train.batch_size,
-                                  state.version, self.seen_ids)
+        n = cfg.train.batch_size
+        while len(self.queue) < n:
+            fresh = receive_samples(self.receiver, self.control, n - len(self.queue),
+                                    state.version)
+            # durable first, acknowledged after: an accepted sample is never lost
+            self.queue.extend(zip(self.spool.append(fresh), fresh))
+            self.ledger.accepted([x.sample_id for x in fresh])
+            self.receiver.ack([x.sample_id for x in fresh])
+            state.counters["accepted_samples"] += len(fresh)
+        taken = [self.queue.popleft() for _ in range(n)]
+        state.data_cursor["consumed_through"] = taken[-1][0]
+        samples = [s for _, s in taken]
         # Offline OPD data is fixed off-policy data by design (version 0): no staleness bound.
         bound = None if cfg.teacher.mode == "offline" else cfg.async_.max_staleness
         batch, stale = collate(samples, task.pad, state.version, bound)
         return samples, batch, stale
 
     def log(self, state, samples, stale, last_eval: dict, train: dict) -> None:
+        from megatron_opd.serving.sglang_server import server_restarts
+
+        self.ledger.trained(state.step - 1, [x.sample_id for x in samples])
         self.metrics.log(state.step - 1, {
             **train, **last_eval,
             "train/skipped_steps": state.counters["skipped_steps"],
@@ -197,6 +259,9 @@ class _RankZeroIO:
             "samples/version_max": max(int(x.token_versions.max()) for x in samples),
             "samples/dropped_stale_tokens": state.counters["dropped_stale_tokens"],
             "samples/rejected_messages": self.receiver.stats["rejected_total"],
+            "samples/duplicates_dropped": self.receiver.stats["duplicates"],
+            "samples/accepted_total": state.counters["accepted_samples"],
+            "servers/restarts": server_restarts(self.restarts_path),
             "samples/with_routed_experts": sum(s.routed_experts is not None for s in samples)
             / len(samples),
             "weights/version": state.version, **self.gpu.sample()})
@@ -206,6 +271,7 @@ class _RankZeroIO:
 
         self.metrics.log(state.step, {**last_eval, "weights/version": state.version})
         self.metrics.close()
+        self.ledger.close()
         self.control.publish(Shutdown(reason="training finished"))
         self.publisher.close()
         self.gpu.close()
@@ -214,12 +280,16 @@ class _RankZeroIO:
 def _make_publisher(cfg: Config, wiring: RunWiring, rollout):
     from megatron_opd.weight_sync import DiskWeightPublisher, DistributedWeightPublisher
 
+    # a restarted rollout server is waited for this long (docs/fault-tolerance.md)
+    reconnect_s = cfg.server.start_timeout_s + cfg.server.request_timeout_s
     if cfg.weight_sync.method == "disk":
         return DiskWeightPublisher([rollout], directory=Path(wiring.run_dir) / "weights",
-                                   base_model_dir=wiring.student_dir)
+                                   base_model_dir=wiring.student_dir,
+                                   reconnect_timeout_s=reconnect_s)
     pub = DistributedWeightPublisher([rollout], master_addr=wiring.weight_sync_master_addr,
                                      master_port=wiring.weight_sync_master_port or None,
-                                     backend=cfg.weight_sync.backend)
+                                     backend=cfg.weight_sync.backend,
+                                     reconnect_timeout_s=reconnect_s)
     pub.connect()
     return pub
 

@@ -140,3 +140,39 @@ class SampleSpool:
     def ids(self) -> list[str]:
         """Sample ids of everything still spooled (for the dedup state on resume)."""
         return [s.sample_id for _, s in self.pending(after=-1)]
+
+
+class SampleLedger:
+    """`<run>/ledger.jsonl`: the learner's account of every sample id, for audits and the
+    exactly-once tests. `{"accepted": [ids]}` when samples became durable (spooled, then acked);
+    `{"step": s, "trained": [ids]}` when step s trained them. On resume, step records of steps
+    being redone are dropped (their training is not in the checkpoint); acceptances stay."""
+
+    def __init__(self, path: str | Path, resume_step: int | None = None):
+        import json
+
+        self._json = json
+        self.path = Path(path)
+        if resume_step is not None and self.path.exists():
+            keep = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by the crash
+                if "step" not in rec or rec["step"] < resume_step:
+                    keep.append(line)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            tmp.replace(self.path)
+        self._file = open(self.path, "a", buffering=1)
+
+    def accepted(self, ids: list[str]) -> None:
+        if ids:
+            self._file.write(self._json.dumps({"accepted": ids}) + "\n")
+
+    def trained(self, step: int, ids: list[str]) -> None:
+        self._file.write(self._json.dumps({"step": step, "trained": ids}) + "\n")
+
+    def close(self) -> None:
+        self._file.close()

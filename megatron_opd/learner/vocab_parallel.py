@@ -68,6 +68,95 @@ def _local_index(ids: Tensor, offset: int, v_local: int) -> tuple[Tensor, Tensor
     return local.clamp(0, v_local - 1), owned
 
 
+class _Piece:
+    """Tokens processed together: `tok` (a slice of token order, or an index tensor), the logits
+    rows they read: a contiguous run starting at `r0` (a view, no copy) or `rows` (an index tensor:
+    a chunk-sized copy), and whether no other token reads those rows (`exclusive`: the backward
+    writes the rows' gradient in place instead of accumulating it)."""
+
+    __slots__ = ("tok", "r0", "rows", "n", "exclusive")
+
+    def __init__(self, tok, n: int, r0: int | None = None, rows: Tensor | None = None,
+                 exclusive: bool = False):
+        self.tok, self.n, self.r0, self.rows, self.exclusive = tok, n, r0, rows, exclusive
+
+    def read(self, logits: Tensor) -> Tensor:
+        if self.rows is None:
+            return logits[self.r0:self.r0 + self.n]
+        return logits.index_select(0, self.rows)
+
+
+# runs of consecutive rows shorter than this are read through an index (a copy) with other
+# short runs: a run costs a few small ops per piece, a copied row one row-sized write
+_MIN_RUN = 8
+
+
+def _plan(rows: Tensor | None, n: int, n_rows: int, chunk_tokens: int) -> list[_Piece]:
+    """Pieces of at most `chunk_tokens` tokens. rows None: token i reads row i (consecutive
+    slices). Otherwise maximal runs of tokens reading consecutive rows (the learner's response
+    positions: one run per sequence) become views, the rest is gathered chunk by chunk. The plan
+    depends only on `rows`, identical on every rank (same number of collectives)."""
+    if rows is None:
+        return [_Piece(slice(s, min(s + chunk_tokens, n)), min(s + chunk_tokens, n) - s, r0=s,
+                       exclusive=True) for s in range(0, n, chunk_tokens)]
+    pieces: list[_Piece] = []
+    if n == 0:
+        return pieces
+    rows_cpu = rows.detach().cpu()
+    count = torch.bincount(rows_cpu, minlength=n_rows)
+    shared = (count[rows_cpu] > 1).tolist()
+    brk = torch.ones(n, dtype=torch.bool)
+    brk[1:] = rows_cpu[1:] != rows_cpu[:-1] + 1
+    starts = torch.nonzero(brk).view(-1).tolist() + [n]
+    rows_list = rows_cpu.tolist()
+    rest: list[int] = []
+    for a, b in zip(starts[:-1], starts[1:]):
+        if b - a < _MIN_RUN:
+            rest.extend(range(a, b))
+            continue
+        # split a run where its rows switch between exclusive and shared, and at chunk size
+        s = a
+        while s < b:
+            e = s + 1
+            while e < b and e - s < chunk_tokens and shared[e] == shared[s]:
+                e += 1
+            pieces.append(_Piece(slice(s, e), e - s, r0=rows_list[s], exclusive=not shared[s]))
+            s = e
+    for s in range(0, len(rest), chunk_tokens):
+        tok = torch.tensor(rest[s:s + chunk_tokens], dtype=torch.long, device=rows.device)
+        pieces.append(_Piece(tok, tok.numel(), rows=rows[tok]))
+    return pieces
+
+
+def _scratch(bufs: dict, name: str, n: int, v: int, dtype, device) -> Tensor:
+    """A [n, v] buffer reused across pieces (allocated once, for the largest piece)."""
+    b = bufs.get(name)
+    if b is None or b.shape[0] < n:
+        b = bufs[name] = torch.empty(n, v, dtype=dtype, device=device)
+    return b[:n]
+
+
+# rows per block of the entropy's elementwise pass (a small scratch that stays in cache)
+_ENTROPY_BLOCK_ELEMS = 1 << 17
+
+
+def _entropy_sums(z: Tensor, m: Tensor, ex: Tensor, bufs: dict) -> Tensor:
+    """sum_v exp(z_v - m)(z_v - m) per row, block of rows by block of rows through a small
+    scratch (no [rows, V] buffer); nan (z = -inf: 0 * -inf) counts as its true value 0."""
+    n, v = ex.shape
+    rb = max(1, min(n, _ENTROPY_BLOCK_ELEMS // max(v, 1)))
+    out = torch.empty(n, dtype=ex.dtype, device=ex.device)
+    sc = _scratch(bufs, "ent", rb, v, ex.dtype, ex.device)
+    for a in range(0, n, rb):
+        b = min(a + rb, n)
+        t = sc[:b - a]
+        torch.sub(z[a:b], m[a:b, None], out=t)
+        t.mul_(ex[a:b])
+        torch.nan_to_num_(t, nan=0.0)
+        torch.sum(t, dim=-1, out=out[a:b])
+    return out
+
+
 class _VocabParallelTokenStats(torch.autograd.Function):
     """Flattened core: logits [R, V_l]; token i reads row rows[i] (rows None: row i, R = N);
     ids [N], topk_ids [N, K] or None, scale [N] or None."""
@@ -81,49 +170,68 @@ class _VocabParallelTokenStats(torch.autograd.Function):
         cdtype = _compute_dtype(logits.dtype)
         k = 0 if topk_ids is None else topk_ids.shape[1]
         distributed = tp > 1
+        dev = logits.device
 
-        lse = torch.empty(n, dtype=cdtype, device=logits.device)
-        logprobs = torch.empty(n, dtype=cdtype, device=logits.device)
-        entropy = torch.empty(n, dtype=cdtype, device=logits.device) if want_entropy else None
-        topk = None if topk_ids is None else torch.empty(n, k, dtype=cdtype, device=logits.device)
+        lse = torch.empty(n, dtype=cdtype, device=dev)
+        logprobs = torch.empty(n, dtype=cdtype, device=dev)
+        entropy = torch.empty(n, dtype=cdtype, device=dev) if want_entropy else None
+        topk = None if topk_ids is None else torch.empty(n, k, dtype=cdtype, device=dev)
 
-        for s in range(0, n, chunk_tokens):
-            e_ = min(s + chunk_tokens, n)
-            z = _scaled(logits, rows, scale, s, e_, cdtype)
+        plan = _plan(rows, n, logits.shape[0], chunk_tokens)
+        bufs: dict = {}
+        for pc in plan:
+            t, c = pc.tok, pc.n
+            z = pc.read(logits)
+            sc = None if scale is None else scale[t].to(cdtype)
             m = z.amax(dim=-1).to(cdtype)
+            if sc is not None:  # max(z * s) = max(z) * s for s > 0 (rounding is monotonic)
+                m = m * sc
             if distributed:
                 dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-            zm = z - m[:, None]  # promotes to cdtype: the only full-width cast of this chunk
-            ex = torch.exp(zm)
+            if sc is None:
+                zs = z
+                ex = torch.sub(z, m[:, None], out=_scratch(bufs, "ex", c, v_local, cdtype, dev))
+            else:
+                zs = torch.mul(z, sc[:, None], out=_scratch(bufs, "zs", c, v_local, cdtype, dev))
+                if want_entropy:  # zs is needed again below
+                    ex = torch.sub(zs, m[:, None],
+                                   out=_scratch(bufs, "ex", c, v_local, cdtype, dev))
+                else:
+                    ex = zs.sub_(m[:, None])
+            ex.exp_()
             # SUM payload, one all_reduce: [S, z_y, (sum e*(z-m)), (z_t1..z_tK)]
             cols = [ex.sum(dim=-1)]
-            idx, owned = _local_index(ids[s:e_], offset, v_local)
+            idx, owned = _local_index(ids[t], offset, v_local)
             zy = z.gather(1, idx[:, None]).squeeze(1).to(cdtype)
+            if sc is not None:
+                zy = zy * sc
             cols.append(torch.where(owned, zy, torch.zeros_like(zy)))
             if want_entropy:
-                # exp(z-m)*(z-m) is nan only where z = -inf, whose true contribution is 0
-                cols.append(torch.nan_to_num_(zm.mul_(ex), nan=0.0).sum(dim=-1))
-            del zm, ex
+                cols.append(_entropy_sums(zs, m, ex, bufs))
             payload = torch.stack(cols, dim=1)
             if topk_ids is not None:
-                tidx, towned = _local_index(topk_ids[s:e_], offset, v_local)
+                tidx, towned = _local_index(topk_ids[t], offset, v_local)
                 zt = z.gather(1, tidx).to(cdtype)
+                if sc is not None:
+                    zt = zt * sc[:, None]
                 payload = torch.cat([payload, torch.where(towned, zt, torch.zeros_like(zt))], dim=1)
             if distributed:
                 dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=group)
             log_s = torch.log(payload[:, 0])
-            lse[s:e_] = m + log_s
-            logprobs[s:e_] = payload[:, 1] - lse[s:e_]
+            lse_c = m + log_s
+            lse[t] = lse_c
+            logprobs[t] = payload[:, 1] - lse_c
             j = 2
             if want_entropy:
-                entropy[s:e_] = log_s - payload[:, j] / payload[:, 0]
+                entropy[t] = log_s - payload[:, j] / payload[:, 0]
                 j += 1
             if topk_ids is not None:
-                topk[s:e_] = payload[:, j:]
+                topk[t] = payload[:, j:]
+        del bufs
 
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(logits, rows, ids, topk_ids, scale, lse, entropy)
-        ctx.offset, ctx.chunk_tokens = offset, chunk_tokens
+        ctx.offset, ctx.chunk_tokens, ctx.plan = offset, chunk_tokens, plan
         return logprobs, entropy, topk, lse
 
     @staticmethod
@@ -131,61 +239,86 @@ class _VocabParallelTokenStats(torch.autograd.Function):
     def backward(ctx, g_lp: Tensor | None, g_h: Tensor | None, g_topk: Tensor | None,
                  g_lse: Tensor | None):
         logits, rows, ids, topk_ids, scale, lse, entropy = ctx.saved_tensors
-        n, v_local = ids.shape[0], logits.shape[1]
-        offset, chunk_tokens = ctx.offset, ctx.chunk_tokens
+        v_local = logits.shape[1]
+        offset, plan = ctx.offset, ctx.plan
+        cdtype, dev = lse.dtype, logits.device
         none = (None,) * 9
         if g_lp is None and g_h is None and g_topk is None and g_lse is None:
             return (None,) + none
-        # rows not read by any token (prompt positions) get exactly 0
-        grad = torch.empty_like(logits) if rows is None else torch.zeros_like(logits)
-        for s in range(0, n, chunk_tokens):
-            e_ = min(s + chunk_tokens, n)
-            if g_lp is None and g_h is None and g_lse is None:  # only top-K logits: no softmax term
-                g = torch.zeros(e_ - s, v_local, dtype=lse.dtype, device=logits.device)
+        grad = torch.empty_like(logits)
+        if rows is not None:
+            # rows no exclusive run writes (unread ones, gathered or shared ones) start at 0
+            covered = torch.zeros(logits.shape[0], dtype=torch.bool, device=dev)
+            for pc in plan:
+                if pc.exclusive:
+                    covered[pc.r0:pc.r0 + pc.n] = True
+            zero_rows = torch.nonzero(~covered).view(-1)
+            if zero_rows.numel():
+                grad.index_fill_(0, zero_rows, 0)
+        softmax = g_lp is not None or g_h is not None or g_lse is not None
+        bufs: dict = {}
+        for pc in plan:
+            t, c = pc.tok, pc.n
+            direct = pc.exclusive and grad.dtype == cdtype
+            g = grad[pc.r0:pc.r0 + c] if direct else _scratch(bufs, "g", c, v_local, cdtype, dev)
+            sc = None if scale is None else scale[t].to(cdtype)
+            if not softmax:  # only top-K logits: no softmax term
+                g.zero_()
+            elif g_h is None:
+                # p * (g_lse - g_lp), times the scale (d/d logits = scale * d/dz), written once
+                z = pc.read(logits)
+                if g_lp is None:
+                    coef = g_lse[t]
+                elif g_lse is None:
+                    coef = -g_lp[t]
+                else:
+                    coef = g_lse[t] - g_lp[t]
+                if sc is None:
+                    torch.sub(z, lse[t][:, None], out=g)
+                else:
+                    torch.mul(z, sc[:, None], out=g).sub_(lse[t][:, None])
+                    coef = coef * sc
+                g.exp_().mul_(coef[:, None])
             else:
-                z = _scaled(logits, rows, scale, s, e_, lse.dtype)
-                logp = z - lse[s:e_, None]  # promotes to the compute dtype (new buffer)
-                del z
-                g = torch.exp(logp)
+                z = pc.read(logits)
+                logp = _scratch(bufs, "logp", c, v_local, cdtype, dev)
+                if sc is None:
+                    torch.sub(z, lse[t][:, None], out=logp)
+                else:
+                    torch.mul(z, sc[:, None], out=logp).sub_(lse[t][:, None])
+                torch.exp(logp, out=g)
                 # softmax part: p * (g_lse - coef), coef = g_lp + g_H (log p + H)
-                coef = None
-                if g_h is not None:
-                    coef = logp.clamp_(min=_LOGP_FLOOR).add_(entropy[s:e_, None])
-                    coef.mul_(g_h[s:e_, None])
-                    if g_lp is not None:
-                        coef.add_(g_lp[s:e_, None])
-                elif g_lp is not None:
-                    coef = g_lp[s:e_, None]
+                coef = logp.clamp_(min=_LOGP_FLOOR).add_(entropy[t][:, None])
+                coef.mul_(g_h[t][:, None])
+                if g_lp is not None:
+                    coef.add_(g_lp[t][:, None])
                 if g_lse is not None:
-                    coef = (-g_lse[s:e_, None]) if coef is None else coef - g_lse[s:e_, None]
+                    coef.sub_(g_lse[t][:, None])
                 g.mul_(coef).neg_()
-                del logp, coef
+                if sc is not None:
+                    g.mul_(sc[:, None])
             if g_lp is not None:
-                idx, owned = _local_index(ids[s:e_], offset, v_local)
-                src = torch.where(owned, g_lp[s:e_], torch.zeros_like(g_lp[s:e_]))
+                idx, owned = _local_index(ids[t], offset, v_local)
+                src = g_lp[t]
+                if sc is not None:
+                    src = src * sc
+                src = torch.where(owned, src, torch.zeros_like(src))
                 g.scatter_add_(1, idx[:, None], src[:, None].to(g.dtype))
             if g_topk is not None:
-                tidx, towned = _local_index(topk_ids[s:e_], offset, v_local)
-                src = torch.where(towned, g_topk[s:e_], torch.zeros_like(g_topk[s:e_]))
+                tidx, towned = _local_index(topk_ids[t], offset, v_local)
+                src = g_topk[t]
+                if sc is not None:
+                    src = src * sc[:, None]
+                src = torch.where(towned, src, torch.zeros_like(src))
                 g.scatter_add_(1, tidx, src.to(g.dtype))
-            if scale is not None:  # d/d logits = scale * d/dz
-                g.mul_(scale[s:e_, None].to(g.dtype))
-            if rows is None:
-                grad[s:e_].copy_(g)
+            if direct:
+                continue
+            if pc.exclusive:
+                grad[pc.r0:pc.r0 + c].copy_(g)
             else:  # index_add: a row read by two tokens gets both contributions
-                grad.index_add_(0, rows[s:e_], g.to(grad.dtype))
+                grad.index_add_(0, pc.rows if pc.rows is not None
+                                else torch.arange(pc.r0, pc.r0 + c, device=dev), g.to(grad.dtype))
         return (grad,) + none
-
-
-def _scaled(logits: Tensor, rows: Tensor | None, scale: Tensor | None, s: int, e: int,
-            cdtype: torch.dtype) -> Tensor:
-    """The logits of tokens s:e (their rows: a chunk-sized copy when `rows` selects them), times
-    the per-token scale (1/temperature) when one is given. Without a scale the chunk stays in its
-    dtype (casts happen inside the ops that use it)."""
-    z = logits[s:e] if rows is None else logits.index_select(0, rows[s:e])
-    if scale is None:
-        return z
-    return z.to(cdtype) * scale[s:e, None].to(cdtype)
 
 
 def _is_integer(t: Tensor) -> bool:
@@ -301,8 +434,12 @@ def vocab_parallel_reverse_kl(logits: Tensor, teacher_ids: Tensor, teacher_logpr
     for s in range(0, n, chunk_tokens):
         e = min(s + chunk_tokens, n)
         idx, owned = _local_index(flat_ids[s:e], rank * v_local, v_local)
-        logp = _scaled(flat, rows, scale, s, e, cdtype).gather(1, idx).to(cdtype) \
-            - flat_lse[s:e, None]
+        # the K logits of each token, read where they are (no copy of the rows)
+        zk = flat[s:e].gather(1, idx) if rows is None else flat[rows[s:e, None], idx]
+        zk = zk.to(cdtype)
+        if scale is not None:
+            zk = zk * scale[s:e, None]
+        logp = zk - flat_lse[s:e, None]
         p = torch.exp(logp)
         term = p * (logp - flat_q[s:e].to(cdtype))
         out[s:e] = torch.where(owned & (p > 0), term, torch.zeros_like(term)).sum(dim=-1)

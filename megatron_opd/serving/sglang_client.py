@@ -1,9 +1,18 @@
-"""HTTP client for SGLang's native API: generation, teacher scoring and weight-update control."""
+"""HTTP client for SGLang's native API: generation, teacher scoring and weight-update control.
+
+Server faults (docs/fault-tolerance.md): with `retry_timeout_s > 0`, `generate` and `score` that
+fail because a server is down or (re)starting (connection refused/reset, timeout, HTTP 5xx) are
+re-issued whole (a generation is not resumable), first on the other URLs of the fleet, then with
+backoff until one answers or the deadline passes. Control calls (weight updates) never retry:
+the weight publisher handles a restarted server itself (megatron_opd/weight_sync.py).
+"""
 
 from __future__ import annotations
 
 import base64
+import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import requests
@@ -11,6 +20,11 @@ import requests
 
 class SGLangError(RuntimeError):
     pass
+
+
+class ServerUnavailable(SGLangError):
+    """The server did not answer: connection refused/reset, timeout, or HTTP 5xx (it may be
+    dead, restarting or starting). Requests that failed this way may be re-issued whole."""
 
 
 @dataclass
@@ -69,33 +83,89 @@ def decode_routed_experts(b64: str, num_rows: int, shape: tuple[int, int]) -> np
     return flat.reshape(num_rows, layers, top_k).copy()
 
 
+def _raise_for(url: str, r) -> None:
+    if r.status_code >= 500:
+        raise ServerUnavailable(f"{url}: HTTP {r.status_code}: {r.text[:2000]}")
+    if r.status_code != 200:
+        raise SGLangError(f"{url}: HTTP {r.status_code}: {r.text[:2000]}")
+
+
 class SGLangClient:
+    """One server (`url`), or a fleet of interchangeable servers (`url` plus `fallback_urls`):
+    control calls go to `url`; generation and scoring go to `url` and move to another server of
+    the fleet when it is unavailable (see the module docstring)."""
+
     def __init__(self, url: str, timeout: float = 120.0,
-                 routed_experts_shape: tuple[int, int] | None = None):
+                 routed_experts_shape: tuple[int, int] | None = None, *,
+                 fallback_urls: tuple[str, ...] | list[str] = (), retry_timeout_s: float = 0.0):
         self.url = url.rstrip("/")
+        self.urls = [self.url] + [u.rstrip("/") for u in fallback_urls if u.rstrip("/") != self.url]
         self.timeout = timeout
         # (num_moe_layers, top_k) of the served model: SGLang sends a flat buffer without shape
         self.routed_experts_shape = routed_experts_shape
+        self.retry_timeout_s = retry_timeout_s  # 0: no retries (errors raise at once)
+        self.retries = 0  # requests re-issued after a server fault (all calls of this client)
         self._session = requests.Session()
 
-    def _post(self, path: str, payload: dict | None = None, timeout: float | None = None):
+    def _post(self, path: str, payload: dict | None = None, timeout: float | None = None,
+              url: str | None = None):
+        url = url or self.url
         try:
-            r = self._session.post(f"{self.url}/{path}", json=payload if payload is not None else {},
+            r = self._session.post(f"{url}/{path}", json=payload if payload is not None else {},
                                    timeout=timeout or self.timeout)
         except requests.RequestException as e:
-            raise SGLangError(f"{self.url}/{path}: {e}") from e
-        if r.status_code != 200:
-            raise SGLangError(f"{self.url}/{path}: HTTP {r.status_code}: {r.text[:2000]}")
+            raise ServerUnavailable(f"{url}/{path}: {e}") from e
+        _raise_for(f"{url}/{path}", r)
         return r.json() if r.content else None
 
-    def _get(self, path: str):
+    def _get(self, path: str, url: str | None = None, timeout: float | None = None):
+        url = url or self.url
         try:
-            r = self._session.get(f"{self.url}/{path}", timeout=self.timeout)
+            r = self._session.get(f"{url}/{path}", timeout=timeout or self.timeout)
         except requests.RequestException as e:
-            raise SGLangError(f"{self.url}/{path}: {e}") from e
-        if r.status_code != 200:
-            raise SGLangError(f"{self.url}/{path}: HTTP {r.status_code}: {r.text[:2000]}")
+            raise ServerUnavailable(f"{url}/{path}: {e}") from e
+        _raise_for(f"{url}/{path}", r)
         return r.json()
+
+    def _post_retrying(self, path: str, payload: dict, check: Callable | None = None):
+        """POST to the fleet; on ServerUnavailable re-issue the whole request (next URL first,
+        then backoff) until `retry_timeout_s` has passed since the first failure. `check`
+        validates an answer (its exception is not retried): the caller gets one complete answer
+        from one server. Returns (answer, url)."""
+        deadline, delay, attempt = None, 0.25, 0
+        while True:
+            url = self.urls[attempt % len(self.urls)]
+            try:
+                out = self._post(path, payload, url=url)
+                return (check(out) if check else out), url
+            except ServerUnavailable as e:
+                if self.retry_timeout_s <= 0:
+                    raise
+                now = time.time()
+                deadline = deadline or now + self.retry_timeout_s
+                if now >= deadline:
+                    raise ServerUnavailable(f"{e} (still failing after retrying for "
+                                            f"{self.retry_timeout_s:.0f} s)") from e
+                attempt += 1
+                self.retries += 1
+                if attempt % len(self.urls) == 0:  # every server of the fleet failed: back off
+                    time.sleep(min(delay, max(0.0, deadline - now)))
+                    delay = min(2 * delay, 5.0)
+
+    def wait_ready(self, timeout: float, url: str | None = None) -> None:
+        """Block until the server answers a generation (GET /health_generate: 503 while it
+        starts); raise ServerUnavailable after `timeout` seconds."""
+        url = url or self.url
+        deadline = time.time() + timeout
+        while True:
+            try:
+                if self._session.get(f"{url}/health_generate", timeout=10).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            if time.time() >= deadline:
+                raise ServerUnavailable(f"{url} not ready after {timeout:.0f} s")
+            time.sleep(0.5)
 
     # ------------------------------------------------------------------ generation / scoring
     def generate(self, input_ids: list[list[int]], sampling_params: dict, *,
@@ -121,13 +191,16 @@ class SGLangClient:
             payload["routed_experts_start_len"] = int(routed_experts_start_len)
         if rid is not None:
             payload["rid"] = rid
-        out = self._post("generate", payload)
-        if isinstance(out, dict):
-            out = [out]
-        if len(out) != len(input_ids):
-            raise SGLangError(f"{self.url}/generate: {len(out)} results for {len(input_ids)} prompts")
-        return [self._parse_generate(r, return_logprob, shape, routed_experts_start_len)
-                for r in out]
+
+        def parse(out):
+            if isinstance(out, dict):
+                out = [out]
+            if len(out) != len(input_ids):
+                raise SGLangError(f"generate: {len(out)} results for {len(input_ids)} prompts")
+            return [self._parse_generate(r, return_logprob, shape, routed_experts_start_len)
+                    for r in out]
+
+        return self._post_retrying("generate", payload, parse)[0]
 
     @staticmethod
     def _parse_generate(r: dict, return_logprob: bool,
@@ -165,7 +238,7 @@ class SGLangClient:
         payload = {"input_ids": input_ids, "sampling_params": {"max_new_tokens": 0, "temperature": 1.0},
                    "return_logprob": True, "logprob_start_len": [s - 1 for s in start],
                    "top_logprobs_num": top_k}
-        out = self._post("generate", payload)
+        out = self._post_retrying("generate", payload)[0]
         if isinstance(out, dict):
             out = [out]
         results = []
@@ -242,3 +315,12 @@ class SGLangClient:
     def _check(self, out, what: str) -> None:
         if isinstance(out, dict) and out.get("success") is False:
             raise SGLangError(f"{self.url}/{what}: {out.get('message')}")
+
+
+def fleet_client(urls: list[str], server_cfg, **kwargs) -> SGLangClient:
+    """The client a run's processes use for one role (rollout or teacher): the first URL for
+    control calls, every URL for generation and scoring, which are retried after a server fault
+    for up to `server.start_timeout_s + server.request_timeout_s` (time for a restart)."""
+    return SGLangClient(urls[0], timeout=server_cfg.request_timeout_s, fallback_urls=urls[1:],
+                        retry_timeout_s=server_cfg.start_timeout_s + server_cfg.request_timeout_s,
+                        **kwargs)

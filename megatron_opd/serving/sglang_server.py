@@ -7,6 +7,7 @@ the server's PYTHONPATH (see megatron_opd/compat/sglang_cpu.py); on GPUs nothing
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +23,10 @@ _SITE_DIR = Path(__file__).resolve().parent.parent / "compat" / "sglang_site"
 
 class ServerStartError(RuntimeError):
     pass
+
+
+class ServerRestartLimit(RuntimeError):
+    """A server died more often than `server.max_restarts` allows."""
 
 
 def _cuda_available() -> bool:
@@ -116,3 +121,61 @@ class SGLangServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class ServerSupervisor:
+    """Restart dead servers: same port, same arguments (the rollout server therefore comes back
+    with the student init at `--weight-version 0`; the weight publisher reconnects and sends the
+    current weights), at most `max_restarts` times per server. `check()` is non-blocking: call it
+    from the supervision loop. Every restart is appended to the server's own log, and the counts
+    are kept in `counts_path` (JSON {server name: restarts}) for the learner and the summary.
+    Clients wait for the restarted server themselves (SGLangClient retries)."""
+
+    def __init__(self, servers: list[SGLangServer], max_restarts: int,
+                 counts_path: str | Path | None = None):
+        self.servers, self.max_restarts = list(servers), max_restarts
+        self.counts_path = Path(counts_path) if counts_path else None
+        self.restarts = {s.name: 0 for s in self.servers}
+        self._save()
+
+    def check(self) -> list[str]:
+        """Restart every server that died since the last call; return their names. Raises
+        ServerRestartLimit (naming the server, with its log tail) past the bound."""
+        restarted = []
+        for s in self.servers:
+            if s.alive():
+                continue
+            code = s.proc.returncode if s.proc else None
+            n = self.restarts[s.name]
+            if n >= self.max_restarts:
+                raise ServerRestartLimit(
+                    f"SGLang server {s.name} died (exit code {code}) and was already restarted "
+                    f"{n} times (server.max_restarts={self.max_restarts}); last lines of "
+                    f"{s.log_path}:\n" + log_tail(s.log_path))
+            s.stop(timeout=5.0)  # what is left of its process group (scheduler, detokenizer)
+            self.restarts[s.name] = n + 1
+            with open(s.log_path, "a") as log:
+                log.write(f"\n[megatron-opd] {time.strftime('%Y-%m-%d %H:%M:%S')} SGLang server "
+                          f"{s.name} exited with code {code}; restart {n + 1}/{self.max_restarts} "
+                          f"on port {s.port}\n")
+            s.start()
+            print(f"[megatron-opd] SGLang server {s.name} exited with code {code}; restarted "
+                  f"({n + 1}/{self.max_restarts}, log {s.log_path})", file=sys.stderr, flush=True)
+            restarted.append(s.name)
+        if restarted:
+            self._save()
+        return restarted
+
+    def _save(self) -> None:
+        if self.counts_path is not None:
+            tmp = self.counts_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.restarts))
+            tmp.replace(self.counts_path)
+
+
+def server_restarts(path: str | Path) -> int:
+    """Total server restarts recorded by a ServerSupervisor at `path` (0 if none)."""
+    try:
+        return sum(json.loads(Path(path).read_text()).values())
+    except (FileNotFoundError, ValueError):
+        return 0
