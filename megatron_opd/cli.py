@@ -25,10 +25,39 @@ def _parser() -> argparse.ArgumentParser:
                         "authenticates the messages between processes on different machines")
     kg.add_argument("--out", required=True, help="file to create")
     kg.add_argument("--force", action="store_true", help="replace an existing file")
+    sub.add_parser("submit", help="submit the run to Slurm as one heterogeneous job (learner | "
+                   "rollout | teacher nodes from cluster.*, sbatch options from slurm.*); "
+                   "`megatron-opd submit --help` for its options", add_help=False)
+    pl = sub.add_parser("plan", help="check the layout against cluster/parallel/model and "
+                        "estimate per-GPU memory of the learner and the SGLang fleets (no GPU "
+                        "needed); exit 0: fits, 1: does not fit, 2: config error")
+    pl.add_argument("--config", help="YAML config (defaults when omitted)")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    pl.add_argument("--prompt-tokens", type=int, default=None, metavar="N",
+                    help="prompt length to size for (default: the digit task's longest prompt)")
+    pl.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides")
     return p
 
 
+def _plan(args) -> int:
+    from megatron_opd.plan import format_plan, make_plan
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        plan = make_plan(cfg, args.prompt_tokens)
+    except ConfigError as e:
+        print(f"megatron-opd: config error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan, args.config or ""))
+    return 0 if plan["verdict"]["fits"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["submit"]:  # its own parser (megatron_opd/slurm/submit.py)
+        from megatron_opd.slurm.submit import main as submit_main
+
+        return submit_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "keygen":
         from megatron_opd.transport.auth import write_secret
@@ -41,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megatron-opd: wrote a new run secret to {path} (mode 0600); give the same file "
               f"to every process of the run")
         return 0
+    if args.command == "plan":
+        return _plan(args)
     try:  # a bad config fails here, before any process starts
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -72,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = train(cfg)
-    except PrecisionError as e:  # e.g. FP8 asked for on a machine without a suitable GPU / TE
+    except (PrecisionError, ConfigError) as e:  # e.g. FP8 without a suitable GPU / TE
         print(f"megatron-opd: config error: {e}", file=sys.stderr)
         return 2
     except (ProcessDied, FileExistsError, StoreError) as e:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from megatron_opd.models.precision import PrecisionConfig
-from megatron_opd.models.spec import MoEModelSpec
+from megatron_opd.models.spec import MoEModelSpec, check_hf_expressible
 
 
 class ConfigError(ValueError):
@@ -96,6 +96,17 @@ class TeacherConfig:
     offline_samples: int = 4096  # samples in the offline store (rounded up to whole groups)
     # Offline store directory; "" = <run.cache_dir>/offline/<hash of what made the data>.
     offline_store: str = ""
+    # The teacher's architecture when it is a real checkpoint (`init.teacher`); null = the
+    # quickstart teacher `prepare.teacher_model` that `megatron-opd prepare` trains.
+    model: MoEModelSpec | None = None
+
+
+@dataclass
+class InitConfig:
+    """Where the weights start: Hugging Face directories (config.json + safetensors) of the
+    student init and the teacher; "" = made by `megatron-opd prepare` (the quickstart models)."""
+    student: str = ""
+    teacher: str = ""
 
 
 @dataclass
@@ -216,6 +227,50 @@ class WeightSyncConfig:
 
 
 @dataclass
+class FleetConfig:
+    """One SGLang fleet (rollout or teacher) in a Slurm job."""
+    nodes: int = 1  # nodes of this fleet (a component of the heterogeneous job)
+    gpus_per_server: int = 1  # SGLang tensor parallel size of one server (--tp-size)
+
+
+@dataclass
+class ClusterConfig:
+    """Hardware of a Slurm run (launchers/slurm/): learner nodes run torchrun with the
+    `parallel` layout over `learner_nodes x gpus_per_node` ranks; each fleet runs
+    `gpus_per_node / gpus_per_server` servers per node (one per node on CPU nodes).
+    `megatron-opd plan` checks it against the layout and sizes memory per GPU."""
+    gpus_per_node: int = 8  # 0: CPU nodes (the single-node test cluster)
+    gpu_memory_gib: float = 80.0  # per GPU (H100 80 GB; H200 141 GB)
+    learner_nodes: int = 1
+    rollout: FleetConfig = field(default_factory=FleetConfig)
+    teacher: FleetConfig = field(default_factory=FleetConfig)
+
+
+@dataclass
+class SlurmConfig:
+    """sbatch options of `launchers/slurm/submit.sh` (the node counts come from `cluster`)."""
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    time_limit: str = "24:00:00"
+    job_name: str = ""  # "" = run.name
+    cpus_per_node: int = 0  # CPUs asked per node (0: Slurm's default)
+    mem: str = ""  # --mem per node ("" = Slurm's default, "0" = all of it)
+    # Preemption: Slurm sends SIGUSR1 this many seconds before the time limit; the learner
+    # checkpoints at the next step and the job requeues itself (and resumes on restart).
+    preempt_signal_s: int = 300
+    requeue: bool = True
+    max_requeues: int = 20  # a job restarted more often than this stops instead of requeuing
+    # One heterogeneous job (learner | rollout | teacher components). False: one allocation of
+    # the summed node counts, roles placed on its nodes in that order.
+    heterogeneous: bool = True
+    extra_sbatch: list[str] = field(default_factory=list)  # e.g. ["--constraint=h100"]
+    setup: list[str] = field(default_factory=list)  # shell lines run first on every node
+    env: list[str] = field(default_factory=list)  # KEY=VALUE for every process (NCCL hints ...)
+    python: str = ""  # Python on the nodes ("" = the one that submits; shared filesystem)
+
+
+@dataclass
 class EvalConfig:
     interval: int = 50  # learner steps between held-out evaluations (also at the first and last)
 
@@ -231,6 +286,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     model: MoEModelSpec = field(default_factory=MoEModelSpec)  # the student
+    init: InitConfig = field(default_factory=InitConfig)  # real checkpoints ("" = prepared)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -242,6 +298,8 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -355,13 +413,31 @@ def validate(cfg: Config) -> None:
         if not cond:
             raise ConfigError(f"{key}: {why}")
 
-    for spec, prefix in ((cfg.model, "model"), (cfg.prepare.teacher_model, "prepare.teacher_model")):
+    specs = [(cfg.model, "model"), (cfg.prepare.teacher_model, "prepare.teacher_model")]
+    if cfg.teacher.model is not None:
+        specs.append((cfg.teacher.model, "teacher.model"))
+    for spec, prefix in specs:
         try:
             spec.validate(prefix)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    need(cfg.prepare.teacher_model.vocab_size == cfg.model.vocab_size,
-         "prepare.teacher_model.vocab_size", "must equal model.vocab_size (one tokenizer)")
+    # The run's teacher is teacher.model when given, else the prepared quickstart teacher; its
+    # log-probs are compared token by token with the student's, so the vocabularies must agree.
+    teacher_key = "prepare.teacher_model" if cfg.teacher.model is None else "teacher.model"
+    need(run_teacher_spec(cfg).vocab_size == cfg.model.vocab_size, f"{teacher_key}.vocab_size",
+         f"must equal model.vocab_size = {cfg.model.vocab_size} (one tokenizer)")
+    need(cfg.teacher.model is None or bool(cfg.init.teacher.strip()), "init.teacher",
+         "must name the teacher checkpoint (a Hugging Face directory) when teacher.model is set "
+         "(`megatron-opd prepare` only makes prepare.teacher_model)")
+    if cfg.teacher.model is not None:  # SGLang serves the teacher from its HF checkpoint
+        try:
+            check_hf_expressible(cfg.teacher.model, "teacher.model")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        need(cfg.teacher.model.max_position_embeddings
+             >= 3 + cfg.task.max_digits + cfg.rollout.max_new_tokens,
+             "teacher.model.max_position_embeddings", "too small for prompt + max_new_tokens "
+             "(the teacher scores whole sequences)")
     t = cfg.task
     need(len(t.ops) > 0, "task.ops", "needs at least one op")
     from megatron_opd.task import KNOWN_OPS  # the task module owns its op names
@@ -436,12 +512,67 @@ def validate(cfg: Config) -> None:
     need(cfg.transport.resend_after_s > 0, "transport.resend_after_s", "must be > 0")
     need(cfg.transport.max_unacked >= 0, "transport.max_unacked", "must be >= 0 (0: unbounded)")
     need(cfg.eval.interval > 0, "eval.interval", "must be positive")
+    validate_cluster_section(cfg.cluster)
+    validate_slurm_section(cfg.slurm)
     need(cfg.server.start_timeout_s > 0, "server.start_timeout_s", "must be positive")
     need(cfg.server.max_total_tokens >= 256, "server.max_total_tokens", "must be >= 256")
     need(cfg.server.threads >= 0, "server.threads", "must be >= 0")
     need(cfg.server.max_restarts >= 0, "server.max_restarts", "must be >= 0")
     need(cfg.model.max_position_embeddings >= 3 + t.max_digits + r.max_new_tokens,
          "model.max_position_embeddings", "too small for prompt + max_new_tokens")
+
+
+def run_teacher_spec(cfg: Config) -> MoEModelSpec:
+    """The teacher's architecture: `teacher.model`, or the prepared `prepare.teacher_model`."""
+    return cfg.teacher.model if cfg.teacher.model is not None else cfg.prepare.teacher_model
+
+
+def validate_cluster_section(c: ClusterConfig) -> None:
+    """The cluster section alone (its fit to the layout is `validate_cluster_fit`)."""
+    def need(cond: bool, key: str, why: str) -> None:
+        if not cond:
+            raise ConfigError(f"cluster.{key}: {why}")
+
+    need(c.gpus_per_node >= 0, "gpus_per_node", "must be >= 0 (0: CPU nodes)")
+    need(c.gpu_memory_gib > 0, "gpu_memory_gib", "must be positive")
+    need(c.learner_nodes >= 1, "learner_nodes", "must be >= 1")
+    for name in ("rollout", "teacher"):
+        f = getattr(c, name)
+        need(f.nodes >= 1, f"{name}.nodes", "must be >= 1")
+        need(f.gpus_per_server >= 1, f"{name}.gpus_per_server", "must be >= 1")
+        need(c.gpus_per_node == 0 or c.gpus_per_node % f.gpus_per_server == 0,
+             f"{name}.gpus_per_server", f"must divide cluster.gpus_per_node = {c.gpus_per_node}")
+
+
+def validate_cluster_fit(cfg: Config) -> None:
+    """The learner's layout fills its nodes exactly (checked when a Slurm job is made or a run is
+    planned; the embedded launcher runs `parallel.world_size` processes on one machine)."""
+    c, world = cfg.cluster, cfg.parallel.world_size
+    if c.gpus_per_node:
+        if world != c.learner_nodes * c.gpus_per_node:
+            raise ConfigError(f"parallel.world_size: must equal cluster.learner_nodes x "
+                              f"cluster.gpus_per_node = {c.learner_nodes} x {c.gpus_per_node} = "
+                              f"{c.learner_nodes * c.gpus_per_node}, got {world}")
+    elif world % c.learner_nodes:
+        raise ConfigError(f"parallel.world_size: must be a multiple of cluster.learner_nodes = "
+                          f"{c.learner_nodes} (ranks per node are equal), got {world}")
+
+
+def validate_slurm_section(s: SlurmConfig) -> None:
+    def need(cond: bool, key: str, why: str) -> None:
+        if not cond:
+            raise ConfigError(f"slurm.{key}: {why}")
+
+    need(s.preempt_signal_s >= 0, "preempt_signal_s", "must be >= 0 (0: no warning signal)")
+    need(s.max_requeues >= 0, "max_requeues", "must be >= 0")
+    need(s.cpus_per_node >= 0, "cpus_per_node", "must be >= 0")
+    need(bool(s.time_limit.strip()), "time_limit", "must not be empty (e.g. 24:00:00)")
+    for i, line in enumerate(s.extra_sbatch):
+        need(line.startswith("-"), f"extra_sbatch[{i}]",
+             f"must be an sbatch option starting with '-', got {line!r}")
+    for i, kv in enumerate(s.env):
+        name = kv.split("=", 1)[0]
+        need("=" in kv and name.isidentifier(), f"env[{i}]", f"must be KEY=VALUE, got {kv!r}")
 
 
 def validate_objective(cfg: Config) -> None:

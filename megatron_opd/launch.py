@@ -87,8 +87,10 @@ def _check_resumable(cfg: Config, run_dir: Path) -> None:
     if not saved_path.is_file():
         raise ConfigError(f"run.dir: {run_dir} has a checkpoint but no config.yaml to resume with")
     saved, now = _flatten(yaml.safe_load(saved_path.read_text()) or {}), _flatten(to_dict(cfg))
-    differ = sorted(k for k in set(saved) | set(now)
-                    if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+    # Keys only one side has come from another megatron-opd version (a key added since, with its
+    # default, or one removed): not a change of this run.
+    differ = sorted(k for k in set(saved) & set(now)
+                    if saved[k] != now[k] and k not in RESUMABLE_CHANGES)
     if differ:
         shown = ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in differ[:5])
         raise ConfigError(f"{differ[0]}: run.dir {run_dir} holds a checkpoint made with another "
@@ -108,27 +110,76 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def train(cfg: Config) -> dict:
-    from megatron_opd.models.precision import resolve_here
-    from megatron_opd.prepare import prepare
+class LocalSite:
+    """Where the embedded launcher puts a run's processes: all on this machine, on loopback.
+    (The Slurm job driver has its own site: megatron_opd/slurm/job.py.)"""
 
+    address = "127.0.0.1"  # the learner's sockets and the weight-sync rendezvous bind here
+    rollout_server_world_size = 1  # GPUs (ranks) per rollout server
+
+    def servers(self, cfg: Config, prepared, logs: Path) -> dict:
+        return make_servers(cfg, prepared, logs)
+
+    def learner_command(self, cfg: Config, run_dir: Path) -> list[str]:
+        return _learner_command(cfg, run_dir)
+
+
+def check_startable(cfg: Config) -> None:
+    """What `megatron-opd plan` accepts but a run cannot start from yet, refused up front."""
+    from megatron_opd.config import ConfigError
+
+    for key in ("student", "teacher"):
+        if getattr(cfg.init, key):
+            raise ConfigError(
+                f"init.{key}: runs from external Hugging Face checkpoints need a prompt dataset "
+                "and the checkpoint's tokenizer, which megatron-opd does not load yet (prompts "
+                "come from the synthetic digit task of the prepared models); `megatron-opd plan` "
+                "checks such configs, and tools/convert_checkpoint.py converts their weights")
+
+
+def train(cfg: Config) -> dict:
+    """The embedded launcher: every process of the run on this machine."""
+    from megatron_opd.models.precision import resolve_here
+
+    check_startable(cfg)
     # The learner runs here: refuse a precision this machine cannot run before anything starts.
     resolve_here(cfg.precision, distributed_optimizer=cfg.train.distributed_optimizer)
+    return run(cfg, LocalSite())
+
+
+def run(cfg: Config, site, *, preempt_signal: int | None = None) -> dict:
+    """Start the run's processes where `site` says, supervise them, summarise the run.
+
+    With `preempt_signal` (the Slurm driver's warning signal), that signal asks the learner to
+    checkpoint and exit at its next step; the summary then says `preempted` and the caller
+    requeues. SIGTERM and Ctrl-C stop everything at once (what was accepted is in the spool)."""
+    from megatron_opd.learner import preemption
+    from megatron_opd.prepare import prepare
+
     run_dir = prepare_run_dir(cfg)
     prepared = prepare(cfg, progress=cfg.logging.progress)
     from megatron_opd.learner.main import masked_token_ids
 
     masked_token_ids(cfg.objective.masked_tokens, prepared.student_dir)  # a bad token fails here
+    preemption.clear(run_dir)
     logs = run_dir / "logs"
     # In offline mode (teacher.mode=offline) the teacher server scores nothing for training: it
     # serves evaluation only (the exact reverse KL against the teacher); the rollout server
     # serves the store's build (version 0, before the learner starts) and evaluation.
-    servers = list(make_servers(cfg, prepared, logs).values())
+    fleets = site.servers(cfg, prepared, logs)
+    servers = [s for fleet in ("teacher", "rollout") for s in fleets[fleet]]
     children: list[Child] = []
     previous_term = signal.signal(signal.SIGTERM, _raise_terminated)
     # Ctrl-C must stop the run even when we were started with SIGINT ignored (background jobs
     # of non-interactive shells inherit SIG_IGN, and Python then installs no handler).
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    if preempt_signal is not None:
+        def _ask_learner_to_checkpoint(signum, frame):
+            (run_dir / preemption.REQUEST_FILE).write_text(f"signal {signum}\n")
+            print(f"[megatron-opd] signal {signum}: the learner checkpoints at its next step, "
+                  "then the run stops", flush=True)
+
+        previous_preempt = signal.signal(preempt_signal, _ask_learner_to_checkpoint)
     t_start = time.time()
     try:
         for s in servers:
@@ -136,22 +187,26 @@ def train(cfg: Config) -> dict:
         print(f"[megatron-opd] starting SGLang servers (logs in {logs})", flush=True)
         for s in servers:
             s.wait_ready(timeout=cfg.server.start_timeout_s)
+        rollout_urls = [s.url for s in fleets["rollout"]]
+        teacher_urls = [s.url for s in fleets["teacher"]]
         offline_store = ""
         if cfg.teacher.mode == "offline":  # made here if missing, with the fresh servers
             from megatron_opd.offline_store import build_store
 
-            offline_store = str(build_store(cfg, servers[1].url, servers[0].url,
+            offline_store = str(build_store(cfg, rollout_urls[0], teacher_urls[0],
                                             progress=cfg.logging.progress).path)
+        addr = site.address
         wiring = RunWiring(
-            run_dir=str(run_dir), rollout_urls=[servers[1].url], teacher_urls=[servers[0].url],
-            samples_endpoint=f"tcp://127.0.0.1:{_free_port()}",
-            control_endpoint=f"tcp://127.0.0.1:{_free_port()}",
+            run_dir=str(run_dir), rollout_urls=rollout_urls, teacher_urls=teacher_urls,
+            samples_endpoint=f"tcp://{addr}:{_free_port(addr)}",
+            control_endpoint=f"tcp://{addr}:{_free_port(addr)}",
             teacher_dir=str(prepared.teacher_dir), student_dir=str(prepared.student_dir),
-            weight_sync_master_port=_free_port(), offline_store=offline_store,
-            secret_file=_run_secret(cfg, run_dir))
+            weight_sync_master_addr=addr, weight_sync_master_port=_free_port(addr),
+            rollout_server_world_size=site.rollout_server_world_size,
+            offline_store=offline_store, secret_file=_run_secret(cfg, run_dir))
         wiring.save(run_dir / "wiring.json")
         py = [sys.executable, "-m"]
-        children.append(Child.spawn("learner", _learner_command(cfg, run_dir),
+        children.append(Child.spawn("learner", site.learner_command(cfg, run_dir),
                                     logs / "learner.log", {"OMP_NUM_THREADS": "1"}))
         children.append(Child.spawn("orchestrator", py + ["megatron_opd.orchestrator", "--run-dir",
                                                           str(run_dir)], logs / "orchestrator.log",
@@ -162,12 +217,18 @@ def train(cfg: Config) -> dict:
     finally:
         signal.signal(signal.SIGTERM, previous_term)
         signal.signal(signal.SIGINT, previous_int)
+        if preempt_signal is not None:
+            signal.signal(preempt_signal, previous_preempt)
         for c in reversed(children):
             c.stop()
         for s in servers:
             s.stop()
     records = read_metrics(run_dir / "metrics.jsonl")
     plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+    preempted = preemption.was_preempted(run_dir)
+    if preempted is not None:  # stopped early with a checkpoint: no final evaluation
+        return {"preempted": preempted, "train_seconds": train_seconds,
+                "total_seconds": time.time() - t_start}
     summary = _summary(records, train_seconds, time.time() - t_start, prepared.meta)
     if (run_dir / RESTARTS_FILE).exists():
         summary["server_restarts"] = json.loads((run_dir / RESTARTS_FILE).read_text())
@@ -189,19 +250,19 @@ def _run_secret(cfg: Config, run_dir: Path) -> str:
 
 
 def make_servers(cfg: Config, prepared, logs: Path) -> dict:
-    """The run's SGLang servers (not started): the teacher, and the rollout server with the
-    student init at weight version 0."""
+    """The run's SGLang servers (not started), as fleets of one on this machine: the teacher, and
+    the rollout server with the student init at weight version 0."""
     from megatron_opd.serving.sglang_server import SGLangServer
 
     sv = cfg.server
     common = dict(dtype=sv.dtype, max_total_tokens=sv.max_total_tokens, threads=sv.threads or None)
     return {
-        "teacher": SGLangServer("teacher", str(prepared.teacher_dir), _free_port(),
-                                str(logs / "teacher.log"), **common),
-        "rollout": SGLangServer("rollout", str(prepared.student_dir), _free_port(),
-                                str(logs / "rollout.log"), extra_args=("--weight-version", "0"),
-                                enable_return_routed_experts=cfg.train.routing_replay == "r3",
-                                **common),
+        "teacher": [SGLangServer("teacher", str(prepared.teacher_dir), _free_port(),
+                                 str(logs / "teacher.log"), **common)],
+        "rollout": [SGLangServer("rollout", str(prepared.student_dir), _free_port(),
+                                 str(logs / "rollout.log"), extra_args=("--weight-version", "0"),
+                                 enable_return_routed_experts=cfg.train.routing_replay == "r3",
+                                 **common)],
     }
 
 

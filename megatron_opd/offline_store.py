@@ -344,14 +344,15 @@ def precompute_teacher(cfg: Config) -> OfflineStore:
     prepared = prepare(cfg, progress=cfg.logging.progress)
     path = store_path(cfg)
     logs = path.with_name(path.name + ".logs")
-    servers = make_servers(cfg, prepared, logs)
+    fleets = make_servers(cfg, prepared, logs)
+    servers = fleets["rollout"] + fleets["teacher"]
     try:
-        for s in servers.values():
+        for s in servers:
             s.start()
-        for s in servers.values():
+        for s in servers:
             s.wait_ready(timeout=cfg.server.start_timeout_s)
-        return build_store(cfg, servers["rollout"].url, servers["teacher"].url,
+        return build_store(cfg, fleets["rollout"][0].url, fleets["teacher"][0].url,
                            progress=cfg.logging.progress)
     finally:
-        for s in servers.values():
+        for s in servers:
             s.stop()

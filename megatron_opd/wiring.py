@@ -22,6 +22,7 @@ class RunWiring:
     student_dir: str
     weight_sync_master_addr: str = "127.0.0.1"
     weight_sync_master_port: int = 0
+    rollout_server_world_size: int = 1  # ranks (GPUs) per rollout server: its weight-sync share
     offline_store: str = ""  # teacher.mode=offline: the store the orchestrator reads samples from
     secret_file: str = ""  # run secret for the HMAC on every ZeroMQ message ("": none, loopback only)
 

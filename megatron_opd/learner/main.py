@@ -30,6 +30,7 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
     from megatron_opd.learner.io import broadcast_batch
     from megatron_opd.learner.losses import objective_fields, objective_loss_fn
     from megatron_opd.learner.parallel import destroy_distributed, init_distributed
+    from megatron_opd.learner.preemption import PreemptionWatch
     from megatron_opd.learner.routing_replay import RoutingReplay
     from megatron_opd.learner.train_step import (forward_backward, optimizer_step,
                                                  split_microbatches, wrap_for_training)
@@ -91,12 +92,24 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
         if rank0:
             io.release_spool(state)  # trained and committed: the spool may forget it
 
+    preemption = PreemptionWatch(run_dir)
+    saved_step = state.step if resume_from is not None else -1  # of the newest checkpoint
     if state.version > 0:  # resumed: the fleet restarted from the init weights
         publish()
     last_eval = run_eval()
     if rank0:
         io.announce(state)
     while state.step < cfg.train.steps:
+        if preemption.requested():  # Slurm's warning: checkpoint now, the job requeues itself
+            if state.step != saved_step:
+                checkpoint()
+            if rank0:
+                preemption.mark_done(state.step)
+                io.close(state, last_eval, final=False)
+            print(f"[learner] preempted: checkpoint at step {state.step} saved; exiting",
+                  flush=True)
+            destroy_distributed()
+            return last_eval
         t0 = time.time()
         samples, batch, stale = (io.next_batch(cfg, state, task) if rank0 else (None, None, None))
         t_wait = time.time() - t0
@@ -124,6 +137,7 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
         if cfg.train.checkpoint_interval and state.step % cfg.train.checkpoint_interval == 0 \
                 and state.step < cfg.train.steps:
             checkpoint()
+            saved_step = state.step
         if rank0:
             state.counters["dropped_stale_tokens"] += stale.dropped_tokens
             io.log(state, samples, stale, last_eval, {
@@ -266,29 +280,36 @@ class _RankZeroIO:
             / len(samples),
             "weights/version": state.version, **self.gpu.sample()})
 
-    def close(self, state, last_eval: dict) -> None:
+    def close(self, state, last_eval: dict, final: bool = True) -> None:
         from megatron_opd.transport import Shutdown
 
-        self.metrics.log(state.step, {**last_eval, "weights/version": state.version})
+        if final:  # the evaluation of the final weights closes metrics.jsonl
+            self.metrics.log(state.step, {**last_eval, "weights/version": state.version})
         self.metrics.close()
         self.ledger.close()
-        self.control.publish(Shutdown(reason="training finished"))
+        self.control.publish(Shutdown(reason="training finished" if final else "preempted"))
         self.publisher.close()
         self.gpu.close()
 
 
 def _make_publisher(cfg: Config, wiring: RunWiring, rollout):
+    from megatron_opd.serving.sglang_client import fleet_client
     from megatron_opd.weight_sync import DiskWeightPublisher, DistributedWeightPublisher
 
+    # Every rollout server gets the weights; evaluation and generation use the fleet client.
+    servers = [fleet_client([url], cfg.server) for url in wiring.rollout_urls] \
+        if len(wiring.rollout_urls) > 1 else [rollout]
     # a restarted rollout server is waited for this long (docs/fault-tolerance.md)
     reconnect_s = cfg.server.start_timeout_s + cfg.server.request_timeout_s
     if cfg.weight_sync.method == "disk":
-        return DiskWeightPublisher([rollout], directory=Path(wiring.run_dir) / "weights",
+        return DiskWeightPublisher(servers, directory=Path(wiring.run_dir) / "weights",
                                    base_model_dir=wiring.student_dir,
                                    reconnect_timeout_s=reconnect_s)
-    pub = DistributedWeightPublisher([rollout], master_addr=wiring.weight_sync_master_addr,
+    pub = DistributedWeightPublisher(servers, master_addr=wiring.weight_sync_master_addr,
                                      master_port=wiring.weight_sync_master_port or None,
                                      backend=cfg.weight_sync.backend,
+                                     server_world_size=wiring.rollout_server_world_size,
+                                     bucket_bytes=int(cfg.weight_sync.bucket_mb * (1 << 20)),
                                      reconnect_timeout_s=reconnect_s)
     pub.connect()
     return pub

@@ -10,6 +10,7 @@ the weight publisher handles a restarted server itself (megatron_opd/weight_sync
 from __future__ import annotations
 
 import base64
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -92,8 +93,9 @@ def _raise_for(url: str, r) -> None:
 
 class SGLangClient:
     """One server (`url`), or a fleet of interchangeable servers (`url` plus `fallback_urls`):
-    control calls go to `url`; generation and scoring go to `url` and move to another server of
-    the fleet when it is unavailable (see the module docstring)."""
+    control calls go to `url`; generation and scoring requests take the fleet's servers in turn
+    (round robin: the client is the fleet's router) and move to the next server when one is
+    unavailable (see the module docstring)."""
 
     def __init__(self, url: str, timeout: float = 120.0,
                  routed_experts_shape: tuple[int, int] | None = None, *,
@@ -105,6 +107,7 @@ class SGLangClient:
         self.routed_experts_shape = routed_experts_shape
         self.retry_timeout_s = retry_timeout_s  # 0: no retries (errors raise at once)
         self.retries = 0  # requests re-issued after a server fault (all calls of this client)
+        self._turn = itertools.count()  # round robin over the fleet (next() is atomic)
         self._session = requests.Session()
 
     def _post(self, path: str, payload: dict | None = None, timeout: float | None = None,
@@ -133,8 +136,9 @@ class SGLangClient:
         validates an answer (its exception is not retried): the caller gets one complete answer
         from one server. Returns (answer, url)."""
         deadline, delay, attempt = None, 0.25, 0
+        first = next(self._turn)
         while True:
-            url = self.urls[attempt % len(self.urls)]
+            url = self.urls[(first + attempt) % len(self.urls)]
             try:
                 out = self._post(path, payload, url=url)
                 return (check(out) if check else out), url

@@ -59,8 +59,12 @@ class SGLangServer:
         return self.proc.pid if self.proc else None
 
     def command(self) -> list[str]:
-        args = [sys.executable, "-m", "sglang.launch_server", "--model-path", self.model_path,
-                "--host", self.host, "--port", str(self.port), "--dtype", self.dtype,
+        return [sys.executable, "-m", "sglang.launch_server", "--host", self.host,
+                "--port", str(self.port), *self.server_args()]
+
+    def server_args(self) -> list[str]:
+        """`sglang.launch_server` arguments but the address."""
+        args = ["--model-path", self.model_path, "--dtype", self.dtype,
                 # The KV pool otherwise takes ~70% of RAM per server (GPU-style sizing).
                 "--max-total-tokens", str(self.max_total_tokens), "--skip-server-warmup"]
         if not _cuda_available():
@@ -97,7 +101,8 @@ class SGLangServer:
                                        f"while starting; last lines of {self.log_path}:\n"
                                        + log_tail(self.log_path))
             try:
-                if requests.get(f"{self.url}/health_generate", timeout=10).status_code == 200:
+                url = self.url
+                if url and requests.get(f"{url}/health_generate", timeout=10).status_code == 200:
                     return
             except requests.RequestException:
                 pass
@@ -121,6 +126,40 @@ class SGLangServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class RemoteSGLangServer(SGLangServer):
+    """A server started through a launcher prefix (e.g. `srun --het-group=1 ...`) on a node this
+    process cannot pick ports on: `megatron_opd.serving.serve` picks one there and writes the
+    endpoint file (shared filesystem), which `url` reads. A restart asks for the same port."""
+
+    def __init__(self, name: str, model_path: str, endpoint_file: str | Path, log_path: str,
+                 launch_prefix: list[str], **kwargs):
+        super().__init__(name, model_path, 0, log_path, **kwargs)
+        self.endpoint_file = Path(endpoint_file)
+        self.launch_prefix = list(launch_prefix)
+        self._url: str | None = None
+
+    @property
+    def url(self) -> str | None:
+        if self._url is None:
+            try:
+                endpoint = json.loads(self.endpoint_file.read_text())
+            except (FileNotFoundError, ValueError):
+                return None
+            self._url, self.port = endpoint["url"], int(endpoint["port"])
+        return self._url
+
+    def command(self) -> list[str]:
+        return [*self.launch_prefix, sys.executable, "-m", "megatron_opd.serving.serve",
+                "--endpoint-file", str(self.endpoint_file), "--prefer-port", str(self.port),
+                "--", *self.server_args()]
+
+    def start(self) -> None:
+        self.url  # the previous port, if any, is asked for again
+        self.endpoint_file.unlink(missing_ok=True)
+        self._url = None
+        super().start()
 
 
 class ServerSupervisor:
