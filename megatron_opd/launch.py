@@ -157,11 +157,18 @@ def run(cfg: Config, site, *, preempt_signal: int | None = None) -> dict:
     from megatron_opd.prepare import prepare
 
     run_dir = prepare_run_dir(cfg)
+    preemption.clear(run_dir)
+    if preempt_signal is not None:  # from now on: a warning during `prepare` is not lost
+        def _ask_learner_to_checkpoint(signum, frame):
+            (run_dir / preemption.REQUEST_FILE).write_text(f"signal {signum}\n")
+            print(f"[megatron-opd] signal {signum}: the learner checkpoints at its next step, "
+                  "then the run stops", flush=True)
+
+        previous_preempt = signal.signal(preempt_signal, _ask_learner_to_checkpoint)
     prepared = prepare(cfg, progress=cfg.logging.progress)
     from megatron_opd.learner.main import masked_token_ids
 
     masked_token_ids(cfg.objective.masked_tokens, prepared.student_dir)  # a bad token fails here
-    preemption.clear(run_dir)
     logs = run_dir / "logs"
     # In offline mode (teacher.mode=offline) the teacher server scores nothing for training: it
     # serves evaluation only (the exact reverse KL against the teacher); the rollout server
@@ -173,13 +180,6 @@ def run(cfg: Config, site, *, preempt_signal: int | None = None) -> dict:
     # Ctrl-C must stop the run even when we were started with SIGINT ignored (background jobs
     # of non-interactive shells inherit SIG_IGN, and Python then installs no handler).
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
-    if preempt_signal is not None:
-        def _ask_learner_to_checkpoint(signum, frame):
-            (run_dir / preemption.REQUEST_FILE).write_text(f"signal {signum}\n")
-            print(f"[megatron-opd] signal {signum}: the learner checkpoints at its next step, "
-                  "then the run stops", flush=True)
-
-        previous_preempt = signal.signal(preempt_signal, _ask_learner_to_checkpoint)
     t_start = time.time()
     try:
         for s in servers:
