@@ -35,7 +35,7 @@ def test_short_async_opd_run_learns(tmp_path):
     run_dir = tmp_path / "run"
     t0 = time.time()
     out = subprocess.run(_train_cmd(run_dir, f"train.steps={STEPS}", "eval.interval=100"),
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     print(f"short run took {time.time() - t0:.0f} s")
     records = _records(run_dir)
@@ -113,7 +113,7 @@ def test_parallel_learner_in_the_full_pipeline(tmp_path):
                                     "train.checkpoint_interval=10", "train.routing_replay=r3",
                                     "teacher.top_k=8", "objective.terms=[sampled_token_opd,lsm]",
                                     "rollout.group_size=2"),
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     train = [r for r in _records(run_dir) if "train/loss" in r]
     # both terms trained; the total is their sum (weights 1); the top-8 of the sharp teacher

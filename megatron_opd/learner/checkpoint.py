@@ -2,7 +2,8 @@
 TP/PP/EP layout), LR schedule, per-rank RNG, and the trainer's counters and data cursor.
 
 Layout on disk: `<run>/checkpoints/step_<N>/` with `megatron/` (dist checkpoint), `rng/rank<r>.pt`,
-`meta.json` (written last), optional `hf/` export; `<run>/checkpoints/latest` names the newest
+`meta.json` (written last; `weights_only: true` for a converted checkpoint, see
+`load_checkpoint`), optional `hf/` export; `<run>/checkpoints/latest` names the newest
 complete one. A checkpoint is written under `step_<N>.tmp` and renamed only after every rank
 finished and meta.json is on disk, then `latest` is replaced atomically: a crash at any moment
 leaves the previous checkpoint as `latest`, loadable.
@@ -28,6 +29,10 @@ _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
                    "distrib_optim_fully_reshardable_mem_efficient": not torch.cuda.is_available()}
 
 
+# meta.json flag of a checkpoint holding model weights only (no optimizer, scheduler, RNG).
+WEIGHTS_ONLY = "weights_only"
+
+
 @dataclass
 class TrainerState:
     """Everything besides tensors that a resumed run needs to continue exactly."""
@@ -41,6 +46,14 @@ def _model_sharded_state_dict(chunks: list) -> dict:
     if len(chunks) == 1:
         return chunks[0].sharded_state_dict()
     return {f"chunk{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _load_model(chunks: list, loaded: dict) -> None:
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded)
+    else:
+        for i, c in enumerate(chunks):
+            c.load_state_dict(loaded[f"chunk{i}"])
 
 
 def _fsync_write(path: Path, text: str) -> None:
@@ -81,16 +94,22 @@ def save_checkpoint(root: Path, chunks: list, optimizer, scheduler, state: Train
         meta = {"step": state.step, "version": state.version, "counters": state.counters,
                 "data_cursor": state.data_cursor, "scheduler": scheduler.state_dict(),
                 "world_size": dist.get_world_size(), "saved_at": time.time()}
-        _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _fsync_write(root / "latest.tmp", final.name)
-        os.replace(root / "latest.tmp", root / "latest")
-        for old in sorted(root.glob("step_????????"))[:-keep] if keep > 0 else []:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        commit_checkpoint(root, tmp, final, meta, keep)
     dist.barrier()
     return final
+
+
+def commit_checkpoint(root: Path, tmp: Path, final: Path, meta: dict, keep: int = 0) -> None:
+    """Rank 0, after every rank wrote `tmp`: meta.json last, rename into place, point `latest`
+    at it, drop all but the newest `keep` (0: keep all). Also used by checkpoint conversion."""
+    _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_write(root / "latest.tmp", final.name)
+    os.replace(root / "latest.tmp", root / "latest")
+    for old in sorted(root.glob("step_????????"))[:-keep] if keep > 0 else []:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _materialize_optimizer_state(optimizer) -> None:
@@ -116,22 +135,29 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 def load_checkpoint(path: Path, chunks: list, optimizer, scheduler) -> TrainerState:
     """Collective. Loads under the current layout whatever layout saved it; RNG states are
-    restored when the world size is unchanged (otherwise ranks keep their fresh seeds)."""
+    restored when the world size is unchanged (otherwise ranks keep their fresh seeds).
+    A `weights_only` checkpoint (meta.json; what `megatron_opd.convert` writes) holds the model
+    alone: the optimizer and LR schedule stay as built (fresh Adam moments, warmup from step 0)
+    and the ranks keep their seeds."""
     from megatron.core import dist_checkpointing, tensor_parallel
 
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
+    if meta.get(WEIGHTS_ONLY):
+        model_sd = _model_sharded_state_dict(chunks)
+        loaded = dist_checkpointing.load({"model": model_sd}, str(path / "megatron"))
+        _load_model(chunks, loaded["model"])
+        # bf16/fp16 params: the optimizer's fp32 main copies were taken at construction
+        optimizer.reload_model_params()
+        return TrainerState(step=meta["step"], version=meta["version"],
+                            counters=meta["counters"], data_cursor=meta["data_cursor"])
     _materialize_optimizer_state(optimizer)
     model_sd = _model_sharded_state_dict(chunks)
     sharded = {"model": model_sd,
                "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True,
                                                          metadata=_OPTIM_METADATA)}
     loaded = dist_checkpointing.load(sharded, str(path / "megatron"))
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(loaded["model"])
-    else:
-        for i, c in enumerate(chunks):
-            c.load_state_dict(loaded["model"][f"chunk{i}"])
+    _load_model(chunks, loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(meta["scheduler"])
     rng_file = path / "rng" / f"rank{dist.get_rank()}.pt"

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from megatron_opd.config import Config, load_config
@@ -61,6 +60,8 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
         state = load_checkpoint(resume_from, chunks, optimizer, scheduler)
     else:
         load_hf_checkpoint(chunks, wiring.student_dir, spec, groups)
+        # bf16/fp16 params: the optimizer's fp32 main copies were taken from the random init
+        optimizer.reload_model_params()
         state = TrainerState(counters={"skipped_steps": 0, "dropped_stale_tokens": 0})
     io = _RankZeroIO(cfg, wiring, state, resumed=resume_from is not None) if rank0 else None
     loss_fn = objective_loss_fn(cfg.objective, groups.tp,

@@ -21,7 +21,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 
@@ -120,6 +120,36 @@ def full_to_hf(name: str, t: torch.Tensor, spec: MoEModelSpec) -> list[tuple[str
             gate, up = t.chunk(2, dim=0)
             return [(f"{hep}{fam.gate}.weight", gate), (f"{hep}{fam.up}.weight", up)]
         return [(f"{hep}{fam.down}.weight", t)]
+    raise KeyError(f"no Hugging Face name for megatron tensor {name}")
+
+
+def full_from_hf(name: str, get: Callable[[str], torch.Tensor],
+                 spec: MoEModelSpec) -> torch.Tensor:
+    """The inverse of `full_to_hf` for one full megatron tensor: `get(hf_name)` supplies the HF
+    tensors it is made of (read lazily by the caller, e.g. one safetensors slice at a time)."""
+    if name == "embedding.word_embeddings.weight":
+        return get("model.embed_tokens.weight")
+    if name == "decoder.final_layernorm.weight":
+        return get("model.norm.weight")
+    if name == "output_layer.weight":  # tied: the (PP last-stage) copy of the embedding
+        return get("model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight")
+    m = name.split(".", 3)
+    if m[:2] != ["decoder", "layers"] or len(m) < 4:
+        raise KeyError(f"no Hugging Face name for megatron tensor {name}")
+    i, suffix = m[2], m[3]
+    hp = f"model.layers.{i}."
+    renames = _layer_renames(spec)
+    if suffix in renames:
+        return get(hp + renames[suffix])
+    if suffix == "self_attention.linear_qkv.weight":
+        return _merge_qkv(get(hp + "self_attn.q_proj.weight"), get(hp + "self_attn.k_proj.weight"),
+                          get(hp + "self_attn.v_proj.weight"), spec)
+    if suffix.startswith("mlp.experts.local_experts."):
+        _, _, _, e, kind, _ = suffix.split(".")
+        fam, hep = _names(spec), _expert_prefix(spec, i, e)
+        if kind == "linear_fc1":
+            return torch.cat([get(f"{hep}{fam.gate}.weight"), get(f"{hep}{fam.up}.weight")], dim=0)
+        return get(f"{hep}{fam.down}.weight")
     raise KeyError(f"no Hugging Face name for megatron tensor {name}")
 
 

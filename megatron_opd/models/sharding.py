@@ -146,12 +146,15 @@ def _unshard(t: torch.Tensor, pl: Placement, groups) -> torch.Tensor:
 
 def iter_full_tensors(chunks: list, groups, spec: MoEModelSpec, *,
                       tensor_of: Callable[[torch.nn.Parameter], torch.Tensor] = lambda p: p,
-                      dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                      dtype: torch.dtype | None = None,
+                      only: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(full name, full tensor) for every parameter, on every rank. The order is `full_shapes`
     order except under expert parallelism, where each layer's experts come grouped by local slot
     (slot s of every EP rank together, one gather per slot).
-    `tensor_of` picks what to gather (the parameter, or e.g. its gradient `main_grad`). All ranks
-    must drain the iterator together (it runs collectives)."""
+    `tensor_of` picks what to gather (the parameter, or e.g. its gradient `main_grad`); `only`
+    restricts it to the full names it accepts (decided from the name alone, so identically on
+    every rank; checkpoint conversion gathers a few layers at a time). All ranks must drain the
+    iterator together (it runs collectives)."""
     layout = groups.layout
     by_full = {pl.full_name: (p, pl) for p, pl in placements(chunks, groups).items()}
     experts_per_rank = spec.num_experts // layout.expert_parallel
@@ -159,7 +162,7 @@ def iter_full_tensors(chunks: list, groups, spec: MoEModelSpec, *,
     done: set[str] = set()
     with torch.no_grad():
         for name, shape in full_shapes(spec):
-            if name in done:
+            if name in done or (only is not None and not only(name)):
                 continue
             e = _EXPERT.match(name)
             if e:  # gather this local slot from every EP rank at once
@@ -199,7 +202,9 @@ def _param_dtype(chunks) -> torch.dtype:
 
 
 def _param_device(chunks) -> torch.device:
-    return next(chunks[0].parameters()).device
+    # the first real one: checkpoint conversion keeps not-yet-loaded parameters on "meta"
+    return next((p.device for c in chunks for p in c.parameters() if p.device.type != "meta"),
+                torch.device("cpu"))
 
 
 def _from_stage(t: torch.Tensor | None, shape, stage: int, groups, dtype,
@@ -225,11 +230,14 @@ def _shard_of(full: torch.Tensor, pl: Placement, groups) -> torch.Tensor:
     return full.chunk(size, dim=pl.partition_dim)[rank]
 
 
-def load_full_state(chunks: list, groups, full: Callable[[str], torch.Tensor]) -> None:
+def load_full_state(chunks: list, groups, full: Callable[[str], torch.Tensor],
+                    only: Callable[[str], bool] | None = None) -> None:
     """Copy into every local parameter its shard of `full(full_name)` (no communication: every
-    rank reads the full tensors it needs)."""
+    rank reads the full tensors it needs); `only` restricts it to the full names it accepts."""
     with torch.no_grad():
         for p, pl in placements(chunks, groups).items():
+            if only is not None and not only(pl.full_name):
+                continue
             shard = _shard_of(full(pl.full_name), pl, groups)
             if shard.shape != p.shape:
                 raise ValueError(f"{pl.full_name}: shard {tuple(shard.shape)} != local "
