@@ -27,6 +27,23 @@ def _train_cmd(run_dir: Path, *overrides: str) -> list[str]:
             f"run.cache_dir={ROOT / '.cache/megatron-opd'}", "logging.progress=false", *overrides]
 
 
+def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """subprocess.run, but a timeout kills every descendant too (SGLang servers run in their own
+    sessions; an orphaned scheduler would spin on a core for the rest of the suite)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for p in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout:.0f} s:\n{out[-3000:]}\n{err[-5000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -34,8 +51,7 @@ def _records(run_dir: Path) -> list[dict]:
 def test_short_async_opd_run_learns(tmp_path):
     run_dir = tmp_path / "run"
     t0 = time.time()
-    out = subprocess.run(_train_cmd(run_dir, f"train.steps={STEPS}", "eval.interval=100"),
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    out = _run(_train_cmd(run_dir, f"train.steps={STEPS}", "eval.interval=100"), timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     print(f"short run took {time.time() - t0:.0f} s")
     records = _records(run_dir)
@@ -108,12 +124,11 @@ def test_parallel_learner_in_the_full_pipeline(tmp_path):
     -> broadcast -> micro-batches of both ranks)."""
     run_dir = tmp_path / "run"
     steps = 20
-    out = subprocess.run(_train_cmd(run_dir, f"train.steps={steps}", "eval.interval=10",
-                                    "parallel.world_size=2", "parallel.expert_parallel=2",
-                                    "train.checkpoint_interval=10", "train.routing_replay=r3",
-                                    "teacher.top_k=8", "objective.terms=[sampled_token_opd,lsm]",
-                                    "rollout.group_size=2"),
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    out = _run(_train_cmd(run_dir, f"train.steps={steps}", "eval.interval=10",
+                          "parallel.world_size=2", "parallel.expert_parallel=2",
+                          "train.checkpoint_interval=10", "train.routing_replay=r3",
+                          "teacher.top_k=8", "objective.terms=[sampled_token_opd,lsm]",
+                          "rollout.group_size=2"), timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     train = [r for r in _records(run_dir) if "train/loss" in r]
     # both terms trained; the total is their sum (weights 1); the top-8 of the sharp teacher
