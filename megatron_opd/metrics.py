@@ -58,11 +58,14 @@ def _plain(v: Any) -> Any:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    out = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            out.append(json.loads(line))
-    return out
+    """The complete records of a metrics.jsonl. The learner may be writing its last line while
+    someone reads (the launcher's progress bar): a final line without its newline is not a
+    record yet and is left out; a malformed complete line is an error."""
+    text = Path(path).read_text()
+    lines = text.split("\n")
+    if not text.endswith("\n"):
+        lines = lines[:-1]  # partial last line (being written)
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 CURVES = (

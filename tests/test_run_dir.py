@@ -55,3 +55,14 @@ def test_resumed_metrics_drop_the_steps_being_redone(tmp_path):
     w.log(4, {"x": 40})
     w.close()
     assert [json.loads(line)["x"] for line in path.read_text().splitlines()] == [0, 1, 2, 3, 40]
+
+
+def test_reading_metrics_while_the_learner_writes_skips_the_partial_last_line(tmp_path):
+    from megatron_opd.metrics import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0}\n{"step": 1}\n{"step": 2, "train/lo')
+    assert read_metrics(path) == [{"step": 0}, {"step": 1}]
+    path.write_text('{"step": 0}\n{"step": 1, "tra\n')
+    with pytest.raises(json.JSONDecodeError):  # a complete but malformed line is an error
+        read_metrics(path)
