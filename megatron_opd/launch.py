@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_opd.config import Config, dump_config
+from megatron_opd.config import Config, ConfigError, dump_config
 from megatron_opd.metrics import plot_curves, read_metrics
 from megatron_opd.procs import free_port as _free_port, log_tail, spawn_group, stop_group
 from megatron_opd.wiring import RunWiring
@@ -81,7 +81,7 @@ def _check_resumable(cfg: Config, run_dir: Path) -> None:
     """Refuse to continue a run under a different config (naming the keys that differ)."""
     import yaml
 
-    from megatron_opd.config import ConfigError, to_dict
+    from megatron_opd.config import to_dict
 
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
@@ -126,8 +126,6 @@ class LocalSite:
 
 def check_startable(cfg: Config) -> None:
     """What `megatron-opd plan` accepts but a run cannot start from yet, refused up front."""
-    from megatron_opd.config import ConfigError
-
     for key in ("student", "teacher"):
         if getattr(cfg.init, key):
             raise ConfigError(
@@ -249,13 +247,18 @@ def _run_secret(cfg: Config, run_dir: Path) -> str:
     return str(path)
 
 
+def server_options(cfg: Config) -> dict:
+    """SGLangServer keyword arguments every server of a run shares (`server.*`)."""
+    sv = cfg.server
+    return dict(dtype=sv.dtype, max_total_tokens=sv.max_total_tokens, threads=sv.threads or None)
+
+
 def make_servers(cfg: Config, prepared, logs: Path) -> dict:
     """The run's SGLang servers (not started), as fleets of one on this machine: the teacher, and
     the rollout server with the student init at weight version 0."""
     from megatron_opd.serving.sglang_server import SGLangServer
 
-    sv = cfg.server
-    common = dict(dtype=sv.dtype, max_total_tokens=sv.max_total_tokens, threads=sv.threads or None)
+    common = server_options(cfg)
     return {
         "teacher": [SGLangServer("teacher", str(prepared.teacher_dir), _free_port(),
                                  str(logs / "teacher.log"), **common)],

@@ -189,7 +189,7 @@ class _RankZeroIO:
         self.receiver = SampleServer(wiring.samples_endpoint, secret=secret, mac=tr.mac,
                                      run_id=cfg.run.name, credit=tr.credit)
         self.control = ControlPublisher(wiring.control_endpoint, secret=secret, mac=tr.mac)
-        self.publisher = _make_publisher(cfg, wiring, self.rollout)
+        self.publisher = _make_publisher(cfg, wiring)
         from megatron_opd.learner.spool import SampleLedger
 
         self.metrics = MetricsWriter(Path(wiring.run_dir), tensorboard=cfg.logging.tensorboard,
@@ -293,13 +293,13 @@ class _RankZeroIO:
         self.gpu.close()
 
 
-def _make_publisher(cfg: Config, wiring: RunWiring, rollout):
+def _make_publisher(cfg: Config, wiring: RunWiring):
     from megatron_opd.serving.sglang_client import fleet_client
     from megatron_opd.weight_sync import DiskWeightPublisher, DistributedWeightPublisher
 
-    # Every rollout server gets the weights; evaluation and generation use the fleet client.
-    servers = [fleet_client([url], cfg.server) for url in wiring.rollout_urls] \
-        if len(wiring.rollout_urls) > 1 else [rollout]
+    # Every rollout server gets the weights (one control client each); evaluation and
+    # generation use the fleet client.
+    servers = [fleet_client([url], cfg.server) for url in wiring.rollout_urls]
     # a restarted rollout server is waited for this long (docs/fault-tolerance.md)
     reconnect_s = cfg.server.start_timeout_s + cfg.server.request_timeout_s
     if cfg.weight_sync.method == "disk":

@@ -18,6 +18,8 @@ import socket
 import sys
 from pathlib import Path
 
+from megatron_opd.procs import free_port
+
 
 def advertised_address() -> str:
     """The address other nodes reach this one at: MEGATRON_OPD_ADDR when set (e.g. the
@@ -33,9 +35,7 @@ def pick_port(prefer: int = 0) -> int:
                 return prefer
             except OSError:
                 pass
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        return s.getsockname()[1]
+    return free_port("0.0.0.0")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -108,9 +108,9 @@ class SlurmSite:
     def servers(self, cfg: Config, prepared, logs: Path) -> dict:
         from megatron_opd.serving.sglang_server import RemoteSGLangServer
 
-        sv, gpus = cfg.server, cfg.cluster.gpus_per_node
-        common = dict(dtype=sv.dtype, max_total_tokens=sv.max_total_tokens,
-                      threads=sv.threads or None)
+        from megatron_opd.launch import server_options
+
+        gpus, common = cfg.cluster.gpus_per_node, server_options(cfg)
         endpoints = self.run_dir / "endpoints"
         endpoints.mkdir(exist_ok=True)
         fleets: dict[str, list] = {}

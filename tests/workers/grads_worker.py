@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -27,7 +28,8 @@ def main() -> None:
     from megatron_opd.compat.megatron_cpu import install_megatron_cpu_compat
     from megatron_opd.config import ParallelConfig, TrainConfig
     from megatron_opd.learner.parallel import destroy_distributed, init_distributed
-    from megatron_opd.learner.train_step import MicroBatch, forward_backward, wrap_for_training
+    from megatron_opd.learner.train_step import (forward_backward, split_microbatches,
+                                                 wrap_for_training)
     from megatron_opd.learner.vocab_parallel import vocab_parallel_token_stats
     from megatron_opd.models.hf_mapping import load_hf_checkpoint
     from megatron_opd.models.qwen3_moe import build_model_chunks, transformer_config
@@ -43,13 +45,8 @@ def main() -> None:
     ddp, _, _ = wrap_for_training(chunks, TrainConfig(steps=10, distributed_optimizer=False), groups)
 
     data = torch.load(args.data)
-    B = data["input_ids"].shape[0]
-    per_dp = B // groups.dp_size
-    mine = slice(groups.dp_rank * per_dp, (groups.dp_rank + 1) * per_dp)
-    mbs = layout.micro_batch_size
-    micro = [MicroBatch(data["input_ids"][mine][i:i + mbs],
-                        {k: data[k][mine][i:i + mbs] for k in ("targets", "weights")})
-             for i in range(0, per_dp, mbs)]
+    micro = split_microbatches(SimpleNamespace(**data), ("targets", "weights"), groups,
+                              layout.micro_batch_size)
 
     def loss_fn(logits, mb):
         stats = vocab_parallel_token_stats(logits, mb.data["targets"], group=groups.tp)

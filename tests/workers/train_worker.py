@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from types import SimpleNamespace
 import os
 import signal
 from pathlib import Path
@@ -45,7 +46,8 @@ def main() -> None:
     from megatron_opd.learner.checkpoint import (TrainerState, latest_checkpoint,
                                                  load_checkpoint, save_checkpoint)
     from megatron_opd.learner.parallel import destroy_distributed, init_distributed
-    from megatron_opd.learner.train_step import (MicroBatch, forward_backward, optimizer_step,
+    from megatron_opd.learner.train_step import (forward_backward, optimizer_step,
+                                                 split_microbatches,
                                                  wrap_for_training)
     from megatron_opd.learner.vocab_parallel import vocab_parallel_token_stats
     from megatron_opd.models.hf_mapping import load_hf_checkpoint
@@ -81,12 +83,8 @@ def main() -> None:
         state.data_cursor["next"] += 1
         if state.step == args.nan_at_step:
             data["weights"][0, 0] = float("nan")
-        per_dp = data["input_ids"].shape[0] // groups.dp_size
-        mine = slice(groups.dp_rank * per_dp, (groups.dp_rank + 1) * per_dp)
-        mbs = layout.micro_batch_size
-        micro = [MicroBatch(data["input_ids"][mine][i:i + mbs],
-                            {k: data[k][mine][i:i + mbs] for k in ("targets", "weights")})
-                 for i in range(0, per_dp, mbs)]
+        micro = split_microbatches(SimpleNamespace(**data), ("targets", "weights"), groups,
+                                  layout.micro_batch_size)
         loss, _, _ = forward_backward(ddp, micro, loss_fn, groups)
         stepped, grad_norm = optimizer_step(optimizer, scheduler, loss)
         state.step += 1
