@@ -113,7 +113,7 @@ def _jsonl_records(p: Path) -> Iterator[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
+                yield lineno, json.loads(line.rstrip("\r\n"))  # columns within the line
             except json.JSONDecodeError as e:
                 yield lineno, _RowError(f"invalid JSON: {e.msg} (column {e.colno})")
 
