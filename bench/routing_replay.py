@@ -42,19 +42,18 @@ def main() -> None:
     from megatron_opd.learner.routing_replay import RoutingReplay, experts_from_rollout
     from megatron_opd.models.hf_mapping import load_hf_checkpoint
     from megatron_opd.models.qwen3_moe import build_model_chunks, transformer_config
-    from megatron_opd.prepare import prepare
+    from megatron_opd.envs import make_env, prepare_models
     from megatron_opd.procs import free_port
     from megatron_opd.serving.sglang_client import SGLangClient
     from megatron_opd.serving.sglang_server import SGLangServer
-    from megatron_opd.task import DigitTask
 
     cfg = load_config(args.config, [f"run.cache_dir={ROOT / '.cache/megatron-opd'}"])
-    prepared = prepare(cfg, progress=False)
-    task = DigitTask.from_config(cfg.task, cfg.model.vocab_size)
+    prepared = prepare_models(cfg, progress=False)
+    env = make_env(cfg, prepared.student_dir)
     spec = cfg.model
     import dataclasses
-    spec = dataclasses.replace(spec, bos_token_id=task.bos, eos_token_id=task.eos,
-                               pad_token_id=task.pad)
+    spec = dataclasses.replace(spec, bos_token_id=env.special.bos, eos_token_id=env.special.eos,
+                               pad_token_id=env.special.pad)
     shape = (spec.num_layers, spec.moe_router_topk)
     log = Path(tempfile.mkdtemp()) / "rollout.log"
     server = SGLangServer("rollout", str(prepared.student_dir), free_port(), str(log),
@@ -64,11 +63,11 @@ def main() -> None:
     with server:
         server.wait_ready(timeout=300)
         client = SGLangClient(server.url, routed_experts_shape=shape)
-        rng = np.random.default_rng(args.seed)
-        prompts = [list(task.draw(rng).prompt_ids) for _ in range(args.prompts)]
+        stream = env.train_prompts()  # the run's own training prompts
+        prompts = [list(next(stream).token_ids) for _ in range(args.prompts)]
         results = client.generate(prompts, {"temperature": 1.0, "top_p": 1.0,
                                             "max_new_tokens": cfg.rollout.max_new_tokens,
-                                            "stop_token_ids": [task.eos],
+                                            "stop_token_ids": list(env.special.stop_ids),
                                             "sampling_seed": args.seed},
                                   return_routed_experts=True)
 

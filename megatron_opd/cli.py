@@ -13,7 +13,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-opd", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("train", "run an asynchronous OPD run (all processes on this machine)"),
-                        ("prepare", "make (or reuse) the quickstart teacher and student init"),
+                        ("prepare", "make (or reuse) the digits environment's teacher and student init"),
                         ("precompute-teacher", "offline OPD: sample teacher.offline_samples "
                          "student rollouts, score them with the teacher once and store them "
                          "(reused when the store of this config exists)")):
@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--config", help="YAML config (defaults when omitted)")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.add_argument("--prompt-tokens", type=int, default=None, metavar="N",
-                    help="prompt length to size for (default: the digit task's longest prompt)")
+                    help="prompt length to size for (default: the environment's longest prompt: "
+                    "data.max_prompt_tokens for chat)")
     pl.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides")
     return p
 
@@ -78,18 +79,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megatron-opd: config error: {e}", file=sys.stderr)
         return 2
     if args.command == "prepare":
-        from megatron_opd.prepare import prepare
+        from megatron_opd.envs import prepare_models
 
-        prepared = prepare(cfg, progress=cfg.logging.progress)
-        print(json.dumps({"teacher": str(prepared.teacher_dir), "student_init": str(prepared.student_dir),
-                          **{k: v for k, v in prepared.meta.items() if isinstance(v, dict)}}, indent=2))
+        models = prepare_models(cfg, progress=cfg.logging.progress)
+        print(json.dumps({"teacher": str(models.teacher_dir), "student_init": str(models.student_dir),
+                          **{k: v for k, v in models.meta.items() if isinstance(v, dict)}}, indent=2))
         return 0
     if args.command == "precompute-teacher":
-        from megatron_opd.offline_store import StoreError, precompute_teacher
+        from megatron_opd.launch import precompute_teacher
+        from megatron_opd.offline_store import StoreError
         from megatron_opd.serving.sglang_server import ServerStartError
 
         try:
             store = precompute_teacher(cfg)
+        except ConfigError as e:
+            print(f"megatron-opd: config error: {e}", file=sys.stderr)
+            return 2
         except (StoreError, ServerStartError) as e:
             print(f"megatron-opd: {e}", file=sys.stderr)
             return 1

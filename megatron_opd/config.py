@@ -34,14 +34,41 @@ class RunConfig:
 
 
 @dataclass
-class TaskConfig:
-    # Synthetic task: transform a digit string (reverse it / sort it ...). Exact answers give a
-    # task accuracy, and a model trained on it longer is genuinely better at it.
+class DigitsConfig:
+    """The digits environment (the quickstart's toy): transform a digit string (reverse it, sort
+    it ...). Exact answers give an accuracy, and a model trained on it longer is better at it."""
     ops: list[str] = field(default_factory=lambda: ["rev", "sort"])
     min_digits: int = 3
     max_digits: int = 7
-    num_eval_prompts: int = 64
     num_digits_symbols: int = 10
+
+
+@dataclass
+class EnvConfig:
+    """What the run trains on (megatron_opd/envs/): `digits` (the quickstart's synthetic task,
+    models made by `megatron-opd prepare`) or `chat` (prompts from `data.*`, models from
+    `init.*`)."""
+    name: Literal["digits", "chat"] = "digits"
+    num_eval_prompts: int = 64  # held-out prompts per evaluation (chat: the first of data.eval)
+    # chat: the reward of a response whose prompt has a reference answer (`data.label_key`).
+    # exact_match: 1.0 when the decoded response (special tokens and surrounding white space
+    # removed) equals the answer; none: no verifier (reward 0, no eval/accuracy).
+    verifier: Literal["exact_match", "none"] = "exact_match"
+    digits: DigitsConfig = field(default_factory=DigitsConfig)
+
+
+@dataclass
+class DataConfig:
+    """Prompt datasets of the chat environment (docs/data.md): local JSONL or Parquet files (or
+    a directory saved by HF `datasets`), one prompt per row."""
+    train: str = ""
+    eval: str = ""  # "": the first env.num_eval_prompts rows of a seeded shuffle of train, held out
+    prompt_key: str = "messages"  # a list of {role, content}, or a plain string (a user message)
+    label_key: str = "label"  # optional reference answer for the verifier
+    apply_chat_template: bool = True  # the student tokenizer's template, with generation prompt
+    max_prompt_tokens: int = 1024  # longer prompts are dropped and counted (data/dropped_prompts)
+    bad_rows: Literal["error", "skip"] = "error"  # skip: malformed rows are counted, not fatal
+    epochs: int = 0  # passes over data.train (0: endless); each epoch in a new seeded order
 
 
 @dataclass
@@ -284,7 +311,8 @@ class LoggingConfig:
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     model: MoEModelSpec = field(default_factory=MoEModelSpec)  # the student
     init: InitConfig = field(default_factory=InitConfig)  # real checkpoints ("" = prepared)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
@@ -435,19 +463,16 @@ def validate(cfg: Config) -> None:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         need(cfg.teacher.model.max_position_embeddings
-             >= 3 + cfg.task.max_digits + cfg.rollout.max_new_tokens,
+             >= env_max_prompt_tokens(cfg) + cfg.rollout.max_new_tokens,
              "teacher.model.max_position_embeddings", "too small for prompt + max_new_tokens "
              "(the teacher scores whole sequences)")
-    t = cfg.task
-    need(len(t.ops) > 0, "task.ops", "needs at least one op")
-    from megatron_opd.task import KNOWN_OPS  # the task module owns its op names
-
-    for i, op in enumerate(t.ops):
-        need(op in KNOWN_OPS, f"task.ops[{i}]", f"unknown op {op!r}; known: {sorted(KNOWN_OPS)}")
-    need(len(set(t.ops)) == len(t.ops), "task.ops", "has duplicates")
-    need(1 <= t.min_digits <= t.max_digits, "task.min_digits", "must be in [1, task.max_digits]")
-    need(2 <= t.num_digits_symbols <= 10, "task.num_digits_symbols", "must be in [2, 10]")
-    need(t.num_eval_prompts > 0, "task.num_eval_prompts", "must be positive")
+    need(cfg.env.num_eval_prompts > 0, "env.num_eval_prompts", "must be positive")
+    d = cfg.data
+    need(bool(d.prompt_key), "data.prompt_key", "must not be empty")
+    need(bool(d.label_key), "data.label_key", "must not be empty")
+    need(d.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1")
+    need(d.epochs >= 0, "data.epochs", "must be >= 0 (0: endless)")
+    validate_env(cfg, need)
     need(cfg.prepare.teacher_steps > 0, "prepare.teacher_steps", "must be positive")
     need(cfg.prepare.student_steps >= 0, "prepare.student_steps", "must be >= 0")
     need(cfg.prepare.batch_size > 0, "prepare.batch_size", "must be positive")
@@ -457,8 +482,7 @@ def validate(cfg: Config) -> None:
     r = cfg.rollout
     need(r.temperature > 0, "rollout.temperature", "must be > 0")
     need(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
-    need(r.max_new_tokens >= t.max_digits + 1, "rollout.max_new_tokens",
-         f"must be >= task.max_digits + 1 = {t.max_digits + 1} (answer + <eos>)")
+    need(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
     need(r.prompts_per_request > 0, "rollout.prompts_per_request", "must be positive")
     need(r.max_inflight_requests > 0, "rollout.max_inflight_requests", "must be positive")
     need(r.group_size >= 1, "rollout.group_size", "must be >= 1")
@@ -518,8 +542,22 @@ def validate(cfg: Config) -> None:
     need(cfg.server.max_total_tokens >= 256, "server.max_total_tokens", "must be >= 256")
     need(cfg.server.threads >= 0, "server.threads", "must be >= 0")
     need(cfg.server.max_restarts >= 0, "server.max_restarts", "must be >= 0")
-    need(cfg.model.max_position_embeddings >= 3 + t.max_digits + r.max_new_tokens,
-         "model.max_position_embeddings", "too small for prompt + max_new_tokens")
+    need(cfg.model.max_position_embeddings >= env_max_prompt_tokens(cfg) + r.max_new_tokens,
+         "model.max_position_embeddings", "too small for the longest prompt + max_new_tokens")
+
+
+def validate_env(cfg: Config, need) -> None:
+    """The environment's own section, checked by the environment (megatron_opd/envs/)."""
+    from megatron_opd.envs import validate_env_config
+
+    validate_env_config(cfg, need)
+
+
+def env_max_prompt_tokens(cfg: Config) -> int:
+    """The longest prompt the environment can produce (memory plans, position limits)."""
+    from megatron_opd.envs import max_prompt_tokens
+
+    return max_prompt_tokens(cfg)
 
 
 def run_teacher_spec(cfg: Config) -> MoEModelSpec:
@@ -578,7 +616,7 @@ def validate_slurm_section(s: SlurmConfig) -> None:
 def validate_objective(cfg: Config) -> None:
     """The objective's terms against each other and against what the fleets will deliver: a
     combination that cannot train is refused before anything starts."""
-    from megatron_opd.objectives.compose import NEEDS_TOPK, TERMS
+    from megatron_opd.objectives.names import NEEDS_TOPK, TERMS
 
     def need(cond: bool, key: str, why: str) -> None:
         if not cond:
@@ -680,8 +718,39 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     for item in overrides:
         apply_override(data, item)
     cfg = _build(Config, data)
+    resolve_init_specs(cfg, data)
     validate(cfg)
     return cfg
+
+
+def resolve_init_specs(cfg: Config, data: dict) -> None:
+    """A checkpoint named by `init.student` / `init.teacher` that is readable here defines its
+    architecture: `model` / `teacher.model` become what its config.json says. Keys the YAML
+    spells out must agree with it (a mismatch names the key). A directory that is not here
+    (it lives on the cluster's filesystem) leaves the YAML's spec as it is: `plan` and
+    `submit --dry-run` work from anywhere, `train` refuses a missing directory."""
+    from megatron_opd.convert.hf_config import UnsupportedConfig, spec_from_hf_config
+
+    for init_key, spec_key, given in (
+            ("student", "model", data.get("model") or {}),
+            ("teacher", "teacher.model", (data.get("teacher") or {}).get("model") or {})):
+        path = Path(getattr(cfg.init, init_key) or "") / "config.json"
+        if not getattr(cfg.init, init_key) or not path.is_file():
+            continue
+        try:
+            hf = spec_from_hf_config(yaml.safe_load(path.read_text()), where=str(path))
+        except (UnsupportedConfig, KeyError, yaml.YAMLError) as e:
+            raise ConfigError(f"init.{init_key}: {e}") from None
+        for key, value in given.items():
+            if hasattr(hf, key) and getattr(hf, key) != _coerce(
+                    value, typing.get_type_hints(MoEModelSpec)[key], f"{spec_key}.{key}"):
+                raise ConfigError(f"{spec_key}.{key}: {value!r} but init.{init_key} = "
+                                  f"{path.parent} has {getattr(hf, key)!r} (its config.json "
+                                  f"defines the model; drop the key or fix it)")
+        if init_key == "student":
+            cfg.model = hf
+        else:
+            cfg.teacher.model = hf
 
 
 def dump_config(cfg: Config) -> str:
@@ -690,5 +759,6 @@ def dump_config(cfg: Config) -> str:
 
 def config_from_dict(data: dict) -> Config:
     cfg = _build(Config, data)
+    resolve_init_specs(cfg, data)
     validate(cfg)
     return cfg

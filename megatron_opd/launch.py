@@ -117,22 +117,43 @@ class LocalSite:
     address = "127.0.0.1"  # the learner's sockets and the weight-sync rendezvous bind here
     rollout_server_world_size = 1  # GPUs (ranks) per rollout server
 
-    def servers(self, cfg: Config, prepared, logs: Path) -> dict:
-        return make_servers(cfg, prepared, logs)
+    def servers(self, cfg: Config, models, logs: Path) -> dict:
+        return make_servers(cfg, models, logs)
 
     def learner_command(self, cfg: Config, run_dir: Path) -> list[str]:
         return _learner_command(cfg, run_dir)
 
 
-def check_startable(cfg: Config) -> None:
-    """What `megatron-opd plan` accepts but a run cannot start from yet, refused up front."""
+def check_startable(cfg: Config, *, here: bool = True) -> None:
+    """What a run needs on disk, refused before any process starts: the checkpoints named by
+    `init.*` (config.json, weights, the student's tokenizer), one vocabulary for student and
+    teacher, and the prompt files. `here=False` (`submit --dry-run` away from the cluster)
+    skips what only the cluster's filesystem holds."""
+    if not here:
+        return
     for key in ("student", "teacher"):
-        if getattr(cfg.init, key):
-            raise ConfigError(
-                f"init.{key}: runs from external Hugging Face checkpoints need a prompt dataset "
-                "and the checkpoint's tokenizer, which megatron-opd does not load yet (prompts "
-                "come from the synthetic digit task of the prepared models); `megatron-opd plan` "
-                "checks such configs, and tools/convert_checkpoint.py converts their weights")
+        path = getattr(cfg.init, key)
+        if not path:
+            continue
+        d = Path(path)
+        if not (d / "config.json").is_file():
+            raise ConfigError(f"init.{key}: {d} is not a Hugging Face model directory (no "
+                              "config.json); point it at one (tools/convert_checkpoint.py "
+                              "megatron-to-hf makes one from a learner checkpoint)")
+        if not any(d.glob("*.safetensors")):
+            raise ConfigError(f"init.{key}: {d} has no *.safetensors weights")
+    for key in ("train", "eval"):
+        path = getattr(cfg.data, key)
+        if cfg.env.name == "chat" and path and not Path(path).exists():
+            raise ConfigError(f"data.{key}: {path} does not exist")
+    if cfg.init.student:
+        from megatron_opd.data.tokenizers import TokenizerMismatch, compare_vocabularies
+
+        try:  # token ids cross between the two models: one vocabulary, or nothing starts
+            compare_vocabularies(cfg.init.student, cfg.init.teacher)
+        except TokenizerMismatch as e:
+            raise ConfigError(f"init.teacher: its tokenizer differs from init.student's "
+                              f"({e}); cross-tokenizer distillation is not supported") from None
 
 
 def train(cfg: Config) -> dict:
@@ -151,8 +172,8 @@ def run(cfg: Config, site, *, preempt_signal: int | None = None) -> dict:
     With `preempt_signal` (the Slurm driver's warning signal), that signal asks the learner to
     checkpoint and exit at its next step; the summary then says `preempted` and the caller
     requeues. SIGTERM and Ctrl-C stop everything at once (what was accepted is in the spool)."""
+    from megatron_opd.envs import prepare_models
     from megatron_opd.learner import preemption
-    from megatron_opd.prepare import prepare
 
     run_dir = prepare_run_dir(cfg)
     preemption.clear(run_dir)
@@ -163,15 +184,15 @@ def run(cfg: Config, site, *, preempt_signal: int | None = None) -> dict:
                   "then the run stops", flush=True)
 
         previous_preempt = signal.signal(preempt_signal, _ask_learner_to_checkpoint)
-    prepared = prepare(cfg, progress=cfg.logging.progress)
+    models = prepare_models(cfg, progress=cfg.logging.progress)
     from megatron_opd.learner.main import masked_token_ids
 
-    masked_token_ids(cfg.objective.masked_tokens, prepared.student_dir)  # a bad token fails here
+    masked_token_ids(cfg.objective.masked_tokens, models.student_dir)  # a bad token fails here
     logs = run_dir / "logs"
     # In offline mode (teacher.mode=offline) the teacher server scores nothing for training: it
     # serves evaluation only (the exact reverse KL against the teacher); the rollout server
     # serves the store's build (version 0, before the learner starts) and evaluation.
-    fleets = site.servers(cfg, prepared, logs)
+    fleets = site.servers(cfg, models, logs)
     servers = [s for fleet in ("teacher", "rollout") for s in fleets[fleet]]
     children: list[Child] = []
     previous_term = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -189,16 +210,17 @@ def run(cfg: Config, site, *, preempt_signal: int | None = None) -> dict:
         teacher_urls = [s.url for s in fleets["teacher"]]
         offline_store = ""
         if cfg.teacher.mode == "offline":  # made here if missing, with the fresh servers
-            from megatron_opd.offline_store import build_store
+            from megatron_opd.offline_build import build_store
 
             offline_store = str(build_store(cfg, rollout_urls[0], teacher_urls[0],
+                                            str(models.student_dir),
                                             progress=cfg.logging.progress).path)
         addr = site.address
         wiring = RunWiring(
             run_dir=str(run_dir), rollout_urls=rollout_urls, teacher_urls=teacher_urls,
             samples_endpoint=f"tcp://{addr}:{_free_port(addr)}",
             control_endpoint=f"tcp://{addr}:{_free_port(addr)}",
-            teacher_dir=str(prepared.teacher_dir), student_dir=str(prepared.student_dir),
+            teacher_dir=str(models.teacher_dir), student_dir=str(models.student_dir),
             weight_sync_master_addr=addr, weight_sync_master_port=_free_port(addr),
             rollout_server_world_size=site.rollout_server_world_size,
             offline_store=offline_store, secret_file=_run_secret(cfg, run_dir))
@@ -227,7 +249,7 @@ def run(cfg: Config, site, *, preempt_signal: int | None = None) -> dict:
     if preempted is not None:  # stopped early with a checkpoint: no final evaluation
         return {"preempted": preempted, "train_seconds": train_seconds,
                 "total_seconds": time.time() - t_start}
-    summary = _summary(records, train_seconds, time.time() - t_start, prepared.meta)
+    summary = _summary(records, train_seconds, time.time() - t_start, models.meta)
     if (run_dir / RESTARTS_FILE).exists():
         summary["server_restarts"] = json.loads((run_dir / RESTARTS_FILE).read_text())
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -253,16 +275,16 @@ def server_options(cfg: Config) -> dict:
     return dict(dtype=sv.dtype, max_total_tokens=sv.max_total_tokens, threads=sv.threads or None)
 
 
-def make_servers(cfg: Config, prepared, logs: Path) -> dict:
+def make_servers(cfg: Config, models, logs: Path) -> dict:
     """The run's SGLang servers (not started), as fleets of one on this machine: the teacher, and
-    the rollout server with the student init at weight version 0."""
+    the rollout server with the student init at weight version 0 (`models`: envs.RunModels)."""
     from megatron_opd.serving.sglang_server import SGLangServer
 
     common = server_options(cfg)
     return {
-        "teacher": [SGLangServer("teacher", str(prepared.teacher_dir), _free_port(),
+        "teacher": [SGLangServer("teacher", str(models.teacher_dir), _free_port(),
                                  str(logs / "teacher.log"), **common)],
-        "rollout": [SGLangServer("rollout", str(prepared.student_dir), _free_port(),
+        "rollout": [SGLangServer("rollout", str(models.student_dir), _free_port(),
                                  str(logs / "rollout.log"), extra_args=("--weight-version", "0"),
                                  enable_return_routed_experts=cfg.train.routing_replay == "r3",
                                  **common)],
@@ -327,8 +349,10 @@ def _update_bar(bar, metrics_path: Path) -> None:
     if len(records) > bar.n:
         last = records[-1]
         bar.update(len(records) - bar.n)
-        bar.set_postfix(loss=f"{last['train/loss']:.3f}", kl=f"{last['eval/reverse_kl']:.3f}",
-                        acc=f"{last['eval/accuracy']:.2f}", v=last["weights/version"])
+        shown = {"loss": f"{last['train/loss']:.3f}", "kl": f"{last['eval/reverse_kl']:.3f}"}
+        if "eval/accuracy" in last:
+            shown["acc"] = f"{last['eval/accuracy']:.2f}"
+        bar.set_postfix(**shown, v=last["weights/version"])
 
 
 def _summary(records: list[dict], train_seconds: float, total_seconds: float, prepared: dict) -> dict:
@@ -339,8 +363,37 @@ def _summary(records: list[dict], train_seconds: float, total_seconds: float, pr
         "steps": max(r["step"] for r in records if "train/loss" in r) + 1,
         "final_version": last["weights/version"],
         "eval/reverse_kl": {"initial": kl0, "final": kl1, "relative_drop": 1 - kl1 / kl0},
-        "eval/accuracy": {"initial": first["eval/accuracy"], "final": last["eval/accuracy"]},
+        **({"eval/accuracy": {"initial": first["eval/accuracy"], "final": last["eval/accuracy"]}}
+           if "eval/accuracy" in last else {}),
         "teacher_accuracy": prepared.get("teacher", {}).get("eval_accuracy"),
         "train_seconds": train_seconds,
         "total_seconds": total_seconds,
     }
+
+
+def precompute_teacher(cfg: Config):
+    """`megatron-opd precompute-teacher`: the offline store of this config, made if missing
+    (starts a rollout server with the student init and a teacher server, and stops both)."""
+    from megatron_opd.envs import prepare_models
+    from megatron_opd.offline_build import build_store
+    from megatron_opd.offline_store import open_store, store_key, store_path
+
+    store = open_store(store_path(cfg), store_key(cfg))
+    if store is not None:
+        return store
+    check_startable(cfg)
+    models = prepare_models(cfg, progress=cfg.logging.progress)
+    path = store_path(cfg)
+    logs = path.with_name(path.name + ".logs")
+    fleets = make_servers(cfg, models, logs)
+    servers = fleets["rollout"] + fleets["teacher"]
+    try:
+        for s in servers:
+            s.start()
+        for s in servers:
+            s.wait_ready(timeout=cfg.server.start_timeout_s)
+        return build_store(cfg, fleets["rollout"][0].url, fleets["teacher"][0].url,
+                           str(models.student_dir), progress=cfg.logging.progress)
+    finally:
+        for s in servers:
+            s.stop()

@@ -1,8 +1,8 @@
 """Offline OPD data (ALGORITHMS.md §9, Lightning OPD): student rollouts scored once by the teacher.
 
 `megatron-opd precompute-teacher` (and `megatron-opd train` with `teacher.mode=offline`, when the
-store is missing) samples `teacher.offline_samples` responses of the student's *init* from the
-task's training stream, with the live run's sampler (`rollout.*`, groups of `rollout.group_size`)
+store is missing; both through megatron_opd/offline_build.py) samples `teacher.offline_samples`
+responses of the student's *init* from the environment's training stream, with the live run's sampler (`rollout.*`, groups of `rollout.group_size`)
 and rewards, scores them with the teacher (sampled-token log-prob, top-K when `teacher.top_k > 0`)
 and stores them. Training then reads the store in order, cycling, and never asks the teacher.
 
@@ -10,7 +10,10 @@ Layout of a store directory:
     manifest.json      format, version, config hash, teacher revision, count, K, group size,
                        sampler, one entry per shard {file, count, sha256}
     shard-00000.npz    up to SHARD_SIZE samples as flat arrays + offsets (numpy .npz of plain
-    ...                numeric / fixed-width unicode arrays; read with allow_pickle=False)
+    ...                numeric / fixed-width unicode arrays; read with allow_pickle=False); each
+                       sample's environment metadata as a JSON string
+
+This module is the data format only: it starts no server and makes no request.
 
 Writes are atomic: shards and then the manifest go into a temporary sibling directory that is
 renamed into place at the end. A directory without a manifest (or whose shards do not match their
@@ -26,8 +29,6 @@ import os
 import shutil
 import time
 import uuid
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -38,7 +39,7 @@ from megatron_opd.config import Config, to_dict
 from megatron_opd.transport import Sample
 
 FORMAT = "megatron-opd-offline"
-OFFLINE_VERSION = 1  # bump when what is stored, or how it is made, changes
+OFFLINE_VERSION = 2  # bump when what is stored, or how it is made, changes
 SHARD_SIZE = 1024
 MANIFEST = "manifest.json"
 # Per-sample arrays ([n]) and per-token arrays (flat over the shard's responses, [sum T, ...]).
@@ -56,12 +57,12 @@ class StoreError(RuntimeError):
 # ------------------------------------------------------------------------------ identity
 def store_config(cfg: Config) -> dict:
     """Everything that decides the stored data (the hash covers exactly this)."""
-    from megatron_opd.prepare import cache_key
+    from megatron_opd.envs import models_identity
 
     r, t = cfg.rollout, cfg.teacher
     return {"format": FORMAT, "version": OFFLINE_VERSION,
-            "prepared": cache_key(cfg),  # teacher + student init (task, models, SFT, seed)
-            "task": to_dict(cfg.task), "seed": cfg.run.seed,
+            "models": models_identity(cfg),  # teacher + student init
+            "env": to_dict(cfg.env), "data": to_dict(cfg.data), "seed": cfg.run.seed,
             "rollout": {"temperature": r.temperature, "top_p": r.top_p,
                         "max_new_tokens": r.max_new_tokens, "group_size": r.group_size},
             "teacher": {"top_k": t.top_k, "revision": t.revision,
@@ -96,7 +97,8 @@ def _shard_arrays(samples: list[Sample], group_of: dict[str, int]) -> dict[str, 
     out["top_p"] = np.asarray([s.top_p for s in samples], dtype=np.float64)
     out["group"] = np.asarray([group_of[s.group_id] for s in samples], dtype=np.int64)
     # fixed-width unicode arrays: plain numpy dtypes, no pickling involved
-    out["op"] = np.asarray([str(s.metadata.get("op", "")) for s in samples], dtype=np.str_)
+    out["metadata"] = np.asarray([json.dumps(s.metadata, sort_keys=True) for s in samples],
+                                 dtype=np.str_)
     out["finish_reason"] = np.asarray([s.finish_reason for s in samples], dtype=np.str_)
     return out
 
@@ -221,7 +223,7 @@ class OfflineStore:
                     teacher_topk_ids=z["teacher_topk_ids"][a:b],
                     teacher_topk_logprobs=z["teacher_topk_logprobs"][a:b],
                     teacher_revision=revision, reward=float(z["reward"][i]),
-                    metadata={"op": str(z["op"][i]), "offline": True},
+                    metadata={**json.loads(str(z["metadata"][i])), "offline": True},
                     finish_reason=str(z["finish_reason"][i]),
                     temperature=float(z["temperature"][i]), top_p=float(z["top_p"][i]))
                 n += 1
@@ -270,89 +272,3 @@ def open_store(path: str | Path, expect_hash: str | None = None) -> OfflineStore
     if missing:
         raise StoreError(f"{path}: shards missing: {missing}")
     return OfflineStore(path, manifest)
-
-
-# ------------------------------------------------------------------------------ building
-def generate_samples(cfg: Config, rollout, teacher, progress: bool = False) -> list[Sample]:
-    """`teacher.offline_samples` samples, rounded up to whole groups, from the run's training
-    stream, made and scored exactly as the live orchestrator makes them, in a deterministic
-    order."""
-    from tqdm import tqdm
-
-    from megatron_opd.orchestrator import rollout_and_score, training_stream
-    from megatron_opd.task import DigitTask
-
-    task = DigitTask.from_config(cfg.task, cfg.model.vocab_size)
-    stream = training_stream(cfg, task)
-    k, want = cfg.rollout.prompts_per_request, cfg.teacher.offline_samples
-    samples: list[Sample] = []
-    counter = 0
-    bar = tqdm(total=want, desc="precompute teacher", unit="sample", disable=not progress)
-
-    def submit(pool):
-        nonlocal counter
-        examples = [next(stream) for _ in range(k)]
-        ids = [f"offline-{counter + i:09d}" for i in range(k)]
-        counter += k
-        return pool.submit(rollout_and_score, cfg, task, rollout, teacher, examples, ids)
-
-    with ThreadPoolExecutor(cfg.rollout.max_inflight_requests) as pool:
-        pending = deque(submit(pool) for _ in range(cfg.rollout.max_inflight_requests))
-        while len(samples) < want:
-            for group in pending.popleft().result():  # in submission order: deterministic
-                if len(samples) < want:
-                    samples.extend(group)
-                    bar.update(len(group))
-            if len(samples) < want:
-                pending.append(submit(pool))
-        for f in pending:
-            f.cancel()
-    bar.close()
-    return samples
-
-
-def build_store(cfg: Config, rollout_url: str, teacher_url: str,
-                progress: bool = False) -> OfflineStore:
-    """Reuse the store of this config, or make it with the given servers (the rollout server
-    must serve the student init, version 0)."""
-    from megatron_opd.serving.sglang_client import SGLangClient
-
-    path, key = store_path(cfg), store_key(cfg)
-    store = open_store(path, key)
-    if store is not None:
-        return store
-    t0 = time.time()
-    timeout = cfg.server.request_timeout_s
-    samples = generate_samples(cfg, SGLangClient(rollout_url, timeout=timeout),
-                               SGLangClient(teacher_url, timeout=timeout), progress)
-    write_store(path, samples, key, extra={"config": store_config(cfg),
-                                           "seconds": time.time() - t0})
-    print(f"[offline] stored {len(samples)} teacher-scored samples in {path} "
-          f"({time.time() - t0:.0f} s)", flush=True)
-    return open_store(path, key)
-
-
-def precompute_teacher(cfg: Config) -> OfflineStore:
-    """`megatron-opd precompute-teacher`: the store of this config, made if missing (starts a
-    rollout server with the student init and a teacher server, and stops both)."""
-    from megatron_opd.launch import make_servers
-    from megatron_opd.prepare import prepare
-
-    store = open_store(store_path(cfg), store_key(cfg))
-    if store is not None:
-        return store
-    prepared = prepare(cfg, progress=cfg.logging.progress)
-    path = store_path(cfg)
-    logs = path.with_name(path.name + ".logs")
-    fleets = make_servers(cfg, prepared, logs)
-    servers = fleets["rollout"] + fleets["teacher"]
-    try:
-        for s in servers:
-            s.start()
-        for s in servers:
-            s.wait_ready(timeout=cfg.server.start_timeout_s)
-        return build_store(cfg, fleets["rollout"][0].url, fleets["teacher"][0].url,
-                           progress=cfg.logging.progress)
-    finally:
-        for s in servers:
-            s.stop()

@@ -1,7 +1,8 @@
 """The orchestrator process: prompts → rollout fleet → teacher fleet → samples to the learner.
 
-Each prompt is sampled `rollout.group_size` times (a GRPO group: one group_id, rewards from the
-task verifier, sent back to back). With `teacher.mode=offline` the samples come from the offline
+Prompts, loss masks and rewards come from the run's environment (megatron_opd/envs/). Each
+prompt is sampled `rollout.group_size` times (a GRPO group: one group_id, rewards from the
+environment's verifier, sent back to back). With `teacher.mode=offline` the samples come from the offline
 store instead (megatron_opd/offline_store.py), and no rollout or teacher request is made for
 training.
 
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_opd.config import Config, load_config
-from megatron_opd.task import DigitTask
+from megatron_opd.envs import Environment, EnvPrompt
 from megatron_opd.transport import (ControlSubscriber, Sample, SampleClient, Shutdown,
                                     WeightsPublished)
 from megatron_opd.wiring import RunWiring
@@ -71,30 +72,25 @@ def _compact(routed: np.ndarray | None) -> np.ndarray | None:
     return routed.astype(np.uint8 if top < 256 else np.int16 if top < 32768 else np.int32)
 
 
-def training_stream(cfg: Config, task: DigitTask):
-    """The run's stream of training prompts (held-out prompts excluded); live rollouts and the
-    offline store draw from the same one."""
-    held_out = {ex.prompt_ids for ex in task.eval_set(cfg.task.num_eval_prompts, cfg.run.seed)}
-    return task.train_stream(cfg.run.seed + 3, held_out)
-
-
-def sampling_params(cfg: Config, task: DigitTask) -> dict:
+def sampling_params(cfg: Config, env: Environment) -> dict:
     """No sampling seed: the group_size copies of a prompt in one request sample independently
     (temperature > 0 is validated)."""
     return {"temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p,
-            "max_new_tokens": cfg.rollout.max_new_tokens, "stop_token_ids": [task.eos]}
+            "max_new_tokens": cfg.rollout.max_new_tokens,
+            "stop_token_ids": list(env.special.stop_ids)}
 
 
-def request_prompts(examples, group_size: int) -> list[list[int]]:
+def request_prompts(examples: list[EnvPrompt], group_size: int) -> list[list[int]]:
     """The sequences of one /generate call: each prompt repeated group_size times, back to back
     (copy j of prompt i at position i * group_size + j)."""
-    return [list(ex.prompt_ids) for ex in examples for _ in range(group_size)]
+    return [list(ex.token_ids) for ex in examples for _ in range(group_size)]
 
 
-def make_groups(cfg: Config, task: DigitTask, examples, results, scores,
+def make_groups(cfg: Config, env: Environment, examples: list[EnvPrompt], results, scores,
                 group_ids: list[str]) -> list[list[Sample]]:
     """Generate + score results of one request (laid out as `request_prompts`) -> one list of
-    Samples per prompt: its group_size responses, one group_id, rewards from the task verifier.
+    Samples per prompt: its group_size responses, one group_id, loss masks and rewards from the
+    environment.
 
     A group in which any response came back empty (e.g. an aborted request) is dropped whole,
     so every group that reaches the learner has exactly group_size samples (batches then hold
@@ -113,36 +109,35 @@ def make_groups(cfg: Config, task: DigitTask, examples, results, scores,
             n = len(res.output_ids)
             group.append(Sample(
                 sample_id=gid if g == 1 else f"{gid}-{j}", group_id=gid,
-                prompt_ids=np.asarray(ex.prompt_ids, dtype=np.int32),
+                prompt_ids=np.asarray(ex.token_ids, dtype=np.int32),
                 response_ids=np.asarray(res.output_ids, dtype=np.int32),
-                loss_mask=np.ones(n, dtype=np.uint8),  # single-turn task: every token trains
+                loss_mask=env.loss_mask(ex, res.output_ids),
                 behaviour_logprobs=np.asarray(res.output_logprobs, dtype=np.float32),
                 token_versions=np.asarray(res.token_versions, dtype=np.int64),
                 teacher_logprobs=np.asarray(sc.logprobs, dtype=np.float32),
                 teacher_topk_ids=np.asarray(sc.topk_ids, dtype=np.int32).reshape(n, k),
                 teacher_topk_logprobs=np.asarray(sc.topk_logprobs, dtype=np.float32).reshape(n, k),
                 teacher_revision=cfg.teacher.revision, routed_experts=_compact(res.routed_experts),
-                # the response ends with <eos> when the model stopped: is_correct expects it there
-                reward=1.0 if task.is_correct(ex.prompt_ids, res.output_ids) else 0.0,
-                metadata={"op": ex.op}, created_at=time.time(), finish_reason=res.finish_reason,
+                reward=env.reward(ex, res.output_ids), metadata=dict(ex.metadata),
+                created_at=time.time(), finish_reason=res.finish_reason,
                 temperature=float(cfg.rollout.temperature), top_p=float(cfg.rollout.top_p),
             ))
         out.append(group)
     return out
 
 
-def rollout_and_score(cfg: Config, task: DigitTask, rollout, teacher, examples,
+def rollout_and_score(cfg: Config, env: Environment, rollout, teacher, examples: list[EnvPrompt],
                       group_ids: list[str]) -> list[list[Sample]]:
     """One request: group_size responses per prompt from the rollout fleet, every one scored by
     the teacher (sampled-token log-prob, and top-K when teacher.top_k > 0)."""
     prompts = request_prompts(examples, cfg.rollout.group_size)
     results = rollout.generate(
-        prompts, sampling_params(cfg, task), return_logprob=True,
+        prompts, sampling_params(cfg, env), return_logprob=True,
         return_routed_experts=cfg.train.routing_replay == "r3",
         routed_experts_shape=(cfg.model.num_layers, cfg.model.moe_router_topk))
     scores = teacher.score([p + list(r.output_ids) for p, r in zip(prompts, results)],
                            start=[len(p) for p in prompts], top_k=cfg.teacher.top_k)
-    return make_groups(cfg, task, examples, results, scores, group_ids)
+    return make_groups(cfg, env, examples, results, scores, group_ids)
 
 
 def accepted_in_checkpoint(run_dir: Path):
@@ -165,8 +160,10 @@ def accepted_in_checkpoint(run_dir: Path):
 def run_orchestrator(cfg: Config, wiring: RunWiring) -> None:
     from megatron_opd.serving.sglang_client import fleet_client
 
-    task = DigitTask.from_config(cfg.task, cfg.model.vocab_size)
-    stream = training_stream(cfg, task)
+    from megatron_opd.envs import make_env
+
+    env = make_env(cfg, wiring.student_dir)
+    stream = env.train_prompts()
     stream_lock = threading.Lock()
     counter = itertools.count()
     # requests that fail because a server is down are re-issued (other URL, or after restart)
@@ -192,13 +189,19 @@ def run_orchestrator(cfg: Config, wiring: RunWiring) -> None:
                 examples, ids = [], []
                 with stream_lock:  # prompt i always gets id <run>-i: ids survive restarts
                     while len(examples) < k:
-                        ex, gid = next(stream), f"{cfg.run.name}-{next(counter):09d}"
+                        ex = next(stream, None)
+                        if ex is None:  # a finite dataset ran out before train.steps
+                            raise RuntimeError(
+                                f"data.train: the {cfg.data.epochs} epoch(s) of prompts ended "
+                                "before train.steps; raise data.epochs (0: endless) or lower "
+                                "train.steps")
+                        gid = f"{cfg.run.name}-{next(counter):09d}"
                         if fully_accepted(gid):  # trained or spooled before a restart
                             skipped += 1
                             continue
                         examples.append(ex)
                         ids.append(gid)
-                for group in rollout_and_score(cfg, task, rollout, teacher, examples, ids):
+                for group in rollout_and_score(cfg, env, rollout, teacher, examples, ids):
                     ready.put(group)
         except BaseException as e:  # surface in the main thread: the process must die loudly
             errors.append(e)

@@ -348,7 +348,9 @@ def check_init_dir(spec: MoEModelSpec, path: str, spec_key: str, init_key: str) 
 def sequence_length(cfg: Config, prompt_tokens: int | None) -> tuple[int, int]:
     """(prompt tokens, sequence length the learner pads to: prompt + rollout.max_new_tokens,
     capped by model.max_position_embeddings)."""
-    prompt = 3 + cfg.task.max_digits if prompt_tokens is None else prompt_tokens
+    from megatron_opd.envs import max_prompt_tokens
+
+    prompt = max_prompt_tokens(cfg) if prompt_tokens is None else prompt_tokens
     return prompt, min(prompt + cfg.rollout.max_new_tokens, cfg.model.max_position_embeddings)
 
 
@@ -389,7 +391,8 @@ def make_plan(cfg: Config, prompt_tokens: int | None = None) -> dict:
                             f"{spec_key} (fine if it lives on the cluster's filesystem)")
     if not cfg.init.student and cfg.model.num_layers * cfg.model.hidden_size > 4096:
         warnings.append("init.student is empty: `megatron-opd prepare` would train this student "
-                        "from scratch on the digit task; point init.student at a checkpoint")
+                        "from scratch on the digits environment; point init.student at a "
+                        "checkpoint")
     if prompt + cfg.rollout.max_new_tokens > seq:
         warnings.append(f"prompt + rollout.max_new_tokens exceeds model.max_position_embeddings "
                         f"= {cfg.model.max_position_embeddings}: sequences capped at {seq}")

@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_quickstart_loads_and_overrides_apply():
     cfg = load_config(ROOT / "configs/quickstart.yaml", ["train.steps=7", "async.max_staleness=0",
-                                                         "rollout.top_p=0.9", "task.ops=[rev]"])
+                                                         "rollout.top_p=0.9", "env.digits.ops=[rev]"])
     assert cfg.train.steps == 7 and cfg.async_.max_staleness == 0
-    assert cfg.rollout.top_p == 0.9 and cfg.task.ops == ["rev"]
+    assert cfg.rollout.top_p == 0.9 and cfg.env.digits.ops == ["rev"]
 
 
 def test_resolved_config_round_trips():
@@ -34,7 +34,10 @@ def test_resolved_config_round_trips():
     ("logging.progress=3", "logging.progress"),
     ("objective.kl_logprobs=magic", "objective.kl_logprobs"),
     ("async.max_staleness=-1", "async.max_staleness"),
-    ("task.ops=[nope]", "task.ops[0]"),
+    ("env.digits.ops=[nope]", "env.digits.ops[0]"),
+    ("env.name=chat", "data.train"),
+    ("env.name=nope", "env.name"),
+    ("data.max_prompt_tokens=0", "data.max_prompt_tokens"),
     ("model.num_kv_heads=3", "model.num_kv_heads"),
     ("rollout.max_new_tokens=2", "rollout.max_new_tokens"),
     ("train=5", "train"),

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from megatron_opd.objectives import opd_advantages, sampled_token_opd_loss
+from megatron_opd.objectives.sampled_token_opd import opd_advantages, sampled_token_opd_loss
 
 
 def reference_loss(lp, mu, q, m, kl_coef, use_current, gamma, lo, hi):

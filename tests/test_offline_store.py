@@ -149,7 +149,7 @@ def test_shards_hold_only_plain_arrays_and_pickles_are_refused(tmp_path):
     # a shard that needs pickle (an object array), even with a matching hash, is refused
     with np.load(shard, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
-    arrays["op"] = np.array([{"evil": 1}] * len(arrays["op"]), dtype=object)
+    arrays["metadata"] = np.array([{"evil": 1}] * len(arrays["metadata"]), dtype=object)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     shard.write_bytes(buf.getvalue())
@@ -179,7 +179,8 @@ def test_store_identity_follows_what_makes_the_data():
 
 
 # ------------------------------------------------------------------ real servers (slow)
-TINY = ["task.ops=[rev]", "task.min_digits=2", "task.max_digits=3", "task.num_eval_prompts=8",
+TINY = ["env.digits.ops=[rev]", "env.digits.min_digits=2", "env.digits.max_digits=3",
+        "env.num_eval_prompts=8",
         "prepare.teacher_steps=30", "prepare.student_steps=10", "prepare.batch_size=32",
         "rollout.max_new_tokens=6", "rollout.group_size=2", "rollout.prompts_per_request=4",
         "teacher.top_k=4", "teacher.offline_samples=14", "logging.progress=false",
@@ -191,8 +192,8 @@ def test_precompute_teacher_with_real_servers_matches_transformers(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from megatron_opd.prepare import cache_key
-    from megatron_opd.task import DigitTask
+    from megatron_opd.envs.digits import DigitsEnv
+    from megatron_opd.envs.digits_models import cache_key
 
     overrides = TINY + [f"run.cache_dir={tmp_path / 'cache'}"]
     cmd = [sys.executable, "-m", "megatron_opd.cli", "precompute-teacher", "--config",
@@ -210,7 +211,7 @@ def test_precompute_teacher_with_real_servers_matches_transformers(tmp_path):
     groups = list(store.groups())
     assert len(samples) == 14 and [len(g) for g in groups] == [2] * 7
 
-    task = DigitTask.from_config(cfg.task, cfg.model.vocab_size)
+    task = DigitsEnv(cfg).task
     prepared = tmp_path / "cache" / f"prepared-{cache_key(cfg)}"
     teacher = AutoModelForCausalLM.from_pretrained(prepared / "teacher", dtype=torch.float32).eval()
     student = AutoModelForCausalLM.from_pretrained(prepared / "student_init",

@@ -13,7 +13,7 @@ import pytest
 from megatron_opd.config import load_config
 from megatron_opd.orchestrator import make_groups, request_prompts, rollout_and_score
 from megatron_opd.serving.sglang_client import GenerateResult, ScoreResult
-from megatron_opd.task import DigitTask
+from megatron_opd.envs.digits import DigitsEnv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,22 +41,29 @@ def score(n, K, seed):
                        -rng.random((n, K)).astype(np.float32))
 
 
+def digits(cfg):
+    """(environment, its DigitTask: builds prompts and answers by hand)"""
+    env = DigitsEnv(cfg)
+    return env, env.task
+
+
 def two_prompts(task):
-    return [task.make("rev", [1, 2, 3]), task.make("sort", [3, 1, 2, 2])]
+    return [DigitsEnv._prompt(task.make("rev", [1, 2, 3])),
+            DigitsEnv._prompt(task.make("sort", [3, 1, 2, 2]))]
 
 
 def test_request_prompts_repeats_each_prompt_back_to_back():
     cfg = config()
-    task = DigitTask.from_config(cfg.task, cfg.model.vocab_size)
+    env, task = digits(cfg)
     ex = two_prompts(task)
-    assert request_prompts(ex, 3) == [list(ex[0].prompt_ids)] * 3 + [list(ex[1].prompt_ids)] * 3
-    assert request_prompts(ex, 1) == [list(e.prompt_ids) for e in ex]
+    assert request_prompts(ex, 3) == [list(ex[0].token_ids)] * 3 + [list(ex[1].token_ids)] * 3
+    assert request_prompts(ex, 1) == [list(e.token_ids) for e in ex]
 
 
 def test_make_groups_sets_one_group_id_rewards_and_sampler_info():
     cfg = config("rollout.group_size=3", "train.batch_size=48", "teacher.top_k=2",
                  "rollout.temperature=0.8", "rollout.top_p=0.95")
-    task = DigitTask.from_config(cfg.task, cfg.model.vocab_size)
+    env, task = digits(cfg)
     ex = two_prompts(task)
     eos = "<eos>"
     responses = [  # prompt 0: rev 1 2 3 -> 3 2 1 <eos>; prompt 1: sort 3 1 2 2 -> 1 2 2 3 <eos>
@@ -69,7 +76,7 @@ def test_make_groups_sets_one_group_id_rewards_and_sampler_info():
     ]
     results = [result(r, version=i % 2) for i, r in enumerate(responses)]
     scores = [score(len(r), 2, i) for i, r in enumerate(responses)]
-    groups = make_groups(cfg, task, ex, results, scores, ["run-000000001", "run-000000002"])
+    groups = make_groups(cfg, env, ex, results, scores, ["run-000000001", "run-000000002"])
     assert [len(g) for g in groups] == [3, 3]
     assert [s.reward for g in groups for s in g] == [1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
     flat = [s for g in groups for s in g]
@@ -77,7 +84,7 @@ def test_make_groups_sets_one_group_id_rewards_and_sampler_info():
     assert len({s.sample_id for s in flat}) == 6
     for i, s in enumerate(flat):
         s.validate()
-        assert s.prompt_ids.tolist() == list(ex[i // 3].prompt_ids)
+        assert s.prompt_ids.tolist() == list(ex[i // 3].token_ids)
         assert s.response_ids.tolist() == responses[i]
         assert s.temperature == 0.8 and s.top_p == 0.95
         assert np.array_equal(s.behaviour_logprobs, results[i].output_logprobs)
@@ -85,25 +92,25 @@ def test_make_groups_sets_one_group_id_rewards_and_sampler_info():
         assert np.array_equal(s.teacher_logprobs, scores[i].logprobs)
         assert s.teacher_topk_ids.shape == (len(responses[i]), 2)
         assert np.array_equal(s.teacher_topk_logprobs, scores[i].topk_logprobs)
-        assert s.metadata["op"] == ex[i // 3].op
+        assert s.metadata["op"] == ex[i // 3].source
 
 
 def test_a_group_with_an_empty_response_is_dropped_whole():
     cfg = config("rollout.group_size=2")
-    task = DigitTask.from_config(cfg.task, cfg.model.vocab_size)
+    env, task = digits(cfg)
     ex = two_prompts(task)
     responses = [ids(task, ["3", "<eos>"]), [], ids(task, ["1", "<eos>"]), ids(task, ["2"])]
-    groups = make_groups(cfg, task, ex, [result(r) for r in responses],
+    groups = make_groups(cfg, env, ex, [result(r) for r in responses],
                          [score(len(r), 0, 0) for r in responses], ["g1", "g2"])
     assert [[s.sample_id for s in g] for g in groups] == [["g2-0", "g2-1"]]
 
 
 def test_group_size_1_keeps_the_sample_id_and_fills_the_reward():
     cfg = config()
-    task = DigitTask.from_config(cfg.task, cfg.model.vocab_size)
+    env, task = digits(cfg)
     ex = two_prompts(task)
     responses = [ids(task, ["3", "2", "1", "<eos>"]), ids(task, ["1", "2", "2", "<eos>"])]
-    groups = make_groups(cfg, task, ex, [result(r) for r in responses],
+    groups = make_groups(cfg, env, ex, [result(r) for r in responses],
                          [score(len(r), 0, 0) for r in responses], ["x1", "x2"])
     assert [(s.sample_id, s.group_id, s.reward) for g in groups for s in g] == \
         [("x1", "x1", 1.0), ("x2", "x2", 0.0)]
@@ -130,10 +137,10 @@ class FakeTeacher:
 
 def test_rollout_and_score_requests_group_copies_and_scores_prompt_plus_response():
     cfg = config("rollout.group_size=2", "teacher.top_k=4", "rollout.temperature=0.9")
-    task = DigitTask.from_config(cfg.task, cfg.model.vocab_size)
+    env, task = digits(cfg)
     ex = two_prompts(task)
     rollout, teacher = FakeRollout(task), FakeTeacher()
-    groups = rollout_and_score(cfg, task, rollout, teacher, ex, ["g1", "g2"])
+    groups = rollout_and_score(cfg, env, rollout, teacher, ex, ["g1", "g2"])
     (prompts, sampling, kw), = rollout.calls
     assert prompts == request_prompts(ex, 2)
     assert sampling["temperature"] == 0.9 and sampling["top_p"] == 1.0
@@ -159,12 +166,12 @@ def test_offline_feeder_streams_whole_stored_groups_in_order_cycling(tmp_path):
     cfg = config("teacher.mode=offline", "rollout.group_size=2", "train.batch_size=8",
                  "parallel.micro_batch_size=8", "async.max_staleness=0",
                  "rollout.prompts_per_request=4", "run.name=r1")
-    task = DigitTask.from_config(cfg.task, cfg.model.vocab_size)
+    env, task = digits(cfg)
     stored = []
     for i in range(3):  # 3 groups of 2 = 6 samples; the learner will want 16
-        ex = [task.make("rev", [i, 1, 2])]
+        ex = [DigitsEnv._prompt(task.make("rev", [i, 1, 2]))]
         responses = [ids(task, [str(2), "1", str(i), "<eos>"]), ids(task, ["9", "<eos>"])]
-        stored += make_groups(cfg, task, ex, [result(r) for r in responses],
+        stored += make_groups(cfg, env, ex, [result(r) for r in responses],
                               [score(len(r), 0, i) for r in responses], [f"g{i}"])[0]
     write_store(tmp_path / "store", stored, "hash0")
     wiring = RunWiring(run_dir=str(tmp_path), rollout_urls=["http://127.0.0.1:9"],

@@ -1,8 +1,9 @@
-"""The synthetic task the quickstart distils: transform a digit string.
+"""The digits environment (`env.name: digits`), the quickstart's toy: transform a digit string.
 
 Prompt: `<bos> OP d1 .. dn =`, answer: `r1 .. rn <eos>` where r = OP(d). Exact answers give a task
 accuracy; a model trained on it longer (the teacher) is genuinely better than a briefly trained one
-(the student's init). Held-out prompts are fixed by the seed and never drawn for training.
+(the student's init). Held-out prompts are fixed by the seed and never drawn for training. Its
+models are made here (`digits_models.prepare`): the task has its own word-level vocabulary.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_opd.envs.base import Environment, EnvPrompt, SpecialIds
 from megatron_opd.tokenizer import BOS, EOS, SPECIALS
 
 KNOWN_OPS = {
@@ -50,9 +52,10 @@ class DigitTask:
         self.max_answer_len = max_digits + 1
 
     @classmethod
-    def from_config(cls, task_cfg, vocab_size: int) -> "DigitTask":
-        return cls(task_cfg.ops, task_cfg.min_digits, task_cfg.max_digits, vocab_size,
-                   task_cfg.num_digits_symbols)
+    def from_config(cls, digits_cfg, vocab_size: int) -> "DigitTask":
+        """From the `env.digits` section."""
+        return cls(digits_cfg.ops, digits_cfg.min_digits, digits_cfg.max_digits, vocab_size,
+                   digits_cfg.num_digits_symbols)
 
     def make(self, op: str, digits: list[int]) -> Example:
         out = KNOWN_OPS[op](list(digits))
@@ -99,3 +102,61 @@ class DigitTask:
 
     def decode(self, ids) -> str:
         return " ".join(self.vocab[i] for i in ids)
+
+
+# ----------------------------------------------------------------------------- the environment
+TRAIN_SEED_OFFSET = 3  # the training stream's seed is run.seed + 3 (the quickstart's history)
+
+
+def validate_digits(cfg, need) -> None:
+    """The `env.digits` section and what it asks of the rest of the config."""
+    d = cfg.env.digits
+    need(len(d.ops) > 0, "env.digits.ops", "needs at least one op")
+    for i, op in enumerate(d.ops):
+        need(op in KNOWN_OPS, f"env.digits.ops[{i}]", f"unknown op {op!r}; known: {sorted(KNOWN_OPS)}")
+    need(len(set(d.ops)) == len(d.ops), "env.digits.ops", "has duplicates")
+    need(1 <= d.min_digits <= d.max_digits, "env.digits.min_digits",
+         "must be in [1, env.digits.max_digits]")
+    need(2 <= d.num_digits_symbols <= 10, "env.digits.num_digits_symbols", "must be in [2, 10]")
+    need(cfg.rollout.max_new_tokens >= d.max_digits + 1, "rollout.max_new_tokens",
+         f"must be >= env.digits.max_digits + 1 = {d.max_digits + 1} (answer + <eos>)")
+    need(not cfg.init.student and not cfg.init.teacher, "init.student",
+         "the digits environment trains the models `megatron-opd prepare` makes (its own "
+         "vocabulary); use env.name=chat with data.train for a Hugging Face checkpoint")
+
+
+def digits_max_prompt_tokens(cfg) -> int:
+    return 3 + cfg.env.digits.max_digits
+
+
+class DigitsEnv(Environment):
+    name = "digits"
+
+    def __init__(self, cfg):
+        self.task = DigitTask.from_config(cfg.env.digits, cfg.model.vocab_size)
+        self.special = SpecialIds(pad=self.task.pad, eos=self.task.eos, stop_ids=(self.task.eos,),
+                                  bos=self.task.bos)
+        self._seed, self._num_eval = cfg.run.seed, cfg.env.num_eval_prompts
+
+    @staticmethod
+    def _prompt(ex: Example) -> EnvPrompt:
+        return EnvPrompt(ex.prompt_ids, source=ex.op, metadata={"op": ex.op})
+
+    def eval_prompts(self) -> list[EnvPrompt]:
+        return [self._prompt(ex) for ex in self.task.eval_set(self._num_eval, self._seed)]
+
+    def train_prompts(self):
+        held_out = {ex.prompt_ids for ex in self.task.eval_set(self._num_eval, self._seed)}
+        for ex in self.task.train_stream(self._seed + TRAIN_SEED_OFFSET, held_out):
+            yield self._prompt(ex)
+
+    @property
+    def has_verifier(self) -> bool:
+        return True
+
+    def reward(self, prompt: EnvPrompt, response_ids) -> float:
+        # the response ends with <eos> when the model stopped: is_correct expects it there
+        return 1.0 if self.task.is_correct(prompt.token_ids, response_ids) else 0.0
+
+    def decode(self, ids) -> str:
+        return self.task.decode(ids)

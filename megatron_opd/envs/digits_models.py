@@ -1,4 +1,4 @@
-"""`megatron-opd prepare`: make the quickstart's models here, with no downloads.
+"""`megatron-opd prepare`: make the digits environment's models here, with no downloads.
 
 The teacher (a larger Qwen3-MoE) is fine-tuned long on the synthetic task, the student's init (the
 tiny Qwen3-MoE the learner trains) only briefly, so the teacher is genuinely better. Both are saved
@@ -21,7 +21,7 @@ import torch
 
 from megatron_opd.config import Config, to_dict
 from megatron_opd.models.spec import MoEModelSpec, to_hf_config
-from megatron_opd.task import DigitTask, Example
+from megatron_opd.envs.digits import DigitTask, Example
 from megatron_opd.tokenizer import save_tokenizer
 
 PREPARE_VERSION = 2  # bump when the recipe changes, so stale caches are not reused
@@ -36,9 +36,16 @@ class PreparedModels:
 
 
 def cache_key(cfg: Config) -> str:
-    blob = json.dumps({"v": PREPARE_VERSION, "task": to_dict(cfg.task), "model": to_dict(cfg.model),
+    # "task" is the digits section's old name: cache keys of existing caches stay valid
+    blob = json.dumps({"v": PREPARE_VERSION, "task": _task_key(cfg), "model": to_dict(cfg.model),
                        "prepare": to_dict(cfg.prepare), "seed": cfg.run.seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _task_key(cfg: Config) -> dict:
+    d = cfg.env.digits
+    return {"ops": d.ops, "min_digits": d.min_digits, "max_digits": d.max_digits,
+            "num_eval_prompts": cfg.env.num_eval_prompts, "num_digits_symbols": d.num_digits_symbols}
 
 
 def prepare(cfg: Config, progress: bool = True) -> PreparedModels:
@@ -50,8 +57,8 @@ def prepare(cfg: Config, progress: bool = True) -> PreparedModels:
     tmp = root.with_name(root.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    task = DigitTask.from_config(cfg.task, cfg.model.vocab_size)
-    eval_set = task.eval_set(cfg.task.num_eval_prompts, cfg.run.seed)
+    task = DigitTask.from_config(cfg.env.digits, cfg.model.vocab_size)
+    eval_set = task.eval_set(cfg.env.num_eval_prompts, cfg.run.seed)
     exclude = {ex.prompt_ids for ex in eval_set}
     meta: dict = {"cache_key": cache_key(cfg), "created_at": time.time()}
     teacher_spec = _with_task_ids(cfg.prepare.teacher_model, task, cfg.model.vocab_size)

@@ -45,7 +45,7 @@ def objective_loss_fn(objective, tp_group, masked_ids: tuple[int, ...] = ()) -> 
     entropy, logits at the teacher's top-K ids: two collectives per chunk), never the gathered
     vocabulary; vOPD's full-vocab KL is one more chunked pass over this rank's shard."""
     from megatron_opd.learner.vocab_parallel import vocab_parallel_reverse_kl
-    from megatron_opd.objectives import ObjectiveInputs, objective_loss
+    from megatron_opd.objectives.compose import ObjectiveInputs, objective_loss
 
     tip = objective.token_selection.method == "tip"
     want_entropy = objective.log_entropy or tip

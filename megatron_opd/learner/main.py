@@ -35,16 +35,17 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
                                                  split_microbatches, wrap_for_training)
     from megatron_opd.models.hf_mapping import iter_hf_weights, load_hf_checkpoint, save_hf_checkpoint
     from megatron_opd.models.precision import resolve_here
+    from megatron_opd.envs import make_env
     from megatron_opd.models.qwen3_moe import build_model_chunks, transformer_config
-    from megatron_opd.task import DigitTask
 
     run_dir = Path(wiring.run_dir)
     install_megatron_cpu_compat()
     groups = init_distributed(cfg.parallel, seed=cfg.run.seed)
     rank0 = dist.get_rank() == 0
-    task = DigitTask.from_config(cfg.task, cfg.model.vocab_size)
-    spec = dataclasses.replace(cfg.model, bos_token_id=task.bos, eos_token_id=task.eos,
-                               pad_token_id=task.pad)
+    env = make_env(cfg, wiring.student_dir)  # special ids, held-out prompts, decoding
+    special = env.special
+    spec = dataclasses.replace(cfg.model, eos_token_id=special.eos, pad_token_id=special.pad,
+                               **({} if special.bos is None else {"bos_token_id": special.bos}))
     precision = resolve_here(cfg.precision, distributed_optimizer=cfg.train.distributed_optimizer)
     print(f"[learner] precision: {precision.describe()}", flush=True)
     r3 = cfg.train.routing_replay == "r3"
@@ -66,7 +67,7 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
     io = _RankZeroIO(cfg, wiring, state, resumed=resume_from is not None) if rank0 else None
     loss_fn = objective_loss_fn(cfg.objective, groups.tp,
                                 masked_token_ids(cfg.objective.masked_tokens, wiring.student_dir))
-    eval_set = task.eval_set(cfg.task.num_eval_prompts, cfg.run.seed)
+    eval_set = env.eval_prompts()
 
     def publish() -> float:  # every rank gathers; rank 0 streams to the rollout fleet
         from megatron_opd.weight_sync import publish_with_retries
@@ -80,10 +81,11 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
         return t
 
     def run_eval() -> dict:
-        return evaluate(ddp, groups, task, eval_set, io and io.rollout, io and io.teacher,
+        return evaluate(ddp, groups, env, eval_set, io and io.rollout, io and io.teacher,
                         state.version, spec.vocab_size, cfg.rollout.max_new_tokens,
                         seed=cfg.run.seed + state.version,
-                        micro_batch_size=cfg.parallel.micro_batch_size)
+                        micro_batch_size=cfg.parallel.micro_batch_size,
+                        samples_dir=run_dir / "samples" if rank0 else None)
 
     def checkpoint(hf_export=None) -> None:
         if rank0:
@@ -112,7 +114,8 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
             destroy_distributed()
             return last_eval
         t0 = time.time()
-        samples, batch, stale = (io.next_batch(cfg, state, task) if rank0 else (None, None, None))
+        samples, batch, stale = (io.next_batch(cfg, state, special.pad) if rank0
+                                 else (None, None, None))
         t_wait = time.time() - t0
         batch = broadcast_batch(batch)
         if r3 and batch.routed_experts is None:
@@ -240,7 +243,7 @@ class _RankZeroIO:
     def release_spool(self, state) -> None:
         self.spool.release_through(int(state.data_cursor.get("consumed_through", -1)))
 
-    def next_batch(self, cfg: Config, state, task):
+    def next_batch(self, cfg: Config, state, pad_id: int):
         from megatron_opd.learner.batch import collate
         from megatron_opd.learner.io import receive_samples
 
@@ -258,7 +261,7 @@ class _RankZeroIO:
         samples = [s for _, s in taken]
         # Offline OPD data is fixed off-policy data by design (version 0): no staleness bound.
         bound = None if cfg.teacher.mode == "offline" else cfg.async_.max_staleness
-        batch, stale = collate(samples, task.pad, state.version, bound)
+        batch, stale = collate(samples, pad_id, state.version, bound)
         return samples, batch, stale
 
     def log(self, state, samples, stale, last_eval: dict, train: dict) -> None:

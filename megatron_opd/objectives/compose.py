@@ -23,13 +23,8 @@ from megatron_opd.objectives.lsm import first_occurrence_mask, lsm_loss, renorma
 from megatron_opd.objectives.policy_gradient import masked_mean, masked_where
 from megatron_opd.objectives.sampled_token_opd import pick_kl_logprobs, sampled_token_opd_loss
 from megatron_opd.objectives.token_selection import tip_select
+from megatron_opd.objectives.names import NEEDS_TOPK, PG_TERMS, TERMS  # noqa: F401 (re-export)
 from megatron_opd.objectives.vopd import vopd_loss
-
-TERMS = ("sampled_token_opd", "lsm", "aopd", "vopd", "grpo_opd", "offline_opd")
-# Terms that read the student's logits at the teacher's top-K ids (teacher.top_k >= 1).
-NEEDS_TOPK = ("lsm", "aopd")
-# Terms trained with a policy-gradient ratio against pi_old.
-PG_TERMS = ("sampled_token_opd", "aopd", "vopd", "grpo_opd", "offline_opd")
 
 
 @dataclass

@@ -105,7 +105,7 @@ class SlurmSite:
             args.insert(1, f"--het-group={ROLES.index(role)}")
         return args
 
-    def servers(self, cfg: Config, prepared, logs: Path) -> dict:
+    def servers(self, cfg: Config, models, logs: Path) -> dict:
         from megatron_opd.serving.sglang_server import RemoteSGLangServer
 
         from megatron_opd.launch import server_options
@@ -114,8 +114,8 @@ class SlurmSite:
         endpoints = self.run_dir / "endpoints"
         endpoints.mkdir(exist_ok=True)
         fleets: dict[str, list] = {}
-        for role, model_dir in (("teacher", prepared.teacher_dir),
-                                ("rollout", prepared.student_dir)):
+        for role, model_dir in (("teacher", models.teacher_dir),
+                                ("rollout", models.student_dir)):
             per_server = getattr(cfg.cluster, role).gpus_per_server
             per_node = gpus // per_server if gpus else 1
             fleets[role] = []

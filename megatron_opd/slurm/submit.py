@@ -25,7 +25,7 @@ def submit(cfg: Config, *, dry_run: bool = False, workdir: Path | None = None) -
     from megatron_opd.slurm.script import render
 
     validate_cluster_fit(cfg)
-    check_startable(cfg)
+    check_startable(cfg, here=not dry_run)  # a dry run may render away from the cluster
     run_dir = prepare_run_dir(cfg)  # refuses a finished run / another config, wipes on overwrite
     # The job must never wipe what it resumes from: `run.overwrite` was honoured just now.
     cfg.run.overwrite = False
