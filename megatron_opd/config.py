@@ -462,7 +462,7 @@ def validate(cfg: Config) -> None:
             check_hf_expressible(cfg.teacher.model, "teacher.model")
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        need(cfg.teacher.model.max_position_embeddings
+        need(not _spec_known(cfg.init.teacher) or cfg.teacher.model.max_position_embeddings
              >= env_max_prompt_tokens(cfg) + cfg.rollout.max_new_tokens,
              "teacher.model.max_position_embeddings", "too small for prompt + max_new_tokens "
              "(the teacher scores whole sequences)")
@@ -542,8 +542,16 @@ def validate(cfg: Config) -> None:
     need(cfg.server.max_total_tokens >= 256, "server.max_total_tokens", "must be >= 256")
     need(cfg.server.threads >= 0, "server.threads", "must be >= 0")
     need(cfg.server.max_restarts >= 0, "server.max_restarts", "must be >= 0")
-    need(cfg.model.max_position_embeddings >= env_max_prompt_tokens(cfg) + r.max_new_tokens,
-         "model.max_position_embeddings", "too small for the longest prompt + max_new_tokens")
+    need(not _spec_known(cfg.init.student)
+         or cfg.model.max_position_embeddings >= env_max_prompt_tokens(cfg) + r.max_new_tokens,
+         "model.max_position_embeddings", "too small for the longest prompt + max_new_tokens "
+         "(lower data.max_prompt_tokens or rollout.max_new_tokens)")
+
+
+def _spec_known(init_dir: str) -> bool:
+    """False while a checkpoint's architecture is only the YAML's stand-in (its directory is on
+    another machine's filesystem): checks of its limits wait until the run starts there."""
+    return not init_dir or (Path(init_dir) / "config.json").is_file()
 
 
 def validate_env(cfg: Config, need) -> None:
@@ -676,8 +684,7 @@ def validate_parallel(p: ParallelConfig, spec: MoEModelSpec, prefix: str = "para
          f"must divide model.num_attention_heads = {spec.num_attention_heads}")
     need(spec.num_kv_heads % tp == 0, "tensor_parallel",
          f"must divide model.num_kv_heads = {spec.num_kv_heads} (each rank holds whole KV groups)")
-    need(spec.vocab_size % tp == 0, "tensor_parallel",
-         f"must divide model.vocab_size = {spec.vocab_size} (the vocabulary is sharded over TP)")
+    # no vocab_size % tp check: megatron pads the vocabulary (models.spec.padded_vocab_size)
     need(spec.num_experts % p.expert_parallel == 0, "expert_parallel",
          f"must divide model.num_experts = {spec.num_experts}")
     need(spec.moe_ffn_hidden_size % etp == 0, "expert_tensor_parallel",

@@ -142,18 +142,40 @@ def check_startable(cfg: Config, *, here: bool = True) -> None:
                               "megatron-to-hf makes one from a learner checkpoint)")
         if not any(d.glob("*.safetensors")):
             raise ConfigError(f"init.{key}: {d} has no *.safetensors weights")
-    for key in ("train", "eval"):
-        path = getattr(cfg.data, key)
-        if cfg.env.name == "chat" and path and not Path(path).exists():
-            raise ConfigError(f"data.{key}: {path} does not exist")
+    if cfg.env.name == "chat":
+        _check_prompt_files(cfg)
     if cfg.init.student:
         from megatron_opd.data.tokenizers import TokenizerMismatch, compare_vocabularies
 
         try:  # token ids cross between the two models: one vocabulary, or nothing starts
             compare_vocabularies(cfg.init.student, cfg.init.teacher)
         except TokenizerMismatch as e:
-            raise ConfigError(f"init.teacher: its tokenizer differs from init.student's "
-                              f"({e}); cross-tokenizer distillation is not supported") from None
+            raise ConfigError(f"init.teacher: {e}") from None
+
+
+def _check_prompt_files(cfg: Config) -> None:
+    """Every row of the prompt files parses (a malformed one is named by file and line, or
+    skipped and counted with `data.bad_rows=skip`) before any server starts."""
+    from megatron_opd.data.prompts import PromptDataError, read_prompt_rows
+
+    d = cfg.data
+    for key in ("train", "eval"):
+        path = getattr(d, key)
+        if not path:
+            continue
+        if not Path(path).exists():
+            raise ConfigError(f"data.{key}: {path} does not exist")
+        try:
+            rows = read_prompt_rows(path, prompt_key=d.prompt_key, label_key=d.label_key,
+                                    on_error="skip" if d.bad_rows == "skip" else "raise")
+        except PromptDataError as e:
+            raise ConfigError(f"data.{key}: {e} (or set data.bad_rows=skip to skip and count "
+                              "malformed rows)") from None
+        if not rows.rows:
+            raise ConfigError(f"data.{key}: {path} holds no usable prompt")
+        skipped = f", {rows.skipped} malformed skipped" if rows.skipped else ""
+        print(f"[megatron-opd] data.{key}: {len(rows.rows)} prompts in {path}{skipped}",
+              flush=True)
 
 
 def train(cfg: Config) -> dict:

@@ -67,7 +67,7 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
     io = _RankZeroIO(cfg, wiring, state, resumed=resume_from is not None) if rank0 else None
     loss_fn = objective_loss_fn(cfg.objective, groups.tp,
                                 masked_token_ids(cfg.objective.masked_tokens, wiring.student_dir))
-    eval_set = env.eval_prompts()
+    eval_set = env.eval_prompts() if rank0 else []  # rank 0 asks the servers
 
     def publish() -> float:  # every rank gathers; rank 0 streams to the rollout fleet
         from megatron_opd.weight_sync import publish_with_retries
