@@ -86,25 +86,81 @@ def objective_loss_fn(objective, tp_group, masked_ids: tuple[int, ...] = ()) -> 
     return loss_fn
 
 
-def reverse_kl_fn(tp_group, tp_rank: int) -> LossFn:
-    """Forward-only metric: exact KL(pi || q) over the whole vocabulary at every response token,
-    with q given as full-vocab teacher log-probs `teacher_full_logprobs` [b, T, V]; each TP rank
-    sums its vocab shard, one all-reduce completes it."""
+def mask_padded_vocab_(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> torch.Tensor:
+    """In place (no-grad use only): this rank's logits columns at global ids >= `vocab_size` set
+    to -inf, so a vocabulary megatron padded to a multiple of TP has probability 0 there and
+    stays out of every normaliser. Rank r holds ids [r*V_local, (r+1)*V_local)."""
+    v_local = logits.shape[-1]
+    keep = max(0, min(v_local, vocab_size - tp_rank * v_local))
+    if keep < v_local:
+        logits[..., keep:] = -torch.inf
+    return logits
+
+
+def sampled_kl_terms(logprobs: torch.Tensor, teacher_logprobs: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token unbiased estimators of KL(pi || q) from y ~ pi (ALGORITHMS.md §1), float64:
+    k1 = log pi(y) - log q(y);  k3 = (r - 1) - log r with r = q(y) / pi(y) (>= 0 per token,
+    E[k3] = KL when q's support lies in pi's, as for any softmax). log q(y) = -inf gives +inf."""
+    log_r = teacher_logprobs.double() - logprobs.double()
+    return -log_r, torch.expm1(log_r) - log_r
+
+
+def _exact_reverse_kl(logits: torch.Tensor, d: dict, logsumexp: torch.Tensor, tp_group,
+                      tp_rank: int, vocab_size: int) -> torch.Tensor:
+    """[b, T] sum_v p_v (log p_v - log q_v) over the true vocabulary from this rank's shard
+    (logits already masked beyond `vocab_size`) and full-vocab teacher log-probs
+    `teacher_full_logprobs` [b, T, vocab_size]; one SUM all-reduce completes it. Builds
+    [b, T, V_local] tensors: small vocabularies only."""
+    cdtype = torch.promote_types(logits.dtype, torch.float32)
+    z = response_logits(logits, d["response_index"]).to(cdtype)
+    logp = z - logsumexp.to(cdtype).unsqueeze(-1)
+    v_local = z.shape[-1]
+    v0 = tp_rank * v_local
+    logq = torch.full_like(z, -torch.inf)
+    own = max(0, min(v_local, vocab_size - v0))  # teacher columns this shard holds
+    if own:
+        logq[..., :own] = d["teacher_full_logprobs"][..., v0:v0 + own].to(cdtype)
+    p = logp.exp()
+    # p == 0 (padded or underflowed ids) contributes 0 even where q == 0; p > 0, q == 0 is +inf.
+    kl = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(kl, group=tp_group)
+    return kl
+
+
+# Columns of the per-response table `eval_kl_fn` fills (float64, one row per micro-batch row).
+EVAL_KL_COLUMNS = ("k1_sum", "k3_sum", "tokens", "exact_kl_sum")
+
+
+def eval_kl_fn(tp_group, tp_rank: int, vocab_size: int, *, exact: bool,
+               rows_out: dict[int, torch.Tensor], chunk_tokens: int = 4096) -> LossFn:
+    """Forward-only held-out KL(pi || q) on student-sampled responses. Reads `response_index`,
+    `response_ids`, `loss_mask` and `teacher_logprobs` (log q(y_t) of the sampled tokens) [b, T];
+    with `exact`, also `teacher_full_logprobs` [b, T, vocab_size]. Logits columns at ids >=
+    `vocab_size` (megatron's TP padding) are treated as absent (masked in place: call under
+    no_grad). log pi(y_t) comes from `vocab_parallel_token_stats` (chunked, vocab-sharded: the
+    sampled path builds nothing vocabulary-wide beyond a [chunk_tokens, V_local] scratch).
+    Fills `rows_out[mb.index]` with a CPU float64 [b, 4] table (EVAL_KL_COLUMNS: per-response
+    sums of k1, k3 and the exact KL (0 unless `exact`) over masked tokens, and token counts)."""
     def loss_fn(logits: torch.Tensor, mb: MicroBatch):
         d = mb.data
-        z = response_logits(logits, d["response_index"]).float()
-        # Only the log-normaliser is needed; id 0 is a valid global id on every rank.
-        stats = vocab_parallel_token_stats(z, torch.zeros_like(d["response_index"]), group=tp_group)
-        logp = z - stats.logsumexp.unsqueeze(-1)
-        v0 = tp_rank * z.shape[-1]
-        logq = d["teacher_full_logprobs"][..., v0:v0 + z.shape[-1]]
-        p = logp.exp()
-        # p == 0 contributes 0 even where q == 0; p > 0 with q == 0 is an infinite KL.
-        kl = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
-        if tp_group is not None and dist.get_world_size(tp_group) > 1:
-            dist.all_reduce(kl, group=tp_group)
-        mask = d["loss_mask"]
-        n = mask.sum()
-        total = (kl * mask).sum()
-        return total.detach(), n, {"reverse_kl": (total, n)}
+        mask_padded_vocab_(logits, vocab_size, tp_rank)
+        stats = vocab_parallel_token_stats(logits, d["response_ids"], group=tp_group,
+                                           positions=d["response_index"],
+                                           chunk_tokens=chunk_tokens)
+        keep = d["loss_mask"] > 0
+        k1, k3 = sampled_kl_terms(stats.logprobs, d["teacher_logprobs"])
+        zero = torch.zeros((), dtype=torch.float64, device=k1.device)
+        cols = [torch.where(keep, k1, zero).sum(1), torch.where(keep, k3, zero).sum(1),
+                keep.sum(1).double()]
+        if exact:
+            kl = _exact_reverse_kl(logits, d, stats.logsumexp, tp_group, tp_rank, vocab_size)
+            cols.append(torch.where(keep, kl.double(), zero).sum(1))
+        else:
+            cols.append(torch.zeros_like(cols[0]))
+        table = torch.stack(cols, dim=1)
+        rows_out[mb.index] = table.cpu()
+        n = keep.sum()
+        return table[:, 1].sum().float(), n, {}
     return loss_fn
