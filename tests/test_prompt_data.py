@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from hf_fixtures import CHAR_SPECIALS, CHARS, chatml, make_char_tokenizer, write_chat_prompts
+from tests.hf_fixtures import CHAR_SPECIALS, CHARS, chatml, make_char_tokenizer, write_chat_prompts
 from megatron_opd.data import (
     PromptDataError, PromptRow, PromptStream, encode_prompt, load_tokenizer, read_prompt_rows,
 )

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from hf_fixtures import CHARS, chatml, make_char_tokenizer, make_hf_moe
+from tests.hf_fixtures import CHARS, chatml, make_char_tokenizer, make_hf_moe
 from megatron_opd.data import (
     PromptRow, SpecialIds, TokenizerError, TokenizerMismatch, compare_vocabularies, decode,
     encode_prompt, load_tokenizer, special_ids,

@@ -80,7 +80,7 @@ def read_prompt_rows(path: str | Path, prompt_key: str = "messages", label_key: 
         try:
             if isinstance(record, _RowError):
                 raise record
-            rows.append(parse_row(record, f"{p.name}:{n}", prompt_key, label_key))
+            rows.append(_parse_row(record, f"{p.name}:{n}", prompt_key, label_key))
         except _RowError as e:
             msg = f"{where(path, n)}: {e}"
             if on_error == "raise":
@@ -152,7 +152,7 @@ def _dataset_dir_records(p: Path) -> Iterator[tuple[int, Any]]:
             index += 1
 
 
-def parse_row(record: Any, row_id: str, prompt_key: str = "messages",
+def _parse_row(record: Any, row_id: str, prompt_key: str = "messages",
               label_key: str = "label") -> PromptRow:
     """Validate one decoded record into a PromptRow; raises _RowError saying what is wrong."""
     if not isinstance(record, Mapping):

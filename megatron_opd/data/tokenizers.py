@@ -55,8 +55,11 @@ def _read_json(path: Path) -> dict[str, Any]:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise TokenizerError(f"{path}: unreadable JSON: {e}") from None
-    # Multimodal configs keep the language model's ids under text_config.
-    return {**cfg.get("text_config", {}), **cfg} if isinstance(cfg, dict) else {}
+    if not isinstance(cfg, dict):
+        return {}
+    # Multimodal configs keep the language model's ids under text_config (a top-level null
+    # does not hide them).
+    return {**(cfg.get("text_config") or {}), **{k: v for k, v in cfg.items() if v is not None}}
 
 
 def _id_list(value: Any, source: str) -> list[int]:
