@@ -103,6 +103,12 @@ class ChatEnv(Environment):
             yield self._prompt(row, ids)
 
     # ------------------------------------------------------------------------- responses
+    def loss_mask(self, prompt: EnvPrompt, response_ids) -> np.ndarray:
+        """Every generated token trains, except ids the tokenizer lacks (a model vocabulary
+        padded past the tokenizer: such a row can be sampled from an untrained model, has no
+        text, and is kept out of the loss)."""
+        return (np.asarray(response_ids) < len(self.tokenizer)).astype(np.uint8)
+
     @property
     def has_verifier(self) -> bool:
         return self.cfg.env.verifier != "none"
@@ -114,7 +120,8 @@ class ChatEnv(Environment):
 
     def answer_text(self, response_ids) -> str:
         """The response as the verifier reads it: special tokens and outer white space gone."""
-        ids = [int(i) for i in response_ids if int(i) not in self._special_set]
+        ids = [int(i) for i in response_ids
+               if int(i) not in self._special_set and int(i) < len(self.tokenizer)]
         return self.tokenizer.decode(ids).strip()
 
     def decode(self, ids) -> str:
