@@ -64,7 +64,7 @@ def test_verifier_loss_mask_and_special_ids(files):
     p = env.eval_prompts()[0]
     right = t(f" {p.label}\n", add_special_tokens=False)["input_ids"] + [eos]
     assert env.reward(p, right) == 1.0  # special tokens and outer white space do not count
-    assert env.reward(p, right[:3] + [eos]) == 0.0  # " " + two letters of a longer answer
+    assert env.reward(p, right[:2] + [eos]) == 0.0  # " " + one letter: labels have >= 2
     padded = right[:2] + [len(t)] + right[2:]  # a model row the tokenizer lacks
     assert env.loss_mask(p, padded).tolist() == [1, 1, 0] + [1] * (len(right) - 2)
     assert env.reward(p, padded) == 1.0
