@@ -1,5 +1,7 @@
 """`tools/convert_checkpoint.py {hf-to-megatron,megatron-to-hf}`: argument parsing, the model
-spec, the layout; a layout of more than one rank re-runs this under torchrun."""
+spec, the layout; a layout of more than one rank re-runs this under torchrun. Bad input of any
+kind (arguments, configs, files) ends in one line `megatron-opd: error: <what>, <fix>` and exit
+status 2, with nothing partial written."""
 
 from __future__ import annotations
 
@@ -29,8 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--ckpt", required=True, help="checkpoints directory (uses `latest`), a "
                    "step_<N> directory or its megatron/ directory")
     b.add_argument("--out", required=True, help="HF directory to write")
-    b.add_argument("--hf-config", help="config.json (or HF directory) describing the model; "
-                   "default: the checkpoint's meta.json, else its run's config.yaml")
+    b.add_argument("--hf-config", help="the HF model directory (or its config.json) the "
+                   "checkpoint descends from: the model spec, and config.json / generation "
+                   "config / tokenizer carried into --out; default: what the checkpoint's "
+                   "meta.json records, else its run's config.yaml (model:, init.student)")
     b.add_argument("--tokenizer", help="directory whose tokenizer files are copied to --out")
     b.add_argument("--dtype", choices=sorted(DTYPES), help="HF tensor dtype (default: stored)")
     for p in (a, b):
@@ -51,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+_NOT_ARCHITECTURE = ("bos_token_id", "eos_token_id", "pad_token_id", "make_vocab_size_divisible_by")
 _LAYOUT_FLAGS = ("tensor_parallel", "pipeline_parallel", "virtual_pipeline_parallel",
                  "expert_parallel", "expert_tensor_parallel")
 
@@ -65,11 +70,11 @@ def _layout(args, spec):
         cfg = load_config(args.config)
         layout = cfg.parallel
         mine, theirs = dataclasses.asdict(spec), dataclasses.asdict(cfg.model)
-        differ = [k for k in mine if k not in ("bos_token_id", "eos_token_id", "pad_token_id")
-                  and mine[k] != theirs[k]]
+        differ = [k for k in mine if k not in _NOT_ARCHITECTURE and mine[k] != theirs[k]]
         if differ:
-            raise SystemExit(f"--config {args.config}: model.{differ[0]} = {theirs[differ[0]]!r}"
-                             f" but the checkpoint has {mine[differ[0]]!r}")
+            raise ValueError(f"--config {args.config}: model.{differ[0]} = "
+                             f"{theirs[differ[0]]!r} but the checkpoint has "
+                             f"{mine[differ[0]]!r}, pass the run config of this model")
     changes = {k: getattr(args, k) for k in _LAYOUT_FLAGS if getattr(args, k) is not None}
     layout = dataclasses.replace(layout, **changes)
     need = lcm(layout.tensor_parallel * layout.pipeline_parallel,
@@ -79,7 +84,7 @@ def _layout(args, spec):
     try:
         validate_parallel(layout, spec)
     except ValueError as e:
-        raise SystemExit(f"layout: {e}") from None
+        raise ValueError(f"layout: {e}") from None
     return layout
 
 
@@ -94,11 +99,48 @@ def _spec(args):
     else:
         spec = spec_of_checkpoint(args.ckpt)
         if spec is None:
-            raise SystemExit(f"--ckpt {args.ckpt}: records no model spec (no meta.json `model`, "
-                             f"no run config.yaml): pass --hf-config")
+            raise ValueError(f"--ckpt {args.ckpt}: records no model spec (no meta.json `model`, "
+                             f"no run config.yaml), pass --hf-config")
     if args.family and spec.family != args.family:
-        raise SystemExit(f"--family {args.family}: the checkpoint is a {spec.family} model")
+        raise ValueError(f"--family {args.family}: the checkpoint is a {spec.family} model, "
+                         f"drop --family or pick the right checkpoint")
+    if args.config:  # megatron-only padding of the vocabulary: the run's choice
+        from megatron_opd.config import load_config
+
+        spec = dataclasses.replace(spec, make_vocab_size_divisible_by=load_config(
+            args.config).model.make_vocab_size_divisible_by)
     return spec
+
+
+def _check_inputs(args, spec) -> None:
+    """The input files, before any rank starts (so a bad file is one line and exit 2 even when
+    the conversion would run under torchrun): safetensors headers and tensor names / shapes,
+    or the dist checkpoint's files and the source config / tokenizer carried into the export."""
+    if args.command == "hf-to-megatron":
+        from megatron_opd.convert.hf_io import LazyHFReader
+
+        LazyHFReader(args.hf).check(spec)
+        return
+    from megatron_opd.convert.convert import resolve_megatron_dir, source_of_checkpoint
+    from megatron_opd.convert.dcp import check_files
+    from megatron_opd.convert.hf_export import HFSource, export_config, tokenizer_files
+
+    check_files(resolve_megatron_dir(args.ckpt))
+    source = HFSource.from_path(args.hf_config) if args.hf_config else \
+        source_of_checkpoint(args.ckpt)
+    export_config(spec, DTYPES[args.dtype] if args.dtype else torch.float32, source)
+    if args.tokenizer:
+        tokenizer_files(args.tokenizer)
+
+
+def _error(e: BaseException) -> int:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    print(f"megatron-opd: error: {msg}", file=sys.stderr)
+    return 2
+
+
+# input errors: the CLI prints them on one line and exits 2 (BadCheckpoint is a ValueError)
+_INPUT_ERRORS = (KeyError, ValueError, FileNotFoundError)
 
 
 def _relaunch(world: int, argv: list[str]) -> int:
@@ -114,21 +156,23 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         spec = _spec(args)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(str(e)) from None
-    layout = _layout(args, spec)
+        layout = _layout(args, spec)
+        _check_inputs(args, spec)
+    except _INPUT_ERRORS as e:
+        return _error(e)
     under_torchrun = "RANK" in os.environ
     if layout.world_size > 1 and not under_torchrun:
         return _relaunch(layout.world_size, argv)
     if under_torchrun and int(os.environ["WORLD_SIZE"]) != layout.world_size:
-        raise SystemExit(f"--world-size: the layout needs {layout.world_size} ranks, torchrun "
-                         f"started {os.environ['WORLD_SIZE']}")
+        return _error(ValueError(f"--world-size: the layout needs {layout.world_size} ranks, "
+                                 f"torchrun started {os.environ['WORLD_SIZE']}"))
     return run(args, spec, layout)
 
 
 def run(args, spec, layout) -> int:
     from megatron_opd.compat.megatron_cpu import install_megatron_cpu_compat
     from megatron_opd.convert import convert
+    from megatron_opd.convert.hf_export import HFSource
     from megatron_opd.learner.parallel import destroy_distributed, init_distributed
 
     install_megatron_cpu_compat()
@@ -144,10 +188,12 @@ def run(args, spec, layout) -> int:
                                           dtype=DTYPES[args.dtype] if args.dtype else None,
                                           layers_per_group=args.layers_per_group,
                                           tokenizer_dir=args.tokenizer,
-                                          progress=not args.no_progress)
-    except (KeyError, ValueError, FileNotFoundError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"error: {msg}", file=sys.stderr)
+                                          progress=not args.no_progress,
+                                          source=(HFSource.from_path(args.hf_config)
+                                                  if args.hf_config else None))
+    except _INPUT_ERRORS as e:
+        if groups.rank == 0:  # every rank raises the same input error: print it once
+            _error(e)
         return 2
     finally:
         destroy_distributed()

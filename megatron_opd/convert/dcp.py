@@ -31,7 +31,32 @@ _META = ".metadata"
 def _read(d: Path):
     from torch.distributed.checkpoint import FileSystemReader
 
-    return FileSystemReader(str(d)).read_metadata()
+    from megatron_opd.convert.errors import BadCheckpoint
+
+    try:
+        return FileSystemReader(str(d)).read_metadata()
+    except Exception as e:  # a pickle: truncation shows as any of several exception types
+        raise BadCheckpoint(f"{d / _META}: unreadable ({type(e).__name__}: {e}), the checkpoint "
+                            f"is incomplete: copy it again or use another step") from None
+
+
+def check_files(ckpt_dir: Path) -> None:
+    """Every data file the checkpoint's metadata points into exists and is long enough, or
+    BadCheckpoint naming the first bad one: checked before anything is read or written (DCP
+    itself fails mid-read with a traceback from a worker thread)."""
+    from megatron_opd.convert.errors import BadCheckpoint
+
+    need: dict[str, int] = {}
+    for info in (_read(ckpt_dir).storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for rel, end in sorted(need.items()):
+        f = ckpt_dir / rel
+        if not f.is_file():
+            raise BadCheckpoint(f"{f}: missing (listed in {_META}), the checkpoint is incomplete: "
+                                f"copy the whole directory again or use another step")
+        if f.stat().st_size < end:
+            raise BadCheckpoint(f"{f}: truncated ({f.stat().st_size} of {end} bytes), the "
+                                f"checkpoint is incomplete: copy it again or use another step")
 
 
 LAYER_PREFIX = "decoder.layers."

@@ -1,18 +1,22 @@
 """Hugging Face safetensors, one tensor at a time: a lazy reader (names and shapes come from the
 file headers; a tensor is read from disk only when asked for) and a writer of one safetensors
-file per layer group plus `model.safetensors.index.json`, config.json and the tokenizer."""
+file per layer group plus `model.safetensors.index.json`, config.json and the tokenizer
+(`hf_export`: carried through from the source HF model when known)."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
+from megatron_opd.convert.errors import BadCheckpoint, open_safetensors
+from megatron_opd.convert.hf_export import HFSource, write_metadata
 from megatron_opd.models.hf_mapping import full_to_hf, hf_names
 from megatron_opd.models.sharding import full_shapes
-from megatron_opd.models.spec import MoEModelSpec, to_hf_config
+from megatron_opd.models.spec import MoEModelSpec
 
 
 def expected_hf_shapes(spec: MoEModelSpec) -> dict[str, tuple[int, ...]]:
@@ -31,17 +35,16 @@ class LazyHFReader:
     after every layer group."""
 
     def __init__(self, hf_dir: str | Path):
-        from safetensors import safe_open
-
         self.dir = Path(hf_dir)
         files = sorted(self.dir.glob("*.safetensors"))
         if not files:
-            raise FileNotFoundError(f"--hf: no *.safetensors in {self.dir}")
+            raise BadCheckpoint(f"--hf: no *.safetensors in {self.dir}, point at a Hugging Face "
+                                f"model directory")
         self._handles: dict[Path, object] = {}
         self.file_of: dict[str, Path] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
-        for f in files:
-            with safe_open(str(f), framework="pt") as h:
+        for f in files:  # every header up front: a truncated file fails before any output
+            with open_safetensors(f) as h:
                 for name in h.keys():
                     if name in self.file_of:
                         raise ValueError(f"--hf: tensor {name} is in both "
@@ -53,11 +56,9 @@ class LazyHFReader:
         return self._shapes[name]
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        from safetensors import safe_open
-
         f = self.file_of[name]
         if f not in self._handles:
-            self._handles[f] = safe_open(str(f), framework="pt")
+            self._handles[f] = open_safetensors(f)
         t = self._handles[f].get_tensor(name)
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
@@ -82,18 +83,20 @@ class LazyHFReader:
 
 class HFShardWriter:
     """Writes `model-0000i-of-0000N.safetensors` per call of `write`, then (in `finish`) the
-    index, config.json, generation_config.json and tokenizer files; everything under
-    `<out>.tmp`, renamed into place at the end (a crash never leaves a half-written model)."""
+    index, config.json, generation_config.json and tokenizer files; everything under a hidden
+    temporary directory next to `out`, renamed into place at the end (`abort` removes it), so a
+    failed export never leaves a half-written model."""
 
     def __init__(self, out: str | Path, spec: MoEModelSpec, num_files: int):
         self.out = Path(out)
-        self.tmp = self.out.with_name(self.out.name + ".tmp")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp",
+                                         dir=self.out.parent))
         self.spec, self.num_files = spec, num_files
         self.weight_map: dict[str, str] = {}
         self.total_bytes = 0
+        self.dtype: torch.dtype | None = None
         self._written = 0
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
 
     def write(self, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
@@ -105,38 +108,20 @@ class HFShardWriter:
         for k, t in tensors.items():
             self.weight_map[k] = name
             self.total_bytes += t.numel() * t.element_size()
+            self.dtype = self.dtype or t.dtype
 
-    def finish(self, tokenizer_dir: str | Path | None = None) -> Path:
+    def finish(self, source: HFSource | None = None,
+               tokenizer_dir: str | Path | None = None) -> Path:
         missing = set(hf_names(self.spec)) - set(self.weight_map)
         if missing:
             raise RuntimeError(f"HF export incomplete: {sorted(missing)[:10]} never written")
         (self.tmp / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": self.total_bytes},
              "weight_map": dict(sorted(self.weight_map.items()))}, indent=1))
-        to_hf_config(self.spec).save_pretrained(str(self.tmp))
-        (self.tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": self.spec.bos_token_id, "eos_token_id": self.spec.eos_token_id,
-             "pad_token_id": self.spec.pad_token_id}))
-        if tokenizer_dir is not None:
-            copy_tokenizer(tokenizer_dir, self.tmp)
+        write_metadata(self.tmp, self.spec, self.dtype, source, tokenizer_dir)
         shutil.rmtree(self.out, ignore_errors=True)
         self.tmp.rename(self.out)
         return self.out
 
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
-                    "chat_template.jinja")
-
-
-def copy_tokenizer(src: str | Path, dst: Path) -> list[str]:
-    src = Path(src)
-    if not src.is_dir():
-        raise FileNotFoundError(f"--tokenizer: {src} is not a directory")
-    copied = [f.name for f in src.iterdir() if f.name in _TOKENIZER_FILES]
-    if not copied:
-        raise FileNotFoundError(f"--tokenizer: no tokenizer files ({', '.join(_TOKENIZER_FILES)})"
-                                f" in {src}")
-    for name in copied:
-        shutil.copy2(src / name, dst / name)
-    return copied
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -12,6 +12,13 @@ logits z over the full vocabulary, target id y and softmax p = exp(z - lse):
 The SUM reductions of a chunk of tokens travel in one stacked all_reduce, so a chunk costs two
 collectives (MAX, then SUM) whatever statistics are asked for.
 
+Vocabulary padding: megatron pads the vocabulary to a multiple of tp (models.spec.
+padded_vocab_size). With `vocab_size` (the true size) given, the padding columns (global ids >=
+vocab_size, the tail of the last shards) are excluded everywhere, as if their logits were -inf:
+no share of the max, the sum, the entropy, and exactly zero gradient, so every statistic equals
+the unpadded model's. (The model builder also masks them to -inf; this makes the statistics
+exact for any logits.)
+
 Gradients, with g_lp, g_H, g_k the incoming gradients of logprob, entropy and topk_k:
 
     d logprob / d z_v = [v = y] - p_v
@@ -65,7 +72,26 @@ def _local_index(ids: Tensor, offset: int, v_local: int) -> tuple[Tensor, Tensor
     whether this rank owns it: non-owned ids must contribute exactly 0."""
     local = ids - offset
     owned = (local >= 0) & (local < v_local)
-    return local.clamp(0, v_local - 1), owned
+    return local.clamp(0, max(v_local - 1, 0)), owned
+
+
+def _owned_logits(z: Tensor, ids: Tensor, offset: int, cdtype) -> Tensor:
+    """z at global `ids` [n] or [n, K] where this shard (columns offset .. offset + width) owns
+    them, 0 elsewhere; a shard of padding only (width 0) owns nothing."""
+    if z.shape[1] == 0:
+        return torch.zeros(ids.shape, dtype=cdtype, device=z.device)
+    idx, owned = _local_index(ids, offset, z.shape[1])
+    flat = ids.dim() == 1
+    v = z.gather(1, idx[:, None] if flat else idx).to(cdtype)
+    v = v.squeeze(1) if flat else v
+    return torch.where(owned, v, torch.zeros_like(v))
+
+
+def _valid_columns(vocab_size: int | None, offset: int, v_local: int) -> int:
+    """How many of this shard's columns are real ids (the rest is megatron's padding)."""
+    if vocab_size is None:
+        return v_local
+    return max(0, min(v_local, vocab_size - offset))
 
 
 class _Piece:
@@ -159,12 +185,13 @@ def _entropy_sums(z: Tensor, m: Tensor, ex: Tensor, bufs: dict) -> Tensor:
 
 class _VocabParallelTokenStats(torch.autograd.Function):
     """Flattened core: logits [R, V_l]; token i reads row rows[i] (rows None: row i, R = N);
-    ids [N], topk_ids [N, K] or None, scale [N] or None."""
+    ids [N], topk_ids [N, K] or None, scale [N] or None; only the first `nv` columns of the
+    shard are real ids (the rest is vocabulary padding: read by nothing, gradient 0)."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, rows: Tensor | None, ids: Tensor, topk_ids: Tensor | None,
                 scale: Tensor | None, group, tp: int, rank: int, want_entropy: bool,
-                chunk_tokens: int):
+                chunk_tokens: int, nv: int):
         n, v_local = ids.shape[0], logits.shape[1]
         offset = rank * v_local
         cdtype = _compute_dtype(logits.dtype)
@@ -181,40 +208,39 @@ class _VocabParallelTokenStats(torch.autograd.Function):
         bufs: dict = {}
         for pc in plan:
             t, c = pc.tok, pc.n
-            z = pc.read(logits)
+            z = pc.read(logits)[:, :nv]  # padding columns never enter
             sc = None if scale is None else scale[t].to(cdtype)
-            m = z.amax(dim=-1).to(cdtype)
+            m = z.amax(dim=-1).to(cdtype) if nv else \
+                torch.full((c,), float("-inf"), dtype=cdtype, device=dev)
             if sc is not None:  # max(z * s) = max(z) * s for s > 0 (rounding is monotonic)
                 m = m * sc
             if distributed:
                 dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
             if sc is None:
                 zs = z
-                ex = torch.sub(z, m[:, None], out=_scratch(bufs, "ex", c, v_local, cdtype, dev))
+                ex = torch.sub(z, m[:, None], out=_scratch(bufs, "ex", c, nv, cdtype, dev))
             else:
-                zs = torch.mul(z, sc[:, None], out=_scratch(bufs, "zs", c, v_local, cdtype, dev))
+                zs = torch.mul(z, sc[:, None], out=_scratch(bufs, "zs", c, nv, cdtype, dev))
                 if want_entropy:  # zs is needed again below
                     ex = torch.sub(zs, m[:, None],
-                                   out=_scratch(bufs, "ex", c, v_local, cdtype, dev))
+                                   out=_scratch(bufs, "ex", c, nv, cdtype, dev))
                 else:
                     ex = zs.sub_(m[:, None])
             ex.exp_()
             # SUM payload, one all_reduce: [S, z_y, (sum e*(z-m)), (z_t1..z_tK)]
             cols = [ex.sum(dim=-1)]
-            idx, owned = _local_index(ids[t], offset, v_local)
-            zy = z.gather(1, idx[:, None]).squeeze(1).to(cdtype)
+            zy = _owned_logits(z, ids[t], offset, cdtype)
             if sc is not None:
                 zy = zy * sc
-            cols.append(torch.where(owned, zy, torch.zeros_like(zy)))
+            cols.append(zy)
             if want_entropy:
                 cols.append(_entropy_sums(zs, m, ex, bufs))
             payload = torch.stack(cols, dim=1)
             if topk_ids is not None:
-                tidx, towned = _local_index(topk_ids[t], offset, v_local)
-                zt = z.gather(1, tidx).to(cdtype)
+                zt = _owned_logits(z, topk_ids[t], offset, cdtype)
                 if sc is not None:
                     zt = zt * sc[:, None]
-                payload = torch.cat([payload, torch.where(towned, zt, torch.zeros_like(zt))], dim=1)
+                payload = torch.cat([payload, zt], dim=1)
             if distributed:
                 dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=group)
             log_s = torch.log(payload[:, 0])
@@ -231,7 +257,7 @@ class _VocabParallelTokenStats(torch.autograd.Function):
 
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(logits, rows, ids, topk_ids, scale, lse, entropy)
-        ctx.offset, ctx.chunk_tokens, ctx.plan = offset, chunk_tokens, plan
+        ctx.offset, ctx.chunk_tokens, ctx.plan, ctx.nv = offset, chunk_tokens, plan, nv
         return logprobs, entropy, topk, lse
 
     @staticmethod
@@ -242,7 +268,8 @@ class _VocabParallelTokenStats(torch.autograd.Function):
         v_local = logits.shape[1]
         offset, plan = ctx.offset, ctx.plan
         cdtype, dev = lse.dtype, logits.device
-        none = (None,) * 9
+        none = (None,) * 10
+        nv = ctx.nv
         if g_lp is None and g_h is None and g_topk is None and g_lse is None:
             return (None,) + none
         grad = torch.empty_like(logits)
@@ -261,12 +288,15 @@ class _VocabParallelTokenStats(torch.autograd.Function):
             t, c = pc.tok, pc.n
             direct = pc.exclusive and grad.dtype == cdtype
             g = grad[pc.r0:pc.r0 + c] if direct else _scratch(bufs, "g", c, v_local, cdtype, dev)
+            gv = g[:, :nv]  # the softmax part: real ids only, the padding's gradient is 0
+            if softmax and nv < v_local:
+                g[:, nv:].zero_()
             sc = None if scale is None else scale[t].to(cdtype)
             if not softmax:  # only top-K logits: no softmax term
                 g.zero_()
             elif g_h is None:
                 # p * (g_lse - g_lp), times the scale (d/d logits = scale * d/dz), written once
-                z = pc.read(logits)
+                z = pc.read(logits)[:, :nv]
                 if g_lp is None:
                     coef = g_lse[t]
                 elif g_lse is None:
@@ -274,19 +304,19 @@ class _VocabParallelTokenStats(torch.autograd.Function):
                 else:
                     coef = g_lse[t] - g_lp[t]
                 if sc is None:
-                    torch.sub(z, lse[t][:, None], out=g)
+                    torch.sub(z, lse[t][:, None], out=gv)
                 else:
-                    torch.mul(z, sc[:, None], out=g).sub_(lse[t][:, None])
+                    torch.mul(z, sc[:, None], out=gv).sub_(lse[t][:, None])
                     coef = coef * sc
-                g.exp_().mul_(coef[:, None])
+                gv.exp_().mul_(coef[:, None])
             else:
-                z = pc.read(logits)
-                logp = _scratch(bufs, "logp", c, v_local, cdtype, dev)
+                z = pc.read(logits)[:, :nv]
+                logp = _scratch(bufs, "logp", c, nv, cdtype, dev)
                 if sc is None:
                     torch.sub(z, lse[t][:, None], out=logp)
                 else:
                     torch.mul(z, sc[:, None], out=logp).sub_(lse[t][:, None])
-                torch.exp(logp, out=g)
+                torch.exp(logp, out=gv)
                 # softmax part: p * (g_lse - coef), coef = g_lp + g_H (log p + H)
                 coef = logp.clamp_(min=_LOGP_FLOOR).add_(entropy[t][:, None])
                 coef.mul_(g_h[t][:, None])
@@ -294,9 +324,9 @@ class _VocabParallelTokenStats(torch.autograd.Function):
                     coef.add_(g_lp[t][:, None])
                 if g_lse is not None:
                     coef.sub_(g_lse[t][:, None])
-                g.mul_(coef).neg_()
+                gv.mul_(coef).neg_()
                 if sc is not None:
-                    g.mul_(sc[:, None])
+                    gv.mul_(sc[:, None])
             if g_lp is not None:
                 idx, owned = _local_index(ids[t], offset, v_local)
                 src = g_lp[t]
@@ -321,6 +351,15 @@ class _VocabParallelTokenStats(torch.autograd.Function):
         return (grad,) + none
 
 
+def _true_vocab(vocab_size: int | None, v_local: int, tp: int) -> int:
+    """The number of real ids: `vocab_size`, or every column of every shard when None."""
+    if vocab_size is None:
+        return v_local * tp
+    if not 0 < vocab_size <= v_local * tp:
+        raise ValueError(f"vocab_size {vocab_size} must be in (0, V_local x tp = {v_local * tp}]")
+    return vocab_size
+
+
 def _is_integer(t: Tensor) -> bool:
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
@@ -336,8 +375,8 @@ def _group_coords(group) -> tuple[int, int]:
 
 def vocab_parallel_token_stats(logits: Tensor, ids: Tensor, *, group=None, entropy: bool = False,
                                topk_ids: Tensor | None = None, temperature: Tensor | None = None,
-                               positions: Tensor | None = None,
-                               chunk_tokens: int = 4096) -> TokenStats:
+                               positions: Tensor | None = None, chunk_tokens: int = 4096,
+                               vocab_size: int | None = None) -> TokenStats:
     """Log-probs of `ids` (and optionally entropy and raw logits at `topk_ids`) from this rank's
     vocab shard `logits` [..., V_local]; every rank of `group` must call it with the same ids,
     topk_ids and chunk_tokens (the forward runs two collectives per chunk). Outputs are float32
@@ -346,11 +385,13 @@ def vocab_parallel_token_stats(logits: Tensor, ids: Tensor, *, group=None, entro
     every statistic that of logits / temperature, scaled chunk by chunk (no scaled copy).
     `positions` [b, T] (with logits [b, s, V_local], ids [b, T]): token (i, t) reads the logits
     at sequence position positions[i, t] (the position predicting a response token), chunk by
-    chunk, without a gathered copy of the logits; the gradient is 0 at unread positions."""
+    chunk, without a gathered copy of the logits; the gradient is 0 at unread positions.
+    `vocab_size`: the true vocabulary when the shards include megatron's padding (global ids >=
+    vocab_size): those columns are excluded from every statistic and get zero gradient."""
     if positions is not None:
         return _stats_at_positions(logits, ids, positions, group=group, entropy=entropy,
                                    topk_ids=topk_ids, temperature=temperature,
-                                   chunk_tokens=chunk_tokens)
+                                   chunk_tokens=chunk_tokens, vocab_size=vocab_size)
     tp, rank = _group_coords(group)
     if logits.dim() < 1 or not logits.is_floating_point():
         raise ValueError(f"logits must be a floating tensor [..., V_local], got {logits.dtype} "
@@ -370,12 +411,13 @@ def vocab_parallel_token_stats(logits: Tensor, ids: Tensor, *, group=None, entro
             raise ValueError(f"topk_ids must be integer vocab ids, got {topk_ids.dtype}")
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    vocab = v_local * tp
+    vocab = _true_vocab(vocab_size, v_local, tp)
     for name, t in (("ids", ids), ("topk_ids", topk_ids)):
         if t is not None and t.numel() > 0:
             lo, hi = int(t.min()), int(t.max())
             if lo < 0 or hi >= vocab:
-                raise ValueError(f"{name} out of range [0, {vocab}) (V_local={v_local} x tp={tp}): "
+                raise ValueError(f"{name} out of range [0, {vocab}) (V_local={v_local} x tp={tp}"
+                                 f"{'' if vocab_size is None else ', vocab_size'}): "
                                  f"min {lo}, max {hi}")
 
     scale = None
@@ -388,8 +430,9 @@ def vocab_parallel_token_stats(logits: Tensor, ids: Tensor, *, group=None, entro
     flat = logits.reshape(-1, v_local)
     flat_ids = ids.reshape(-1).long()
     flat_topk = None if topk_ids is None else topk_ids.reshape(-1, topk_ids.shape[-1]).long()
-    lp, h, tk, lse = _VocabParallelTokenStats.apply(flat, None, flat_ids, flat_topk, scale, group,
-                                                    tp, rank, entropy, chunk_tokens)
+    lp, h, tk, lse = _VocabParallelTokenStats.apply(
+        flat, None, flat_ids, flat_topk, scale, group, tp, rank, entropy, chunk_tokens,
+        _valid_columns(vocab, rank * v_local, v_local))
     return TokenStats(
         logprobs=lp.view(lead),
         entropy=None if h is None else h.view(lead),
@@ -401,18 +444,22 @@ def vocab_parallel_token_stats(logits: Tensor, ids: Tensor, *, group=None, entro
 @torch.no_grad()
 def vocab_parallel_reverse_kl(logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor,
                               logsumexp: Tensor, *, group=None, temperature: Tensor | None = None,
-                              positions: Tensor | None = None,
-                              chunk_tokens: int = 4096) -> Tensor:
+                              positions: Tensor | None = None, chunk_tokens: int = 4096,
+                              vocab_size: int | None = None) -> Tensor:
     """sum_{v in S} p_v (log p_v - log q_v) per token, S = the teacher's ids [..., K] (global vocab
     ids, distinct) with log q there [..., K]: the exact KL(pi || q) when S is the whole
     vocabulary. From this rank's shard of the student logits [..., V_local] and the student's
     log-normaliser (from `vocab_parallel_token_stats`); each rank adds the ids it owns, one SUM
     all-reduce per call, chunked; nothing vocabulary-wide is built beyond a chunk. No gradient (it
     enters losses as a constant). `positions` as in `vocab_parallel_token_stats` (logits
-    [b, s, V_local], the rest [b, T, ...]). p_v = 0 contributes 0 even where q_v = 0."""
+    [b, s, V_local], the rest [b, T, ...]). p_v = 0 contributes 0 even where q_v = 0.
+    `vocab_size` as in `vocab_parallel_token_stats` (teacher ids must be real ids)."""
     tp, rank = _group_coords(group)
     v_local = logits.shape[-1]
     lead = tuple(teacher_ids.shape[:-1])
+    vocab = _true_vocab(vocab_size, v_local, tp)
+    if teacher_ids.numel() and (int(teacher_ids.min()) < 0 or int(teacher_ids.max()) >= vocab):
+        raise ValueError(f"teacher_ids out of range [0, {vocab})")
     if tuple(teacher_logprobs.shape) != tuple(teacher_ids.shape):
         raise ValueError(f"teacher_logprobs {tuple(teacher_logprobs.shape)} != teacher_ids "
                          f"{tuple(teacher_ids.shape)}")
@@ -450,7 +497,7 @@ def vocab_parallel_reverse_kl(logits: Tensor, teacher_ids: Tensor, teacher_logpr
 
 def _stats_at_positions(logits: Tensor, ids: Tensor, positions: Tensor, *, group, entropy: bool,
                         topk_ids: Tensor | None, temperature: Tensor | None,
-                        chunk_tokens: int) -> TokenStats:
+                        chunk_tokens: int, vocab_size: int | None) -> TokenStats:
     if logits.dim() != 3 or positions.dim() != 2 or tuple(ids.shape) != tuple(positions.shape) \
             or positions.shape[0] != logits.shape[0]:
         raise ValueError(f"positions: expected logits [b, s, V_local] and ids/positions [b, T], got "
@@ -464,7 +511,7 @@ def _stats_at_positions(logits: Tensor, ids: Tensor, positions: Tensor, *, group
     lead = tuple(ids.shape)
     rows = (positions.long() + torch.arange(b, device=positions.device)[:, None] * s_len).reshape(-1)
     # the same validation as the flat path, on a [b, T, 1]-shaped stand-in (no copy of logits)
-    vocab = v_local * tp
+    vocab = _true_vocab(vocab_size, v_local, tp)
     for name, t in (("ids", ids), ("topk_ids", topk_ids)):
         if t is not None and t.numel() > 0 and (int(t.min()) < 0 or int(t.max()) >= vocab):
             raise ValueError(f"{name} out of range [0, {vocab})")
@@ -476,7 +523,7 @@ def _stats_at_positions(logits: Tensor, ids: Tensor, positions: Tensor, *, group
     flat_topk = None if topk_ids is None else topk_ids.reshape(-1, topk_ids.shape[-1]).long()
     lp, h, tk, lse = _VocabParallelTokenStats.apply(
         logits.reshape(-1, v_local), rows, ids.reshape(-1).long(), flat_topk, scale, group, tp,
-        rank, entropy, chunk_tokens)
+        rank, entropy, chunk_tokens, _valid_columns(vocab, rank * v_local, v_local))
     return TokenStats(logprobs=lp.view(lead), entropy=None if h is None else h.view(lead),
                       topk_logits=None if tk is None else tk.view(*lead, tk.shape[-1]),
                       logsumexp=lse.view(lead))

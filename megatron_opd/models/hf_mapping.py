@@ -13,19 +13,31 @@ Megatron packs attention as one `linear_qkv` whose rows are grouped by query gro
 [q heads of group g (heads_per_group x head_dim) | k_g (head_dim) | v_g (head_dim)] for each g,
 and each expert's `linear_fc1` as [gate; up].
 Specs with knobs HF cannot express (models.spec.hf_unsupported) are refused here.
+Vocabulary: megatron's embedding / output layer may have padding rows beyond `spec.vocab_size`
+(models.spec.padded_vocab_size); HF -> megatron appends zero rows, megatron -> HF drops them, so
+HF files and SGLang always see the true vocab_size.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 import torch
 
-from megatron_opd.models.spec import MoEModelSpec, check_hf_expressible, to_hf_config
+from megatron_opd.models.spec import MoEModelSpec, check_hf_expressible, padded_vocab_size
+
+_VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def pad_vocab_rows(t: torch.Tensor, rows: int | None) -> torch.Tensor:
+    """`t` [V, ...] with zero rows appended up to `rows` (megatron's vocabulary padding)."""
+    if rows is None or rows == t.shape[0]:
+        return t
+    if rows < t.shape[0]:
+        raise ValueError(f"cannot pad a vocabulary of {t.shape[0]} rows to {rows}")
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
 
 
 @dataclass(frozen=True)
@@ -96,6 +108,8 @@ def megatron_to_hf(state: Mapping[str, torch.Tensor], spec: MoEModelSpec) -> dic
 def full_to_hf(name: str, t: torch.Tensor, spec: MoEModelSpec) -> list[tuple[str, torch.Tensor]]:
     """One full megatron tensor -> its Hugging Face tensor(s) (views, no copies). Callers check
     `check_hf_expressible(spec)` once (shared-expert tensors have no HF name: KeyError here)."""
+    if name in _VOCAB_TENSORS:
+        t = t[:spec.vocab_size]  # megatron's padding rows never leave megatron
     if name == "embedding.word_embeddings.weight":
         return [("model.embed_tokens.weight", t)]
     if name == "decoder.final_layernorm.weight":
@@ -124,15 +138,17 @@ def full_to_hf(name: str, t: torch.Tensor, spec: MoEModelSpec) -> list[tuple[str
 
 
 def full_from_hf(name: str, get: Callable[[str], torch.Tensor],
-                 spec: MoEModelSpec) -> torch.Tensor:
+                 spec: MoEModelSpec, vocab_rows: int | None = None) -> torch.Tensor:
     """The inverse of `full_to_hf` for one full megatron tensor: `get(hf_name)` supplies the HF
-    tensors it is made of (read lazily by the caller, e.g. one safetensors slice at a time)."""
+    tensors it is made of (read lazily by the caller, e.g. one safetensors slice at a time).
+    `vocab_rows`: the megatron model's (padded) vocabulary rows; zero rows are appended."""
     if name == "embedding.word_embeddings.weight":
-        return get("model.embed_tokens.weight")
+        return pad_vocab_rows(get("model.embed_tokens.weight"), vocab_rows)
     if name == "decoder.final_layernorm.weight":
         return get("model.norm.weight")
     if name == "output_layer.weight":  # tied: the (PP last-stage) copy of the embedding
-        return get("model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight")
+        return pad_vocab_rows(get("model.embed_tokens.weight" if spec.tie_word_embeddings
+                                  else "lm_head.weight"), vocab_rows)
     m = name.split(".", 3)
     if m[:2] != ["decoder", "layers"] or len(m) < 4:
         raise KeyError(f"no Hugging Face name for megatron tensor {name}")
@@ -161,17 +177,20 @@ def _iter_megatron_to_hf(state: Mapping[str, torch.Tensor], spec: MoEModelSpec):
             yield from full_to_hf(name, state[name], spec)
 
 
-def hf_to_megatron(hf: Mapping[str, torch.Tensor], spec: MoEModelSpec) -> dict[str, torch.Tensor]:
+def hf_to_megatron(hf: Mapping[str, torch.Tensor], spec: MoEModelSpec,
+                   vocab_rows: int | None = None) -> dict[str, torch.Tensor]:
+    """Full megatron tensors of an HF state dict; `vocab_rows` pads the vocabulary tensors."""
     fam = _names(spec)
     expected = set(hf_names(spec))
     missing, unexpected = expected - set(hf), set(hf) - expected
     if missing or unexpected:
         raise KeyError(f"HF checkpoint does not match the model spec: missing {sorted(missing)[:10]}"
                        f", unexpected {sorted(unexpected)[:10]}")
-    out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
+    out = {"embedding.word_embeddings.weight": pad_vocab_rows(hf["model.embed_tokens.weight"],
+                                                              vocab_rows),
            "decoder.final_layernorm.weight": hf["model.norm.weight"]}
     if not spec.tie_word_embeddings:
-        out["output_layer.weight"] = hf["lm_head.weight"]
+        out["output_layer.weight"] = pad_vocab_rows(hf["lm_head.weight"], vocab_rows)
     for i in range(spec.num_layers):
         mp, hp = f"decoder.layers.{i}.", f"model.layers.{i}."
         for msuf, hsuf in _layer_renames(spec).items():
@@ -232,21 +251,26 @@ def _iter_hf_weights(model, spec: MoEModelSpec, groups) -> Iterator[tuple[str, t
 
 def load_hf_checkpoint(model, hf_dir: str | Path, spec: MoEModelSpec, groups=None) -> None:
     """Load an HF checkpoint into one GPTModel, or (with `groups`) into this rank's model chunks
-    under any layout, each rank taking its shards."""
-    from safetensors.torch import load_file
+    under any layout, each rank taking its shards. The vocabulary tensors get the model's
+    padding rows (zeros). A truncated or corrupt safetensors file is a BadCheckpoint naming it."""
+    from megatron_opd.convert.errors import BadCheckpoint, load_safetensors
 
     check_hf_expressible(spec)
     hf = {}
     for f in sorted(Path(hf_dir).glob("*.safetensors")):
-        hf.update(load_file(str(f)))
+        hf.update(load_safetensors(f))
     if not hf:
-        raise FileNotFoundError(f"no *.safetensors in {hf_dir}")
-    state = hf_to_megatron(hf, spec)
+        raise BadCheckpoint(f"{hf_dir}: no *.safetensors files, point at a Hugging Face model "
+                            f"directory")
     if groups is not None:
         from megatron_opd.models.sharding import load_full_state
 
+        state = hf_to_megatron(hf, spec, padded_vocab_size(spec, groups.layout.tensor_parallel))
         return load_full_state(model, groups, state.__getitem__)
     own = _weights(model)
+    rows = own["embedding.word_embeddings.weight"].shape[0] \
+        if "embedding.word_embeddings.weight" in own else None
+    state = hf_to_megatron(hf, spec, rows)
     missing, unexpected = set(own) - set(state), set(state) - set(own)
     if missing or unexpected:
         raise KeyError(f"megatron model does not match: missing {sorted(missing)[:10]}, "
@@ -260,13 +284,21 @@ def load_hf_checkpoint(model, hf_dir: str | Path, spec: MoEModelSpec, groups=Non
 
 
 def save_hf_checkpoint(model, spec: MoEModelSpec, out_dir: str | Path,
-                       tokenizer_dir: str | Path | None = None, groups=None) -> Path:
-    """config.json + generation_config.json + model.safetensors (+ tokenizer), written aside and
-    renamed into place so a crash never leaves a half-written directory. With `groups` (model =
-    this rank's chunks) every rank must call it: they gather, global rank 0 writes."""
+                       tokenizer_dir: str | Path | None = None, groups=None,
+                       source=None) -> Path:
+    """model.safetensors + config.json + generation_config.json (+ tokenizer), written aside and
+    renamed into place so a crash never leaves a half-written directory. `source`: the HF model
+    directory (or `convert.hf_export.HFSource`) the weights descend from; its config.json is
+    carried through (only dtype / a missing `architectures` change), its generation config and
+    tokenizer files copied; None: config generated from the spec. With `groups` (model = this
+    rank's chunks) every rank must call it: they gather, global rank 0 writes."""
     from safetensors.torch import save_file
 
+    from megatron_opd.convert.hf_export import HFSource, atomic_dir, write_metadata
+
     check_hf_expressible(spec)
+    if source is not None and not isinstance(source, HFSource):
+        source = HFSource.from_path(source)
     out = Path(out_dir)
     if groups is not None:
         import torch.distributed as dist
@@ -276,18 +308,8 @@ def save_hf_checkpoint(model, spec: MoEModelSpec, out_dir: str | Path,
             return out
     else:
         tensors = {n: t.clone() for n, t in iter_hf_weights(model, spec)}
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    to_hf_config(spec).save_pretrained(str(tmp))
-    (tmp / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": spec.bos_token_id, "eos_token_id": spec.eos_token_id,
-         "pad_token_id": spec.pad_token_id}))
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    if tokenizer_dir is not None:
-        for f in Path(tokenizer_dir).iterdir():
-            if f.name.startswith(("tokenizer", "special_tokens")) or f.name == "vocab.json":
-                shutil.copy2(f, tmp / f.name)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    dtype = next(iter(tensors.values())).dtype
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_metadata(tmp, spec, dtype, source, tokenizer_dir, tokenizer_required=False)
     return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_opd.models.spec import MoEModelSpec
+from megatron_opd.models.spec import MoEModelSpec, padded_vocab_size
 
 
 def transformer_config(spec: MoEModelSpec, params_dtype: torch.dtype = torch.float32,
@@ -113,12 +113,37 @@ def build_gpt_model(spec: MoEModelSpec, params_dtype: torch.dtype = torch.float3
         layer_spec = gpt_layer_specs.get_gpt_layer_local_spec(
             num_experts=spec.num_experts, moe_grouped_gemm=False,
             qk_layernorm=spec.qk_layernorm, normalization="RMSNorm")
-    return GPTModel(
-        config=config, transformer_layer_spec=layer_spec, vocab_size=spec.vocab_size,
+    padded = padded_vocab_size(spec, config.tensor_model_parallel_size)
+    model = GPTModel(
+        config=config, transformer_layer_spec=layer_spec, vocab_size=padded,
         max_sequence_length=spec.max_position_embeddings, pre_process=pre_process,
         post_process=post_process, parallel_output=parallel_output, vp_stage=vp_stage,
         share_embeddings_and_output_weights=spec.tie_word_embeddings,
         position_embedding_type="rope", rotary_base=int(spec.rope_theta), rotary_percent=1.0)
+    model.true_vocab_size = spec.vocab_size
+    if padded != spec.vocab_size and post_process:
+        model.output_layer.register_forward_hook(_padded_logits_masker(spec.vocab_size, padded))
+    return model
+
+
+def _padded_logits_masker(vocab_size: int, padded: int):
+    """Forward hook of the output layer: logits of megatron's padding ids (>= vocab_size) become
+    -inf, so every softmax, log-prob, entropy and sample equals the unpadded model's and the
+    padding rows get zero gradient. In place (no logits-sized copy); the output is the local TP
+    shard (columns from tp_rank * width) or, gathered, all `padded` columns."""
+    import torch.distributed as dist
+
+    def hook(module, inputs, output):
+        logits = output[0]
+        width = logits.shape[-1]
+        rank = 0
+        if width != padded and dist.is_initialized():
+            rank = dist.get_rank(module.tp_group)
+        start = max(0, vocab_size - rank * width)
+        if start < width:
+            logits[..., start:].fill_(float("-inf"))
+
+    return hook
 
 
 def build_model_chunks(spec: MoEModelSpec, config, te_layer_spec: bool = False) -> list:
@@ -144,9 +169,12 @@ def causal_attention_mask(seq_len: int, device=None) -> torch.Tensor:
 
 
 def forward_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """[b, s] ids → [b, s, V] logits. Right padding does not change logits at valid positions
-    (causal attention), so batches are right-padded."""
+    """[b, s] ids → [b, s, V] logits over the true vocabulary (megatron's padding columns are
+    dropped). Right padding does not change logits at valid positions (causal attention), so
+    batches are right-padded."""
     b, s = input_ids.shape
     if position_ids is None:
         position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
-    return model(input_ids, position_ids, causal_attention_mask(s, input_ids.device))
+    logits = model(input_ids, position_ids, causal_attention_mask(s, input_ids.device))
+    vocab = getattr(model, "true_vocab_size", logits.shape[-1])
+    return logits if logits.shape[-1] == vocab else logits[..., :vocab]

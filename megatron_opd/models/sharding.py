@@ -11,7 +11,9 @@ Shard kinds (megatron 0.16.1 conventions):
 - experts: EP rank r holds global experts r*E_local .. r*E_local+E_local-1, sharded over the
   expert-tensor-parallel group;
 - pipeline: a layer lives on exactly one (stage, virtual chunk); embedding on the first stage,
-  final norm and output layer on the last.
+  final norm and output layer on the last;
+- vocabulary: the embedding and output layer have `padded_vocab_size(spec, tp)` rows (megatron
+  pads the vocabulary for TP); full tensors here keep those rows, `hf_mapping` adds / strips them.
 Every collective here is called by all ranks in the same order (derived from spec + layout only).
 """
 
@@ -24,7 +26,10 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from megatron_opd.models.spec import MoEModelSpec
+from megatron_opd.models.spec import MoEModelSpec, padded_vocab_size
+
+# full names of the tensors with one row per (padded) vocabulary id
+VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 # Transformer Engine layer spec (FP8) names -> the local spec's names used as full names: TE
@@ -85,15 +90,18 @@ def layer_stage(layer: int, spec: MoEModelSpec, layout) -> int:
     return (layer // per_block) % layout.pipeline_parallel
 
 
-def full_shapes(spec: MoEModelSpec) -> list[tuple[str, tuple[int, ...]]]:
+def full_shapes(spec: MoEModelSpec, vocab_rows: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
     """Every full parameter name of the one-process megatron model with its shape, in the order
     weights are streamed (embedding, layer by layer, final norm, output layer). Parameters only:
     the router's expert bias (`router_expert_bias`) is a buffer, not listed. Family-dependent:
-    q/k layernorm (qwen3_moe only); shared expert when `shared_expert_ffn_hidden_size` > 0."""
+    q/k layernorm (qwen3_moe only); shared expert when `shared_expert_ffn_hidden_size` > 0.
+    `vocab_rows`: rows of the vocabulary tensors (default the true vocab_size; a TP model's are
+    `padded_vocab_size(spec, tp)`)."""
     H, d, F = spec.hidden_size, spec.head_dim, spec.moe_ffn_hidden_size
     S = spec.shared_expert_ffn_hidden_size
+    V = spec.vocab_size if vocab_rows is None else vocab_rows
     qkv = (spec.num_attention_heads + 2 * spec.num_kv_heads) * d
-    out = [("embedding.word_embeddings.weight", (spec.vocab_size, H))]
+    out = [("embedding.word_embeddings.weight", (V, H))]
     for i in range(spec.num_layers):
         p = f"decoder.layers.{i}."
         out += [(p + "input_layernorm.weight", (H,)),
@@ -112,7 +120,7 @@ def full_shapes(spec: MoEModelSpec) -> list[tuple[str, tuple[int, ...]]]:
                     (f"{p}mlp.experts.local_experts.{e}.linear_fc2.weight", (H, F))]
     out.append(("decoder.final_layernorm.weight", (H,)))
     if not spec.tie_word_embeddings:
-        out.append(("output_layer.weight", (spec.vocab_size, H)))
+        out.append(("output_layer.weight", (V, H)))
     return out
 
 
@@ -150,7 +158,8 @@ def iter_full_tensors(chunks: list, groups, spec: MoEModelSpec, *,
                       only: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(full name, full tensor) for every parameter, on every rank. The order is `full_shapes`
     order except under expert parallelism, where each layer's experts come grouped by local slot
-    (slot s of every EP rank together, one gather per slot).
+    (slot s of every EP rank together, one gather per slot). Vocabulary tensors come with the
+    layout's padding rows (`hf_mapping.full_to_hf` strips them).
     `tensor_of` picks what to gather (the parameter, or e.g. its gradient `main_grad`); `only`
     restricts it to the full names it accepts (decided from the name alone, so identically on
     every rank; checkpoint conversion gathers a few layers at a time). All ranks must drain the
@@ -158,10 +167,11 @@ def iter_full_tensors(chunks: list, groups, spec: MoEModelSpec, *,
     layout = groups.layout
     by_full = {pl.full_name: (p, pl) for p, pl in placements(chunks, groups).items()}
     experts_per_rank = spec.num_experts // layout.expert_parallel
-    shapes = dict(full_shapes(spec))
+    order = full_shapes(spec, padded_vocab_size(spec, layout.tensor_parallel))
+    shapes = dict(order)
     done: set[str] = set()
     with torch.no_grad():
-        for name, shape in full_shapes(spec):
+        for name, shape in order:
             if name in done or (only is not None and not only(name)):
                 continue
             e = _EXPERT.match(name)

@@ -15,6 +15,13 @@ Router knobs beyond that (`router_score_function="sigmoid"`, `router_expert_bias
 `shared_expert_ffn_hidden_size`) build and train in megatron, but neither HF family has the
 tensors or the routing rule for them, so HF export/import refuses such a spec (`hf_unsupported`).
 `router_aux_loss_coeff` is a training-only term and exports fine.
+
+Vocabulary padding (megatron's make_vocab_size_divisible_by): megatron shards the vocabulary over
+tensor parallelism, so the megatron model is built with `padded_vocab_size(spec, tp)` rows (the
+next multiple of `make_vocab_size_divisible_by * tp`); `vocab_size` stays the true (HF) size.
+The padding rows are megatron-only: HF <-> megatron mapping adds them (zeros) on load and strips
+them on export, and the model's logits at padded ids are -inf (never sampled, no loss or
+statistic sees them). Ids between a tokenizer's length and `vocab_size` are real model rows.
 """
 
 from __future__ import annotations
@@ -58,6 +65,10 @@ class MoEModelSpec:
     router_expert_bias: bool = False
     # Total FFN size of the shared expert(s) every token goes through; 0 = none.
     shared_expert_ffn_hidden_size: int = 0
+    # megatron only: the embedding / output layer get padded_vocab_size(spec, tp) rows, a
+    # multiple of this times TP (1 = pad only when TP does not divide vocab_size; megatron-LM
+    # uses 128 for GEMM-friendly shapes). HF files never see the padding.
+    make_vocab_size_divisible_by: int = 1
 
     @property
     def qk_layernorm(self) -> bool:
@@ -98,6 +109,15 @@ class MoEModelSpec:
              "aux-loss-free expert bias is defined for sigmoid scores only)")
         need(self.shared_expert_ffn_hidden_size >= 0, "shared_expert_ffn_hidden_size",
              "must be >= 0 (0 = no shared expert)")
+        need(self.make_vocab_size_divisible_by >= 1, "make_vocab_size_divisible_by",
+             "must be >= 1 (1 = pad the vocabulary only as far as tensor parallelism needs)")
+
+
+def padded_vocab_size(spec: MoEModelSpec, tensor_parallel: int = 1) -> int:
+    """Rows of megatron's embedding and output layer under `tensor_parallel`: vocab_size rounded
+    up to a multiple of make_vocab_size_divisible_by * tensor_parallel (megatron-LM's rule)."""
+    multiple = spec.make_vocab_size_divisible_by * tensor_parallel
+    return -(-spec.vocab_size // multiple) * multiple
 
 
 def hf_unsupported(spec: MoEModelSpec) -> list[str]:
@@ -116,12 +136,17 @@ def check_hf_expressible(spec: MoEModelSpec, prefix: str = "model") -> None:
     """Raise if the spec has knobs its HF family has no tensors / routing rule for."""
     bad = hf_unsupported(spec)
     if bad:
-        cls = "MixtralForCausalLM" if spec.family == "mixtral" else "Qwen3MoeForCausalLM"
+        cls = hf_architecture(spec)
         raise ValueError(
             f"{', '.join(f'{prefix}.{b}' for b in bad)}: not expressible in Hugging Face "
             f"{cls} (softmax top-k router only, no shared expert, no expert bias), so this model "
             f"cannot be exported to / loaded from HF format (and so not served by SGLang); it "
             f"trains in megatron only")
+
+
+def hf_architecture(spec: MoEModelSpec) -> str:
+    """The HF `architectures` entry of the spec's family (what SGLang dispatches on)."""
+    return "MixtralForCausalLM" if spec.family == "mixtral" else "Qwen3MoeForCausalLM"
 
 
 def hf_causal_lm_class(spec: MoEModelSpec):
@@ -162,6 +187,8 @@ def to_hf_config(spec: MoEModelSpec):
         eos_token_id=spec.eos_token_id,
         pad_token_id=spec.pad_token_id,
         torch_dtype="float32",
+        # SGLang picks its model class from architectures[0] and refuses a config without it
+        architectures=[hf_architecture(spec)],
     )
     if spec.family == "mixtral":
         from transformers import MixtralConfig
