@@ -29,6 +29,8 @@ from typing import Any, ClassVar
 import numpy as np
 import orjson
 
+from megatron_opd import sample_fields
+
 SCHEMA = "megatron-opd"
 SCHEMA_VERSION = 2  # 2: Sample.temperature / Sample.top_p
 MAX_HEADER_BYTES = 1 << 20
@@ -49,7 +51,10 @@ def _fail(reason: str, detail: str = "") -> None:
 class Sample:
     """One trajectory for the learner (orchestrator → learner).
 
-    Invariants (checked by `decode`, and by `validate` before sending):
+    Its tensors and per-sample numbers are declared in the field table
+    (`megatron_opd/sample_fields.py`: wire dtypes, shapes, value invariants); the dataclass lists
+    them in the table's order, which is the frame order. Invariants (checked by `decode`, and by
+    `validate` before sending):
     - sample_id unique per run, 1..128 chars; P = len(prompt_ids) >= 1; T = len(response_ids) >= 1.
     - loss_mask, behaviour_logprobs, token_versions, teacher_logprobs have length T;
       teacher_topk_ids / teacher_topk_logprobs are [T, K] (K may be 0).
@@ -88,12 +93,8 @@ class Sample:
     top_p: float = 1.0  # nucleus of the rollout sampler (behaviour_logprobs are NOT renormalised)
 
     KIND: ClassVar[str] = "sample"
-    TENSORS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "prompt_ids": ("int32",), "response_ids": ("int32",), "loss_mask": ("uint8",),
-        "behaviour_logprobs": ("float32",), "token_versions": ("int64",),
-        "teacher_logprobs": ("float32",), "teacher_topk_ids": ("int32",),
-        "teacher_topk_logprobs": ("float32",), "routed_experts": ("uint8", "int16", "int32"),
-    }
+    # name -> wire dtypes, in frame order: from the field table (megatron_opd/sample_fields.py)
+    TENSORS: ClassVar[dict[str, tuple[str, ...]]] = sample_fields.wire_tensors()
 
     @property
     def num_tokens(self) -> int:
@@ -112,47 +113,15 @@ class Sample:
         _check_str(self.group_id, "group_id", 0, 128)
         _check_str(self.teacher_revision, "teacher_revision", 0, 256)
         _check_str(self.finish_reason, "finish_reason", 0, 64)
-        _check_float(self.reward, "reward")
         _check_float(self.created_at, "created_at")
-        _check_float(self.temperature, "temperature")
-        _check_float(self.top_p, "top_p")
+        for name in _SCALARS:  # per-sample numbers of the field table (reward, sampler)
+            _check_float(getattr(self, name), name)
         if not self.temperature > 0:
             _fail("bad_value", f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             _fail("bad_value", f"top_p must be in (0, 1], got {self.top_p}")
         _check_metadata(self.metadata)
-        for name, dtypes in self.TENSORS.items():
-            arr = getattr(self, name)
-            if arr is None and name == "routed_experts":
-                continue
-            if not isinstance(arr, np.ndarray) or arr.dtype.type not in _TYPES[dtypes]:
-                _fail("bad_dtype", f"{name} must be a numpy array of {dtypes}")
-        P, T = self.prompt_ids.shape[0] if self.prompt_ids.ndim == 1 else -1, \
-            self.response_ids.shape[0] if self.response_ids.ndim == 1 else -1
-        if P < 1 or T < 1:
-            _fail("bad_shape", "prompt_ids and response_ids must be 1-D and non-empty")
-        for name in ("loss_mask", "behaviour_logprobs", "token_versions", "teacher_logprobs"):
-            if getattr(self, name).shape != (T,):
-                _fail("bad_shape", f"{name} must have shape [{T}]")
-        K = self.teacher_topk_ids.shape[1] if self.teacher_topk_ids.ndim == 2 else -1
-        if self.teacher_topk_ids.shape != (T, K) or self.teacher_topk_logprobs.shape != (T, K):
-            _fail("bad_shape", "teacher_topk_ids/logprobs must both be [T, K]")
-        re = self.routed_experts
-        if re is not None and (re.ndim != 3 or re.shape[0] != P + T - 1):
-            _fail("bad_shape", f"routed_experts must be [P+T-1={P + T - 1}, layers, top_k]")
-        # (few numpy calls: this runs for every message on both ends)
-        if self.loss_mask.max() > 1:  # uint8: 0/1 exactly
-            _fail("bad_value", "loss_mask must be 0/1")
-        for name in ("behaviour_logprobs", "teacher_logprobs"):
-            if not np.isfinite(getattr(self, name)).all():
-                _fail("non_finite", f"{name} has NaN/inf")
-        if self.behaviour_logprobs.max() > 1e-4:
-            _fail("bad_value", "behaviour_logprobs must be <= 0")
-        if K > 0 and not np.isfinite(self.teacher_topk_logprobs).all():
-            _fail("non_finite", "teacher_topk_logprobs has NaN/inf")
-        v = self.token_versions
-        if v[0] < 0 or (T > 1 and not (v[1:] >= v[:-1]).all()):  # non-decreasing from >= 0
-            _fail("bad_versions", "token_versions must be >= 0 and non-decreasing")
+        _check_tensors(self)
 
 
 @dataclass
@@ -271,6 +240,11 @@ class Ack:
 
 _TYPES = {names: frozenset(np.dtype(n).type for n in names) for names in Sample.TENSORS.values()}
 _LITTLE = {n: np.dtype(n).newbyteorder("<") for names in Sample.TENSORS.values() for n in names}
+_SAMPLE_TENSORS = tuple(f for f in sample_fields.FIELDS if f.source == sample_fields.TENSOR)
+_SCALARS = tuple(f.name for f in sample_fields.FIELDS if f.source == sample_fields.SCALAR)
+# Frames follow the dataclass field order (`encode`): it must be the table's order.
+assert [f.name for f in fields(Sample) if f.name in Sample.TENSORS] == list(Sample.TENSORS)
+assert set(_SCALARS) <= {f.name for f in fields(Sample)} - set(Sample.TENSORS)
 
 Message = Sample | EvalReport | WeightsPublished | Shutdown | Hello | Credit | Ack
 KINDS: dict[str, type] = {c.KIND: c for c in (Sample, EvalReport, WeightsPublished, Shutdown,
@@ -296,6 +270,49 @@ def _check_ids(v: Any, name: str) -> None:
     if not isinstance(v, list) or len(v) > MAX_IDS_PER_MESSAGE or not all(
             isinstance(x, str) and 1 <= len(x) <= 128 for x in v):
         _fail("bad_field", f"{name} must be a list of at most {MAX_IDS_PER_MESSAGE} sample ids")
+
+
+def _check_tensors(s: Sample) -> None:
+    """Dtypes, shapes (the table's shape letters) and value invariants of a Sample's tensors.
+    prompt_ids and response_ids define P and T; S = P + T - 1; any other letter (K, N, R) is
+    bound by the first tensor that has it. Few numpy calls: this runs for every message on both
+    ends."""
+    for f in _SAMPLE_TENSORS:
+        arr = getattr(s, f.name)
+        if arr is None and f.optional:
+            continue
+        if not isinstance(arr, np.ndarray) or arr.dtype.type not in _TYPES[f.wire]:
+            _fail("bad_dtype", f"{f.name} must be a numpy array of {f.wire}")
+    P, T = s.prompt_ids.shape[0] if s.prompt_ids.ndim == 1 else -1, \
+        s.response_ids.shape[0] if s.response_ids.ndim == 1 else -1
+    if P < 1 or T < 1:
+        _fail("bad_shape", "prompt_ids and response_ids must be 1-D and non-empty")
+    dims = {"P": P, "T": T, "S": P + T - 1}
+    for f in _SAMPLE_TENSORS:
+        arr = getattr(s, f.name)
+        if arr is None:
+            continue
+        if arr.ndim != len(f.shape) or any(dims.setdefault(c, n) != n
+                                           for c, n in zip(f.shape, arr.shape)):
+            want = ", ".join(f"{c}={dims[c]}" if c in dims else c for c in f.shape)
+            _fail("bad_shape", f"{f.name} must be [{want}], got {list(arr.shape)}")
+    for f in _SAMPLE_TENSORS:
+        arr = getattr(s, f.name)
+        if not f.values or arr is None or not arr.size:
+            continue
+        if f.values == "0/1":
+            if arr.max() > 1:  # unsigned: 0/1 exactly
+                _fail("bad_value", f"{f.name} must be 0/1")
+        elif f.values in ("finite", "logprob"):
+            if not np.isfinite(arr).all():
+                _fail("non_finite", f"{f.name} has NaN/inf")
+            if f.values == "logprob" and arr.max() > 1e-4:
+                _fail("bad_value", f"{f.name} must be <= 0")
+        elif f.values == "versions":  # non-decreasing from >= 0 (weights only move forward)
+            if arr[0] < 0 or (arr.shape[0] > 1 and not (arr[1:] >= arr[:-1]).all()):
+                _fail("bad_versions", f"{f.name} must be >= 0 and non-decreasing")
+        else:
+            raise AssertionError(f"no check for values={f.values!r}")
 
 
 def _check_metadata(m: Any) -> None:
