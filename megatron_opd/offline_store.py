@@ -35,6 +35,7 @@ from typing import Iterator
 
 import numpy as np
 
+from megatron_opd import sample_fields
 from megatron_opd.config import Config, to_dict
 from megatron_opd.transport import Sample
 
@@ -42,12 +43,18 @@ FORMAT = "megatron-opd-offline"
 OFFLINE_VERSION = 2  # bump when what is stored, or how it is made, changes
 SHARD_SIZE = 1024
 MANIFEST = "manifest.json"
-# Per-sample arrays ([n]) and per-token arrays (flat over the shard's responses, [sum T, ...]).
-_SAMPLE_ARRAYS = {"reward": np.float32, "temperature": np.float64, "top_p": np.float64,
-                  "group": np.int64}
-_TOKEN_ARRAYS = {"response_ids": np.int32, "loss_mask": np.uint8,
-                 "behaviour_logprobs": np.float32, "teacher_logprobs": np.float32,
-                 "teacher_topk_ids": np.int32, "teacher_topk_logprobs": np.float32}
+# From the field table (megatron_opd/sample_fields.py): ragged Sample tensors, stored flat over
+# the shard's samples ([sum P] or [sum T, ...]) with one offsets array per leading letter, and
+# per-sample numbers ([n]). Besides these, a shard holds `group` (int64 [n]: group number in the
+# store), `metadata` (JSON strings) and `finish_reason`.
+_RAGGED_ARRAYS = sample_fields.stored_ragged()
+_SAMPLE_ARRAYS = sample_fields.stored_per_sample()
+_OFFSETS = {"P": "prompt_offsets", "T": "response_offsets"}
+_LETTER = {f.name: f.shape[0] for f in sample_fields.FIELDS if f.name in _RAGGED_ARRAYS}
+# The length of a sample along each ragged letter is that of the first stored array that has it.
+_LENGTH_OF = {c: next(n for n in _RAGGED_ARRAYS if _LETTER[n] == c) for c in _OFFSETS}
+# Sample tensors not stored: read back as version 0 (the init made them) or left out (optional).
+_NOT_STORED = {"token_versions": lambda n: np.zeros(n, dtype=np.int64)}
 
 
 class StoreError(RuntimeError):
@@ -85,16 +92,14 @@ def store_path(cfg: Config) -> Path:
 # ------------------------------------------------------------------------------ writing
 def _shard_arrays(samples: list[Sample], group_of: dict[str, int]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
-    for name, off in (("prompt_ids", "prompt_offsets"), ("response_ids", "response_offsets")):
-        lengths = [len(getattr(s, name)) for s in samples]
+    for letter, off in _OFFSETS.items():
+        lengths = [len(getattr(s, _LENGTH_OF[letter])) for s in samples]
         out[off] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    out["prompt_ids"] = np.concatenate([s.prompt_ids for s in samples]).astype(np.int32)
-    for name, dtype in _TOKEN_ARRAYS.items():
-        # [sum T] or, for the top-K arrays, [sum T, K] (K may be 0)
+    for name, dtype in _RAGGED_ARRAYS.items():
+        # [sum P], [sum T] or, for the top-K arrays, [sum T, K] (K may be 0)
         out[name] = np.concatenate([getattr(s, name) for s in samples]).astype(dtype)
-    out["reward"] = np.asarray([s.reward for s in samples], dtype=np.float32)
-    out["temperature"] = np.asarray([s.temperature for s in samples], dtype=np.float64)
-    out["top_p"] = np.asarray([s.top_p for s in samples], dtype=np.float64)
+    for name, dtype in _SAMPLE_ARRAYS.items():
+        out[name] = np.asarray([getattr(s, name) for s in samples], dtype=dtype)
     out["group"] = np.asarray([group_of[s.group_id] for s in samples], dtype=np.int64)
     # fixed-width unicode arrays: plain numpy dtypes, no pickling involved
     out["metadata"] = np.asarray([json.dumps(s.metadata, sort_keys=True) for s in samples],
@@ -207,25 +212,21 @@ class OfflineStore:
         revision = self.manifest["teacher_revision"]
         for entry in self.manifest["shards"]:
             z = self._load_shard(entry)
-            po, ro = z["prompt_offsets"], z["response_offsets"]
-            if len(po) != entry["count"] + 1 or len(ro) != entry["count"] + 1:
+            offsets = {c: z[off] for c, off in _OFFSETS.items()}
+            if any(len(o) != entry["count"] + 1 for o in offsets.values()):
                 raise StoreError(f"{self.path / entry['file']}: count mismatch")
             for i in range(entry["count"]):
-                a, b = int(ro[i]), int(ro[i + 1])
+                span = {c: slice(int(o[i]), int(o[i + 1])) for c, o in offsets.items()}
                 group = int(z["group"][i])
+                tensors = {name: z[name][span[_LETTER[name]]] for name in _RAGGED_ARRAYS}
+                scalars = {name: float(z[name][i]) for name in _SAMPLE_ARRAYS}
+                t = span["T"].stop - span["T"].start
                 yield group, Sample(
                     sample_id=f"stored-{n:09d}", group_id=f"stored-g{group:09d}",
-                    prompt_ids=z["prompt_ids"][po[i]:po[i + 1]],
-                    response_ids=z["response_ids"][a:b], loss_mask=z["loss_mask"][a:b],
-                    behaviour_logprobs=z["behaviour_logprobs"][a:b],
-                    token_versions=np.zeros(b - a, dtype=np.int64),  # made by the init, version 0
-                    teacher_logprobs=z["teacher_logprobs"][a:b],
-                    teacher_topk_ids=z["teacher_topk_ids"][a:b],
-                    teacher_topk_logprobs=z["teacher_topk_logprobs"][a:b],
-                    teacher_revision=revision, reward=float(z["reward"][i]),
+                    **tensors, **{name: make(t) for name, make in _NOT_STORED.items()},
+                    teacher_revision=revision, **scalars,
                     metadata={**json.loads(str(z["metadata"][i])), "offline": True},
-                    finish_reason=str(z["finish_reason"][i]),
-                    temperature=float(z["temperature"][i]), top_p=float(z["top_p"][i]))
+                    finish_reason=str(z["finish_reason"][i]))
                 n += 1
 
     def groups(self) -> Iterator[list[Sample]]:
