@@ -8,6 +8,7 @@ before any process starts. The resolved tree is saved as `config.yaml` in the ru
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -744,9 +745,9 @@ def resolve_init_specs(cfg: Config, data: dict) -> None:
         path = Path(getattr(cfg.init, init_key) or "") / "config.json"
         if not getattr(cfg.init, init_key) or not path.is_file():
             continue
-        try:
-            hf = spec_from_hf_config(yaml.safe_load(path.read_text()), where=str(path))
-        except (UnsupportedConfig, KeyError, yaml.YAMLError) as e:
+        try:  # json, not yaml: YAML 1.1 reads JSON's 1e-06 as a string
+            hf = spec_from_hf_config(json.loads(path.read_text()), where=str(path))
+        except (UnsupportedConfig, KeyError, json.JSONDecodeError) as e:
             raise ConfigError(f"init.{init_key}: {e}") from None
         for key, value in given.items():
             if hasattr(hf, key) and getattr(hf, key) != _coerce(

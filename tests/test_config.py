@@ -79,3 +79,26 @@ def test_fp8_without_a_gpu_is_refused_before_anything_starts(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "precision.fp8" in out.stderr and "fp8_fallback" in out.stderr
     assert not run_dir.exists()
+
+
+def test_init_checkpoints_define_the_model_specs(tmp_path):
+    """A readable init.student / init.teacher defines model / teacher.model (config.json read as
+    JSON: 1e-06 stays a number); keys the YAML gives must agree; the saved config reloads."""
+    from tests.hf_fixtures import make_char_tokenizer, make_hf_moe
+
+    tok = make_char_tokenizer(tmp_path / "tok")
+    student = make_hf_moe(tmp_path / "s", "mixtral", tok, hidden_size=32, num_heads=2,
+                          num_kv_heads=1, num_experts=4)
+    teacher = make_hf_moe(tmp_path / "t", "qwen3_moe", tok, num_layers=3)
+    args = [f"init.student={student}", f"init.teacher={teacher}", "data.train=x.jsonl"]
+    cfg = load_config(ROOT / "configs/hf-example.yaml", args)
+    assert (cfg.model.family, cfg.model.hidden_size, cfg.model.num_experts) == ("mixtral", 32, 4)
+    assert cfg.model.vocab_size == 104 and cfg.model.rms_norm_eps == 1e-6
+    assert cfg.model.eos_token_id == 98 and cfg.model.pad_token_id == 96
+    assert (cfg.teacher.model.family, cfg.teacher.model.num_layers) == ("qwen3_moe", 3)
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
+    assert load_config(ROOT / "configs/hf-example.yaml", args + ["model.hidden_size=32"]) == cfg
+    with pytest.raises(ConfigError, match=r"^model.hidden_size: 64 but init.student"):
+        load_config(ROOT / "configs/hf-example.yaml", args + ["model.hidden_size=64"])
+    with pytest.raises(ConfigError, match=r"^teacher.model.num_layers: 2 but init.teacher"):
+        load_config(ROOT / "configs/hf-example.yaml", args + ["teacher.model.num_layers=2"])
