@@ -69,6 +69,8 @@ READS = {
     "grpo_opd": "the grpo_opd term",
 }
 
+# Order matters twice: the Sample tensors are in frame order (the wire format of schema version
+# 2: never reorder them), and the batch fields in TrainBatch's attribute order (optional last).
 F = SampleField
 FIELDS: tuple[SampleField, ...] = (
     F("input_ids", COLLATE, "prompt + response, right-padded",
@@ -97,9 +99,6 @@ FIELDS: tuple[SampleField, ...] = (
     F("teacher_topk_logprobs", TENSOR, "log q at the teacher's top-K ids",
       wire=("float32",), shape="TK", batch="float32", batch_shape="BTK", pad=0, store="float32",
       values="finite", reads="topk"),
-    F("routed_experts", TENSOR, "the rollout engine's experts per input position (R3)",
-      wire=("uint8", "int16", "int32"), shape="SNR", batch="int64", batch_shape="BLNR",
-      optional=True),
     F("reward", SCALAR, "the environment verifier's outcome", batch="float32", batch_shape="B",
       store="float32", batch_name="rewards"),
     F("sample_advantages", COLLATE, "group-normalised rewards over the batch's samples sharing "
@@ -108,6 +107,9 @@ FIELDS: tuple[SampleField, ...] = (
       batch_shape="B", store="float64", reads="always"),
     F("top_p", SCALAR, "top-p of the rollout sampler", batch="float32", batch_shape="B",
       store="float64"),
+    F("routed_experts", TENSOR, "the rollout engine's experts per input position (R3)",
+      wire=("uint8", "int16", "int32"), shape="SNR", batch="int64", batch_shape="BLNR",
+      optional=True),
 )
 del F
 
@@ -164,6 +166,8 @@ def _check_table(table=FIELDS) -> None:
         assert f.batch_shape[:1] in ("", "B"), f.name
         assert f.source != SCALAR or f.batch_shape in ("", "B"), f.name
         assert f.reads is None or f.batch is not None, f.name
+    optional = [f.optional for f in batch_fields(table)]
+    assert optional == sorted(optional), "optional batch fields come last (TrainBatch defaults)"
 
 
 _check_table()

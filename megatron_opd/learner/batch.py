@@ -3,6 +3,10 @@
 Everything here is built on global rank 0 from the *whole* batch, before the data-parallel /
 micro-batch split: per-sample quantities that need other samples (GRPO group statistics) are
 final when the batch is cut. Every field is batch-first, so `split_microbatches` slices dim 0.
+
+The fields, their dtypes, shapes and padding are declared in `megatron_opd/sample_fields.py`;
+`collate` allocates and pads from that table, and `TrainBatch` lists exactly its batch fields,
+in its order (tests/test_sample_fields.py).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from megatron_opd import sample_fields
+
 
 @dataclass
 class TrainBatch:
@@ -20,8 +26,8 @@ class TrainBatch:
     response_ids: torch.Tensor  # [B, T] int64
     loss_mask: torch.Tensor  # [B, T] float32 (0 on padding, env tokens and stale tokens)
     behaviour_logprobs: torch.Tensor  # [B, T] float32
-    teacher_logprobs: torch.Tensor  # [B, T] float32
     token_versions: torch.Tensor  # [B, T] int64 (-1 on padding)
+    teacher_logprobs: torch.Tensor  # [B, T] float32
     # Teacher top-K support per response token (K = the samples' K, may be 0 -> [B, T, 0]);
     # padding positions hold id 0 and log-prob 0.0 (masked by loss_mask).
     teacher_topk_ids: torch.Tensor  # [B, T, K] int64
@@ -42,6 +48,11 @@ class StalenessReport:
     dropped_tokens: int  # trainable tokens over the bound (never trained)
     staleness_mean: float  # over the tokens kept
     staleness_max: int
+
+
+_BATCH = sample_fields.batch_fields()
+_COPIED = sample_fields.ragged_copied()  # Sample [T, ...] -> [B, T, ...], right-padded
+_PER_SAMPLE = tuple(f for f in _BATCH if f.source == sample_fields.SCALAR)  # numbers -> [B]
 
 
 def group_indices(group_ids: list[str]) -> np.ndarray:
@@ -66,27 +77,20 @@ def collate(samples, pad_id: int, step: int,
     (K,) = Ks
     L = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
     T = max(len(s.response_ids) for s in samples)
-    input_ids = np.full((B, L), pad_id, dtype=np.int64)
-    index = np.zeros((B, T), dtype=np.int64)
-    resp = np.full((B, T), pad_id, dtype=np.int64)
-    mask = np.zeros((B, T), dtype=np.float32)
-    mu = np.zeros((B, T), dtype=np.float32)
-    q = np.zeros((B, T), dtype=np.float32)
-    versions = np.full((B, T), -1, dtype=np.int64)
-    topk_ids = np.zeros((B, T, K), dtype=np.int64)
-    topk_lp = np.zeros((B, T, K), dtype=np.float32)
+    sizes = {"B": B, "L": L, "T": T, "K": K}
+    # every padded field ([B, L] / [B, T, ...]) filled with its padding value
+    arrays = {f.batch_attr: np.full([sizes[c] for c in f.batch_shape],
+                                    sample_fields.pad_value(f, pad_id), dtype=f.batch)
+              for f in _BATCH if not f.optional and f.batch_shape[1:2] in ("L", "T")}
+    input_ids, index = arrays["input_ids"], arrays["response_index"]
     for b, s in enumerate(samples):
         P, n = len(s.prompt_ids), len(s.response_ids)
         input_ids[b, :P] = s.prompt_ids
         input_ids[b, P:P + n] = s.response_ids
         index[b, :n] = np.arange(P - 1, P - 1 + n)
-        resp[b, :n] = s.response_ids
-        mask[b, :n] = s.loss_mask
-        mu[b, :n] = s.behaviour_logprobs
-        q[b, :n] = s.teacher_logprobs
-        versions[b, :n] = s.token_versions
-        topk_ids[b, :n] = s.teacher_topk_ids
-        topk_lp[b, :n] = s.teacher_topk_logprobs
+        for f in _COPIED:
+            arrays[f.batch_attr][b, :n] = getattr(s, f.name)
+    mask, versions = arrays["loss_mask"], arrays["token_versions"]
     staleness = step - versions
     trainable = mask > 0
     stale = trainable & (staleness > max_staleness) if max_staleness is not None \
@@ -107,17 +111,13 @@ def collate(samples, pad_id: int, step: int,
         k = samples[0].routed_experts.shape[-1]
         routed = torch.stack([experts_from_rollout(torch.from_numpy(s.routed_experts.astype(np.int64)),
                                                    L, k) for s in samples])
-    rewards = torch.tensor([float(s.reward) for s in samples], dtype=torch.float32)
+    out = {name: t(a) for name, a in arrays.items()}
+    for f in _PER_SAMPLE:
+        out[f.batch_attr] = torch.tensor([float(getattr(s, f.name)) for s in samples],
+                                         dtype=getattr(torch, f.batch))
     groups = torch.from_numpy(group_indices([s.group_id for s in samples]))
-    batch = TrainBatch(
-        input_ids=t(input_ids), response_index=t(index), response_ids=t(resp), loss_mask=t(mask),
-        behaviour_logprobs=t(mu), teacher_logprobs=t(q), token_versions=t(versions),
-        teacher_topk_ids=t(topk_ids), teacher_topk_logprobs=t(topk_lp), rewards=rewards,
-        sample_advantages=group_normalized_advantages(rewards, groups).to(torch.float32),
-        temperature=torch.tensor([float(s.temperature) for s in samples], dtype=torch.float32),
-        top_p=torch.tensor([float(s.top_p) for s in samples], dtype=torch.float32),
-        routed_experts=routed)
-    return batch, report
+    out["sample_advantages"] = group_normalized_advantages(out["rewards"], groups).to(torch.float32)
+    return TrainBatch(**out, routed_experts=routed), report
 
 
 def response_logits(logits: torch.Tensor, response_index: torch.Tensor) -> torch.Tensor:

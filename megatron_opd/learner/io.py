@@ -8,33 +8,33 @@ import time
 import torch
 import torch.distributed as dist
 
+from megatron_opd import sample_fields
 from megatron_opd.learner.batch import TrainBatch
 from megatron_opd.transport import Sample, WeightsPublished
 
-# Every tensor field of TrainBatch but routed_experts (optional, sent after): dtype and which of
-# the batch dimensions (B, L, T, K) make its shape.
-_BATCH_FIELDS = {
-    "input_ids": (torch.int64, "BL"), "response_index": (torch.int64, "BT"),
-    "response_ids": (torch.int64, "BT"), "loss_mask": (torch.float32, "BT"),
-    "behaviour_logprobs": (torch.float32, "BT"), "teacher_logprobs": (torch.float32, "BT"),
-    "token_versions": (torch.int64, "BT"), "teacher_topk_ids": (torch.int64, "BTK"),
-    "teacher_topk_logprobs": (torch.float32, "BTK"), "rewards": (torch.float32, "B"),
-    "sample_advantages": (torch.float32, "B"), "temperature": (torch.float32, "B"),
-    "top_p": (torch.float32, "B"),
-}
+# From the field table (megatron_opd/sample_fields.py): every TrainBatch tensor that is always
+# there -> (dtype, the batch dimensions that make its shape), sent in this order; then each
+# optional one (routed_experts), announced by a flag and sent with its shape.
+_BATCH_FIELDS = {f.batch_attr: (getattr(torch, f.batch), f.batch_shape)
+                 for f in sample_fields.batch_fields() if not f.optional}
+_OPTIONAL_FIELDS = {f.batch_attr: (getattr(torch, f.batch), f.batch_shape)
+                    for f in sample_fields.batch_fields() if f.optional}
+_DIMS = "".join(dict.fromkeys("".join(dims for _, dims in _BATCH_FIELDS.values())))  # "BLTK"
 
 
 def broadcast_batch(batch: TrainBatch | None) -> TrainBatch:
     """Rank 0 passes its batch; every rank returns the same batch (tensors only: the sizes
-    B, L, T, K go first, then each field in a fixed order)."""
+    (B, L, T, K) go first, then each field in a fixed order)."""
     if dist.get_world_size() == 1:
         return batch
-    shape = torch.zeros(4, dtype=torch.int64)
+    shape = torch.zeros(len(_DIMS), dtype=torch.int64)
     if dist.get_rank() == 0:
-        shape[:] = torch.tensor([*batch.input_ids.shape, batch.response_ids.shape[1],
-                                 batch.teacher_topk_ids.shape[2]])
+        sizes = {}
+        for name, (_, dims) in _BATCH_FIELDS.items():
+            sizes.update(zip(dims, getattr(batch, name).shape))
+        shape[:] = torch.tensor([sizes[d] for d in _DIMS])
     dist.broadcast(shape, src=0)
-    sizes = dict(zip("BLTK", shape.tolist()))
+    sizes = dict(zip(_DIMS, shape.tolist()))
     out = {}
     for name, (dtype, dims) in _BATCH_FIELDS.items():
         if dist.get_rank() == 0:
@@ -43,10 +43,12 @@ def broadcast_batch(batch: TrainBatch | None) -> TrainBatch:
             t = torch.empty([sizes[d] for d in dims], dtype=dtype)
         dist.broadcast(t, src=0)
         out[name] = t
-    routed = batch.routed_experts if dist.get_rank() == 0 else None
-    has = torch.tensor([routed is not None], dtype=torch.int64)
-    dist.broadcast(has, src=0)
-    out["routed_experts"] = broadcast_tensor(routed, 4, torch.int64) if has.item() else None
+    for name, (dtype, dims) in _OPTIONAL_FIELDS.items():
+        t = getattr(batch, name) if dist.get_rank() == 0 else None
+        has = torch.tensor([t is not None], dtype=torch.int64)
+        dist.broadcast(has, src=0)
+        out[name] = broadcast_tensor(None if t is None else t.to(dtype), len(dims), dtype) \
+            if has.item() else None
     return TrainBatch(**out)
 
 
