@@ -8,10 +8,12 @@ import torch.distributed as dist
 
 from megatron_opd.learner.train_step import LossFn, MicroBatch
 from megatron_opd.learner.vocab_parallel import vocab_parallel_token_stats
+from megatron_opd.sample_fields import micro_batch_fields
 
-# Tensors a micro-batch of OPD training data carries in `MicroBatch.data` ([b, T] each).
-OPD_FIELDS = ("response_index", "response_ids", "loss_mask", "behaviour_logprobs",
-              "teacher_logprobs")
+# Tensors every OPD training micro-batch carries in `MicroBatch.data` (the field table's
+# reads="always": response_index, response_ids, loss_mask, behaviour/teacher log-probs [b, T],
+# temperature [b]).
+OPD_FIELDS = micro_batch_fields({"always"})
 
 
 def response_logits(logits: torch.Tensor, response_index: torch.Tensor) -> torch.Tensor:
@@ -21,14 +23,14 @@ def response_logits(logits: torch.Tensor, response_index: torch.Tensor) -> torch
 
 
 def objective_fields(objective) -> tuple[str, ...]:
-    """The `TrainBatch` fields the configured objective reads (what micro-batches must carry)."""
-    terms = set(objective.terms)
-    fields = OPD_FIELDS + ("temperature",)
+    """The `TrainBatch` fields the configured objective reads (what micro-batches must carry):
+    the field table's (megatron_opd/sample_fields.py) fields whose `reads` condition holds."""
+    conditions = {"always"}
     if _wants_topk(objective):
-        fields += ("teacher_topk_ids", "teacher_topk_logprobs")
-    if "grpo_opd" in terms:
-        fields += ("sample_advantages",)
-    return fields
+        conditions.add("topk")
+    if "grpo_opd" in objective.terms:
+        conditions.add("grpo_opd")
+    return micro_batch_fields(conditions)
 
 
 def _wants_topk(objective) -> bool:

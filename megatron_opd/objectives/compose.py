@@ -46,6 +46,15 @@ class ObjectiveInputs:
     sample_advantages: torch.Tensor | None = None  # [b] group-normalised rewards (grpo_opd)
 
 
+# The inputs that are training-batch fields as they are (input -> TrainBatch attribute, declared
+# with dtype, shape and padding in megatron_opd/sample_fields.py); the other inputs are the
+# student's statistics of its logits (learner/losses.py:objective_loss_fn computes them).
+FROM_BATCH = {"mask": "loss_mask", "response_ids": "response_ids",
+              "behaviour_logprobs": "behaviour_logprobs", "teacher_logprobs": "teacher_logprobs",
+              "teacher_topk_logprobs": "teacher_topk_logprobs",
+              "sample_advantages": "sample_advantages"}
+
+
 def masked_token_ids_mask(inp: ObjectiveInputs, masked_ids) -> torch.Tensor:
     return first_occurrence_mask(inp.response_ids, inp.mask, list(masked_ids))
 
