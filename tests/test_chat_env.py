@@ -66,7 +66,7 @@ def test_verifier_loss_mask_and_special_ids(files):
     assert env.reward(p, right) == 1.0  # special tokens and outer white space do not count
     assert env.reward(p, right[:2] + [eos]) == 0.0  # " " + one letter: labels have >= 2
     padded = right[:2] + [len(t)] + right[2:]  # a model row the tokenizer lacks
-    assert env.loss_mask(p, padded).tolist() == [1, 1, 0] + [1] * (len(right) - 2)
+    assert env.loss_mask(p, padded).tolist() == [1] * len(padded)  # a real model row trains
     assert env.reward(p, padded) == 1.0
     assert _env(root, tok, "env.verifier=none").reward(p, right) == 0.0
 

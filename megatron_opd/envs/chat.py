@@ -103,12 +103,6 @@ class ChatEnv(Environment):
             yield self._prompt(row, ids)
 
     # ------------------------------------------------------------------------- responses
-    def loss_mask(self, prompt: EnvPrompt, response_ids) -> np.ndarray:
-        """Every generated token trains, except ids the tokenizer lacks (a model vocabulary
-        padded past the tokenizer: such a row can be sampled from an untrained model, has no
-        text, and is kept out of the loss)."""
-        return (np.asarray(response_ids) < len(self.tokenizer)).astype(np.uint8)
-
     @property
     def has_verifier(self) -> bool:
         return self.cfg.env.verifier != "none"

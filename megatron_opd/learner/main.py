@@ -152,7 +152,8 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
                 "time/step_s": time.time() - t0})
     if cfg.train.checkpoint:
         checkpoint(hf_export=lambda path: save_hf_checkpoint(
-            chunks, spec, path, tokenizer_dir=wiring.student_dir, groups=groups))
+            chunks, spec, path, tokenizer_dir=wiring.student_dir, groups=groups,
+            source=wiring.student_dir))  # the init's config.json, generation config, tokenizer
     if rank0:
         io.close(state, last_eval)
     destroy_distributed()

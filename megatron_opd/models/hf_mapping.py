@@ -256,17 +256,14 @@ def load_hf_checkpoint(model, hf_dir: str | Path, spec: MoEModelSpec, groups=Non
     from megatron_opd.convert.errors import BadCheckpoint, load_safetensors
 
     check_hf_expressible(spec)
+    if groups is not None:
+        return _load_streamed(model, hf_dir, spec, groups)
     hf = {}
     for f in sorted(Path(hf_dir).glob("*.safetensors")):
         hf.update(load_safetensors(f))
     if not hf:
         raise BadCheckpoint(f"{hf_dir}: no *.safetensors files, point at a Hugging Face model "
                             f"directory")
-    if groups is not None:
-        from megatron_opd.models.sharding import load_full_state
-
-        state = hf_to_megatron(hf, spec, padded_vocab_size(spec, groups.layout.tensor_parallel))
-        return load_full_state(model, groups, state.__getitem__)
     own = _weights(model)
     rows = own["embedding.word_embeddings.weight"].shape[0] \
         if "embedding.word_embeddings.weight" in own else None
@@ -281,6 +278,26 @@ def load_hf_checkpoint(model, hf_dir: str | Path, spec: MoEModelSpec, groups=Non
                 raise ValueError(f"{name}: checkpoint shape {tuple(state[name].shape)} != model "
                                  f"{tuple(param.shape)}")
             param.copy_(state[name])
+
+
+def _load_streamed(chunks, hf_dir, spec: MoEModelSpec, groups) -> None:
+    """Each rank reads only the HF tensors its shards are cut from, one megatron tensor at a
+    time, through memory maps released after each: peak memory is one full tensor (an expert
+    or the embedding), not the checkpoint. Headers and tensor shapes are checked first, so a
+    truncated file or a checkpoint of another architecture fails before any weight is copied."""
+    from megatron_opd.convert.hf_io import LazyHFReader
+    from megatron_opd.models.sharding import load_full_state
+
+    reader = LazyHFReader(hf_dir)
+    reader.check(spec)
+    rows = padded_vocab_size(spec, groups.layout.tensor_parallel)
+
+    def full(name: str) -> torch.Tensor:
+        t = full_from_hf(name, reader.get, spec, rows)
+        reader.release()  # pages a map touched stay in RSS until it is closed
+        return t
+
+    load_full_state(chunks, groups, full)
 
 
 def save_hf_checkpoint(model, spec: MoEModelSpec, out_dir: str | Path,
