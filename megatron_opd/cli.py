@@ -1,4 +1,8 @@
-"""The `megatron-opd` command line."""
+"""The `megatron-opd` command line.
+
+Exit status: 0 done, 1 a run failed, 2 bad input refused before anything started, 130
+interrupted; errors print `megatron-opd: error: <what>` (megatron_opd/errors.py, shared by every
+entry point; `plan` also exits 1 when the layout does not fit)."""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ import argparse
 import json
 import sys
 
-from megatron_opd.config import ConfigError, load_config
+from megatron_opd.config import load_config
+from megatron_opd.errors import guarded
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,14 +48,53 @@ def _parser() -> argparse.ArgumentParser:
 def _plan(args) -> int:
     from megatron_opd.plan import format_plan, make_plan
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        plan = make_plan(cfg, args.prompt_tokens)
-    except ConfigError as e:
-        print(f"megatron-opd: config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    plan = make_plan(cfg, args.prompt_tokens)
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan, args.config or ""))
     return 0 if plan["verdict"]["fits"] else 1
+
+
+def _keygen(args) -> int:
+    from megatron_opd.transport.auth import write_secret
+
+    path = write_secret(args.out, force=args.force)
+    print(f"megatron-opd: wrote a new run secret to {path} (mode 0600); give the same file "
+          f"to every process of the run")
+    return 0
+
+
+def _prepare(args) -> int:
+    from megatron_opd.envs import prepare_models
+
+    cfg = load_config(args.config, args.overrides)
+    models = prepare_models(cfg, progress=cfg.logging.progress)
+    print(json.dumps({"teacher": str(models.teacher_dir), "student_init": str(models.student_dir),
+                      **{k: v for k, v in models.meta.items() if isinstance(v, dict)}}, indent=2))
+    return 0
+
+
+def _precompute_teacher(args) -> int:
+    from megatron_opd.launch import precompute_teacher
+
+    store = precompute_teacher(load_config(args.config, args.overrides))
+    m = store.manifest
+    print(json.dumps({"store": str(store.path), **{k: m[k] for k in (
+        "config_hash", "teacher_revision", "count", "top_k", "group_size")}}, indent=2))
+    return 0
+
+
+def _train(args) -> int:
+    from megatron_opd.launch import train
+
+    cfg = load_config(args.config, args.overrides)  # a bad config fails here, before anything
+    summary = train(cfg)
+    print(json.dumps(summary, indent=2))
+    print(f"megatron-opd: run artifacts in {cfg.run.dir}")
+    return 0
+
+
+COMMANDS = {"plan": _plan, "keygen": _keygen, "prepare": _prepare,
+            "precompute-teacher": _precompute_teacher, "train": _train}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,66 +104,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return submit_main(argv[1:])
     args = _parser().parse_args(argv)
-    if args.command == "keygen":
-        from megatron_opd.transport.auth import write_secret
-
-        try:
-            path = write_secret(args.out, force=args.force)
-        except OSError as e:
-            print(f"megatron-opd: keygen: {e}", file=sys.stderr)
-            return 1
-        print(f"megatron-opd: wrote a new run secret to {path} (mode 0600); give the same file "
-              f"to every process of the run")
-        return 0
-    if args.command == "plan":
-        return _plan(args)
-    try:  # a bad config fails here, before any process starts
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"megatron-opd: config error: {e}", file=sys.stderr)
-        return 2
-    if args.command == "prepare":
-        from megatron_opd.envs import prepare_models
-
-        models = prepare_models(cfg, progress=cfg.logging.progress)
-        print(json.dumps({"teacher": str(models.teacher_dir), "student_init": str(models.student_dir),
-                          **{k: v for k, v in models.meta.items() if isinstance(v, dict)}}, indent=2))
-        return 0
-    if args.command == "precompute-teacher":
-        from megatron_opd.launch import precompute_teacher
-        from megatron_opd.offline_store import StoreError
-        from megatron_opd.serving.sglang_server import ServerStartError
-
-        try:
-            store = precompute_teacher(cfg)
-        except ConfigError as e:
-            print(f"megatron-opd: config error: {e}", file=sys.stderr)
-            return 2
-        except (StoreError, ServerStartError) as e:
-            print(f"megatron-opd: {e}", file=sys.stderr)
-            return 1
-        m = store.manifest
-        print(json.dumps({"store": str(store.path), **{k: m[k] for k in (
-            "config_hash", "teacher_revision", "count", "top_k", "group_size")}}, indent=2))
-        return 0
-    from megatron_opd.launch import ProcessDied, Terminated, train
-    from megatron_opd.models.precision import PrecisionError
-    from megatron_opd.offline_store import StoreError
-
-    try:
-        summary = train(cfg)
-    except (PrecisionError, ConfigError) as e:  # e.g. FP8 without a suitable GPU / TE
-        print(f"megatron-opd: config error: {e}", file=sys.stderr)
-        return 2
-    except (ProcessDied, FileExistsError, StoreError) as e:
-        print(f"megatron-opd: {e}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, Terminated):
-        print("megatron-opd: interrupted; all processes stopped", file=sys.stderr)
-        return 130
-    print(json.dumps(summary, indent=2))
-    print(f"megatron-opd: run artifacts in {cfg.run.dir}")
-    return 0
+    # keygen: a file that exists (no --force) or cannot be written is a failed command (1)
+    return guarded(lambda: COMMANDS[args.command](args),
+                   failed=(OSError,) if args.command == "keygen" else ())
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from megatron_opd.config import ConfigError, load_config, validate_cluster_fit
-from megatron_opd.slurm.node_launch import torchrun_command
+from megatron_opd.launch import make_servers, torchrun_command
 from megatron_opd.slurm.script import render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def test_node_launch_gives_each_node_its_rank_under_a_static_rendezvous():
 
 
 def test_slurm_node_lists_expand_like_scontrol():
-    from megatron_opd.slurm.job import hostnames
+    from megatron_opd.slurm.nodes import hostnames
 
     assert hostnames("gpu[01-03,07],big01") == ["gpu01", "gpu02", "gpu03", "gpu07", "big01"]
     assert hostnames("r[1-2]n[08-09]") == ["r1n08", "r1n09", "r2n08", "r2n09"]
@@ -90,7 +90,8 @@ def test_slurm_node_lists_expand_like_scontrol():
 
 
 def test_roles_take_their_nodes_in_order(tmp_path):
-    from megatron_opd.slurm.job import SlurmSite, role_hosts
+    from megatron_opd.launch import SlurmSite
+    from megatron_opd.slurm.nodes import role_hosts
 
     het = _cfg("cluster.rollout.nodes=2")
     env = {"SLURM_JOB_NODELIST_HET_GROUP_0": "gpu01", "SLURM_JOB_NODELIST_HET_GROUP_1":
@@ -108,7 +109,7 @@ def test_roles_take_their_nodes_in_order(tmp_path):
     class Prepared:
         teacher_dir, student_dir = tmp_path / "t", tmp_path / "s"
 
-    fleets = site.servers(het, Prepared, tmp_path)
+    fleets = make_servers(het, Prepared, tmp_path, site)
     assert [s.name for s in fleets["rollout"]] == ["rollout-0", "rollout-1"]
     cmd = fleets["rollout"][1].command()
     assert cmd[:2] == ["srun", "--het-group=1"] and "--nodelist=gpu08" in cmd
@@ -117,7 +118,7 @@ def test_roles_take_their_nodes_in_order(tmp_path):
     # GPU nodes: gpus_per_node / gpus_per_server servers per node on disjoint GPUs
     gpu = _cfg("cluster.gpus_per_node=8", "parallel.world_size=8", "cluster.rollout.nodes=2",
                "cluster.teacher.gpus_per_server=4", "parallel.micro_batch_size=8")
-    fleets = SlurmSite(gpu, tmp_path, env).servers(gpu, Prepared, tmp_path)
+    fleets = make_servers(gpu, Prepared, tmp_path, SlurmSite(gpu, tmp_path, env))
     assert len(fleets["teacher"]) == 2 and len(fleets["rollout"]) == 16
     t1 = fleets["teacher"][1].command()
     assert t1[t1.index("--tp-size") + 1] == "4" and t1[t1.index("--base-gpu-id") + 1] == "4"

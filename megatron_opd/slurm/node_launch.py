@@ -5,23 +5,16 @@
 
 The node rank is this task's rank in the step (SLURM_PROCID): task 0 runs on the step's first
 node, which is the job driver's node, so global rank 0 (the learner's sockets and weight-sync
-rendezvous) is where the driver told the other processes to look. A static rendezvous (not
-c10d's first-come ranks) keeps it that way.
+rendezvous) is where the driver told the other processes to look. The torchrun line is the one
+every launcher uses (`megatron_opd.launch.fleet.torchrun_command`: a static rendezvous).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-
-def torchrun_command(nnodes: int, nproc: int, node_rank: int, master_addr: str,
-                     master_port: int, run_dir: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
-            f"--nproc-per-node={nproc}", f"--node-rank={node_rank}",
-            f"--master-addr={master_addr}", f"--master-port={master_port}",
-            "-m", "megatron_opd.learner.main", "--run-dir", run_dir]
+from megatron_opd.launch.fleet import torchrun_command
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,29 +16,36 @@ import subprocess
 import sys
 from pathlib import Path
 
-from megatron_opd.config import Config, ConfigError, dump_config, load_config, validate_cluster_fit
+from megatron_opd.config import Config, dump_config, load_config, validate_cluster_fit
+from megatron_opd.errors import RunFailed, guarded
 
 
 def submit(cfg: Config, *, dry_run: bool = False, workdir: Path | None = None) -> tuple[Path, str]:
     """Prepare the run dir and submit; returns (script path, job id or "" on a dry run)."""
-    from megatron_opd.launch import _run_secret, check_startable, prepare_run_dir
+    from megatron_opd.launch import prepare_run_dir, preflight, run_secret
     from megatron_opd.slurm.script import render
 
     validate_cluster_fit(cfg)
-    check_startable(cfg, here=not dry_run)  # a dry run may render away from the cluster
+    # The files where the cluster sees them (a dry run may render away from the cluster); the
+    # learner's precision is checked by the job on its first learner node (slurm/job.py).
+    preflight(cfg, files=not dry_run, learner=False)
     run_dir = prepare_run_dir(cfg)  # refuses a finished run / another config, wipes on overwrite
     # The job must never wipe what it resumes from: `run.overwrite` was honoured just now.
     cfg.run.overwrite = False
     (run_dir / "config.yaml").write_text(dump_config(cfg))
-    _run_secret(cfg, run_dir)  # made once, here (mode 0600), so every start of the job shares it
+    run_secret(cfg, run_dir)  # made once, here (mode 0600), so every start of the job shares it
     python = cfg.slurm.python or sys.executable
     script = run_dir / "job.sbatch"
     script.write_text(render(cfg, run_dir, workdir or Path.cwd(), python))
     if dry_run:
         return script, ""
-    out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    try:
+        out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise RunFailed(f"sbatch not found: submit from a Slurm login node ({script} is "
+                        "rendered; --dry-run only renders)") from None
     if out.returncode != 0:
-        raise RuntimeError(f"sbatch refused {script}: {out.stderr.strip() or out.stdout.strip()}")
+        raise RunFailed(f"sbatch refused {script}: {out.stderr.strip() or out.stdout.strip()}")
     job_id = re.split(r"[;+]", out.stdout.strip())[0]
     (run_dir / "slurm_jobs.txt").open("a").write(f"{job_id}\n")
     return script, job_id
@@ -50,15 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="render the script, do not submit")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        script, job_id = submit(cfg, dry_run=args.dry_run)
-    except (ConfigError, FileExistsError) as e:
-        print(f"megatron-opd: config error: {e}", file=sys.stderr)
-        return 2
-    except (RuntimeError, FileNotFoundError) as e:
-        print(f"megatron-opd: {e}", file=sys.stderr)
-        return 1
+    return guarded(lambda: _submit(args))
+
+
+def _submit(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    script, job_id = submit(cfg, dry_run=args.dry_run)
     if job_id:
         print(f"megatron-opd: submitted job {job_id} ({script}); logs in "
               f"{script.parent / 'logs'}; follow with: squeue -j {job_id}")

@@ -1,0 +1,85 @@
+"""What a run starts, computed once from the config for every site: the SGLang fleets
+(`fleet_specs`: one `ServerSpec` per server) and the learner's torchrun command line
+(`torchrun_command`). A site only turns them into processes where it puts them (sites.py)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_opd.config import Config
+
+FLEETS = ("teacher", "rollout")  # started in this order
+LEARNER_MODULE = "megatron_opd.learner.main"
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """One SGLang server of a run, wherever it runs."""
+
+    role: str  # "teacher" (scores) | "rollout" (student weights, updated every step)
+    name: str  # its log (`logs/<name>.log`), endpoint file and restart count are named so
+    model_dir: str
+    node: int  # index into the role's nodes (0 on one machine)
+    gpu_ids: tuple[int, ...]  # its GPUs on that node; () where the site does not place GPUs
+    extra_args: tuple[str, ...]  # further `sglang.launch_server` arguments
+    routed_experts: bool  # return the routed experts of every token (routing replay R3)
+
+    @property
+    def world_size(self) -> int:
+        """GPUs (ranks) of this server: what the learner's weight broadcast group counts."""
+        return max(1, len(self.gpu_ids))
+
+
+def fleet_specs(cfg: Config, models, nodes: dict[str, int] | None = None,
+                gpus_per_node: int = 0) -> dict[str, list[ServerSpec]]:
+    """The teacher and rollout fleets (`models`: envs.RunModels). `nodes` (nodes per role) is
+    None on one machine: a fleet of one server per role, named by its role. On a cluster each
+    node of a role runs `gpus_per_node / <role>.gpus_per_server` servers (one per node without
+    GPUs) on disjoint GPUs, named `<role>-<i>`. The rollout servers start at weight version 0."""
+    fleets: dict[str, list[ServerSpec]] = {}
+    for role, model_dir in zip(FLEETS, (models.teacher_dir, models.student_dir)):
+        per_server = getattr(cfg.cluster, role).gpus_per_server
+        per_node = gpus_per_node // per_server if gpus_per_node else 1
+        fleets[role] = []
+        for node in range(1 if nodes is None else nodes[role]):
+            for i in range(per_node):
+                gpu_ids = tuple(range(i * per_server, (i + 1) * per_server)) if gpus_per_node else ()
+                extra = ("--tp-size", str(per_server), "--base-gpu-id", str(gpu_ids[0])) \
+                    if gpu_ids else ()
+                if role == "rollout":
+                    extra += ("--weight-version", "0")
+                fleets[role].append(ServerSpec(
+                    role=role, name=role if nodes is None else f"{role}-{node * per_node + i}",
+                    model_dir=str(model_dir), node=node, gpu_ids=gpu_ids, extra_args=extra,
+                    routed_experts=role == "rollout" and cfg.train.routing_replay == "r3"))
+    return fleets
+
+
+def server_options(cfg: Config) -> dict:
+    """SGLangServer keyword arguments every server of a run shares (`server.*`)."""
+    sv = cfg.server
+    return dict(dtype=sv.dtype, max_total_tokens=sv.max_total_tokens, threads=sv.threads or None)
+
+
+def learner_ranks_per_node(cfg: Config, nnodes: int) -> int:
+    """Learner ranks on each of its `nnodes` nodes (all of `parallel.world_size` on one machine;
+    a Slurm job's layout fills its nodes exactly: config.validate_cluster_fit)."""
+    return cfg.parallel.world_size // nnodes
+
+
+def torchrun_command(nnodes: int, nproc: int, node_rank: int, master_addr: str,
+                     master_port: int, run_dir: str | Path) -> list[str]:
+    """The learner's torchrun on one node: a static rendezvous on `master_addr` (global rank 0
+    runs on node rank 0, where the run's sockets were announced; c10d's rendezvous would hand out
+    node ranks by arrival). torchrun forwards SIGTERM to its ranks."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
+            f"--nproc-per-node={nproc}", f"--node-rank={node_rank}",
+            f"--master-addr={master_addr}", f"--master-port={master_port}",
+            "-m", LEARNER_MODULE, "--run-dir", str(run_dir)]
+
+
+def single_process_learner(run_dir: str | Path) -> list[str]:
+    """A one-rank learner without torchrun."""
+    return [sys.executable, "-m", LEARNER_MODULE, "--run-dir", str(run_dir)]
