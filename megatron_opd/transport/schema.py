@@ -240,7 +240,8 @@ class Ack:
 
 _TYPES = {names: frozenset(np.dtype(n).type for n in names) for names in Sample.TENSORS.values()}
 _LITTLE = {n: np.dtype(n).newbyteorder("<") for names in Sample.TENSORS.values() for n in names}
-_SAMPLE_TENSORS = tuple(f for f in sample_fields.FIELDS if f.source == sample_fields.TENSOR)
+_TENSOR_CHECKS = tuple((f.name, _TYPES[f.wire], f.shape, f.optional, f.values)
+                       for f in sample_fields.FIELDS if f.source == sample_fields.TENSOR)
 _SCALARS = tuple(f.name for f in sample_fields.FIELDS if f.source == sample_fields.SCALAR)
 # Frames follow the dataclass field order (`encode`): it must be the table's order.
 assert [f.name for f in fields(Sample) if f.name in Sample.TENSORS] == list(Sample.TENSORS)
@@ -277,42 +278,42 @@ def _check_tensors(s: Sample) -> None:
     prompt_ids and response_ids define P and T; S = P + T - 1; any other letter (K, N, R) is
     bound by the first tensor that has it. Few numpy calls: this runs for every message on both
     ends."""
-    for f in _SAMPLE_TENSORS:
-        arr = getattr(s, f.name)
-        if arr is None and f.optional:
+    present = []
+    for name, types, letters, optional, values in _TENSOR_CHECKS:
+        arr = getattr(s, name)
+        if arr is None and optional:
             continue
-        if not isinstance(arr, np.ndarray) or arr.dtype.type not in _TYPES[f.wire]:
-            _fail("bad_dtype", f"{f.name} must be a numpy array of {f.wire}")
+        if not isinstance(arr, np.ndarray) or arr.dtype.type not in types:
+            _fail("bad_dtype", f"{name} must be a numpy array of {Sample.TENSORS[name]}")
+        present.append((arr, name, letters, values))
     P, T = s.prompt_ids.shape[0] if s.prompt_ids.ndim == 1 else -1, \
         s.response_ids.shape[0] if s.response_ids.ndim == 1 else -1
     if P < 1 or T < 1:
         _fail("bad_shape", "prompt_ids and response_ids must be 1-D and non-empty")
     dims = {"P": P, "T": T, "S": P + T - 1}
-    for f in _SAMPLE_TENSORS:
-        arr = getattr(s, f.name)
-        if arr is None:
+    for arr, name, letters, values in present:
+        shape = arr.shape
+        ok = len(shape) == len(letters)
+        for c, n in zip(letters, shape) if ok else ():
+            ok = ok and dims.setdefault(c, n) == n
+        if not ok:
+            want = ", ".join(f"{c}={dims[c]}" if c in dims else c for c in letters)
+            _fail("bad_shape", f"{name} must be [{want}], got {list(shape)}")
+        if not values or not arr.size:
             continue
-        if arr.ndim != len(f.shape) or any(dims.setdefault(c, n) != n
-                                           for c, n in zip(f.shape, arr.shape)):
-            want = ", ".join(f"{c}={dims[c]}" if c in dims else c for c in f.shape)
-            _fail("bad_shape", f"{f.name} must be [{want}], got {list(arr.shape)}")
-    for f in _SAMPLE_TENSORS:
-        arr = getattr(s, f.name)
-        if not f.values or arr is None or not arr.size:
-            continue
-        if f.values == "0/1":
+        if values == "0/1":
             if arr.max() > 1:  # unsigned: 0/1 exactly
-                _fail("bad_value", f"{f.name} must be 0/1")
-        elif f.values in ("finite", "logprob"):
+                _fail("bad_value", f"{name} must be 0/1")
+        elif values in ("finite", "logprob"):
             if not np.isfinite(arr).all():
-                _fail("non_finite", f"{f.name} has NaN/inf")
-            if f.values == "logprob" and arr.max() > 1e-4:
-                _fail("bad_value", f"{f.name} must be <= 0")
-        elif f.values == "versions":  # non-decreasing from >= 0 (weights only move forward)
-            if arr[0] < 0 or (arr.shape[0] > 1 and not (arr[1:] >= arr[:-1]).all()):
-                _fail("bad_versions", f"{f.name} must be >= 0 and non-decreasing")
+                _fail("non_finite", f"{name} has NaN/inf")
+            if values == "logprob" and arr.max() > 1e-4:
+                _fail("bad_value", f"{name} must be <= 0")
+        elif values == "versions":  # non-decreasing from >= 0 (weights only move forward)
+            if arr[0] < 0 or (shape[0] > 1 and not (arr[1:] >= arr[:-1]).all()):
+                _fail("bad_versions", f"{name} must be >= 0 and non-decreasing")
         else:
-            raise AssertionError(f"no check for values={f.values!r}")
+            raise AssertionError(f"no check for values={values!r}")
 
 
 def _check_metadata(m: Any) -> None:
