@@ -38,7 +38,7 @@ class SampleField:
     name: str  # Sample attribute (wire name); also the TrainBatch attribute unless `batch_name`
     source: str  # TENSOR / SCALAR / COLLATE
     doc: str  # one line: what it means
-    wire: tuple[str, ...] = ()  # TENSOR: numpy dtypes a Sample may carry (little-endian on the wire)
+    wire: tuple[str, ...] = ()  # TENSOR: numpy dtypes a Sample may carry (little-endian)
     shape: str = ""  # TENSOR: shape letters in the Sample
     batch: str | None = None  # dtype in TrainBatch (numpy == torch name); None: not in the batch
     batch_shape: str = ""  # shape letters in TrainBatch
