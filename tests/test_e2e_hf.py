@@ -36,7 +36,7 @@ def hf(tmp_path_factory):
                                head_scale=8.0),
     }
     write_chat_prompts(root / "train.jsonl", root / "train.parquet", n=400, seed=0)
-    write_chat_prompts(root / "eval.jsonl", root / "eval.parquet", n=16, seed=1)
+    write_chat_prompts(root / "eval.jsonl", root / "eval.parquet", n=32, seed=1)
     return root, dirs
 
 
@@ -44,7 +44,7 @@ def _cmd(run_dir: Path, student, teacher, train, eval_, *overrides: str) -> list
     return [sys.executable, "-m", "megatron_opd.cli", "train", "--config",
             str(ROOT / "configs/hf-example.yaml"), f"init.student={student}",
             f"init.teacher={teacher}", f"data.train={train}", f"data.eval={eval_}",
-            f"run.dir={run_dir}", "logging.progress=false", "env.num_eval_prompts=16", *overrides]
+            f"run.dir={run_dir}", "logging.progress=false", "env.num_eval_prompts=32", *overrides]
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -62,16 +62,17 @@ def _ledger(run_dir: Path) -> dict[int, list[str]]:
 
 def test_qwen3_moe_student_from_hf_dirs_learns_on_chat_prompts(hf, tmp_path):
     root, dirs = hf
-    run_dir, steps = tmp_path / "run", 40
+    run_dir, steps = tmp_path / "run", 100
     t0 = time.time()
     out = _run(_cmd(run_dir, dirs["qwen"], dirs["teacher"], root / "train.jsonl",
-                    root / "eval.parquet", f"train.steps={steps}"), timeout=900)
+                    root / "eval.parquet", f"train.steps={steps}", "eval.interval=50"),
+               timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     records = _records(run_dir)
     train = [r for r in records if "train/loss" in r]
     assert [r["weights/version"] for r in train] == list(range(1, steps + 1))
     evals = {r["eval/version"]: r for r in records}
-    assert set(evals) == {0, 20, 40} and all(r["eval/served_version_ok"] == 1.0
+    assert set(evals) == {0, 50, 100} and all(r["eval/served_version_ok"] == 1.0
                                              for r in evals.values())
     kl0, kl1 = evals[0]["eval/reverse_kl"], evals[steps]["eval/reverse_kl"]
     print(f"qwen3-moe from HF dirs: {time.time() - t0:.0f} s, held-out reverse KL "
@@ -79,11 +80,19 @@ def test_qwen3_moe_student_from_hf_dirs_learns_on_chat_prompts(hf, tmp_path):
     assert kl1 < 0.8 * kl0, (kl0, kl1)
     assert "eval/accuracy" in evals[steps]  # the rows carry labels: exact-match verifier
     # what the student says, decoded, per evaluation
-    for version in (0, 20, 40):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(dirs["qwen"]))
+    for version in (0, 50, 100):
         rows = [json.loads(x) for x in
                 (run_dir / "samples" / f"eval-{version}.jsonl").read_text().splitlines()]
-        assert len(rows) == 16
-        assert all("<|im_start|>assistant\n" in json.dumps(r) for r in rows[:1])
+        assert len(rows) == 32 and {r["version"] for r in rows} == {version}
+        for r in rows:
+            assert r["prompt"].startswith("<|im_start|>")
+            assert r["prompt"].endswith("<|im_start|>assistant\n")
+            for kind in ("greedy", "sampled"):
+                assert r[kind]["text"] == tok.decode(r[kind]["token_ids"])
+                assert r[kind]["weight_version"] == version
     # the resolved config carries the student's architecture from its config.json
     saved = (run_dir / "config.yaml").read_text()
     assert "vocab_size: 104" in saved and "family: qwen3_moe" in saved

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from megatron_opd.config import load_config
 from megatron_opd.envs import make_env, max_prompt_tokens
@@ -64,3 +65,21 @@ def test_digits_environment_is_the_quickstart_task():
     assert np.array_equal(env.loss_mask(p, answer), np.ones(len(answer), dtype=np.uint8))
     assert env.special.stop_ids == (task.eos,) and env.special.pad == task.pad
     assert max_prompt_tokens(cfg) == max(len(x.token_ids) for x in train) == 3 + 7
+
+
+def _real_configs():
+    return sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if p.name != "quickstart.yaml")
+
+
+@pytest.mark.parametrize("name", _real_configs())
+def test_submit_dry_run_renders_every_chat_config(name, tmp_path):
+    """hf-example and the real-scale configs (their checkpoints and prompt files live on a
+    cluster): `submit --dry-run` renders the job here; `train` would refuse the missing files."""
+    run_dir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "megatron_opd.cli", "submit", "--dry-run",
+                          "--config", str(ROOT / "configs" / name), f"run.dir={run_dir}"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (run_dir / "job.sbatch").is_file()
+    cfg = load_config(run_dir / "config.yaml")
+    assert cfg.env.name == "chat" and cfg.data.train and cfg.init.student
