@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_opd.config import Config, ConfigError, run_teacher_spec, validate_cluster_fit
-from megatron_opd.models.spec import MoEModelSpec
+from megatron_opd.models.spec import MoEModelSpec, padded_vocab_size
 
 GIB = 2 ** 30
 # CUDA context, NCCL communicators and buffers, allocator fragmentation: a fixed allowance per
@@ -227,7 +227,8 @@ def learner_memory(cfg: Config, seq: int) -> dict:
         act_bytes=a, fused_attention=fused)
     tokens = p.micro_batch_size * seq / p.context_parallel
     hs = p.tensor_parallel if lay["sequence_parallel"] else 1
-    v_local = spec.vocab_size / p.tensor_parallel
+    # megatron pads the vocabulary so TP divides it (models.spec.padded_vocab_size)
+    v_local = padded_vocab_size(spec, p.tensor_parallel) / p.tensor_parallel
     logits = (2 * a * tokens * v_local  # logits and their gradient
               + VOCAB_CHUNK_BUFFERS * 4 * min(VOCAB_CHUNK_TOKENS, tokens) * v_local
               + a * 2 * tokens * spec.hidden_size / hs)  # final norm input and output
