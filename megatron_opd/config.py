@@ -463,7 +463,7 @@ def validate(cfg: Config) -> None:
             check_hf_expressible(cfg.teacher.model, "teacher.model")
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        need(not _spec_known(cfg.init.teacher) or cfg.teacher.model.max_position_embeddings
+        need("teacher" in _stand_in_specs(cfg) or cfg.teacher.model.max_position_embeddings
              >= env_max_prompt_tokens(cfg) + cfg.rollout.max_new_tokens,
              "teacher.model.max_position_embeddings", "too small for prompt + max_new_tokens "
              "(the teacher scores whole sequences)")
@@ -543,16 +543,17 @@ def validate(cfg: Config) -> None:
     need(cfg.server.max_total_tokens >= 256, "server.max_total_tokens", "must be >= 256")
     need(cfg.server.threads >= 0, "server.threads", "must be >= 0")
     need(cfg.server.max_restarts >= 0, "server.max_restarts", "must be >= 0")
-    need(not _spec_known(cfg.init.student)
+    need("student" in _stand_in_specs(cfg)
          or cfg.model.max_position_embeddings >= env_max_prompt_tokens(cfg) + r.max_new_tokens,
          "model.max_position_embeddings", "too small for the longest prompt + max_new_tokens "
          "(lower data.max_prompt_tokens or rollout.max_new_tokens)")
 
 
-def _spec_known(init_dir: str) -> bool:
-    """False while a checkpoint's architecture is only the YAML's stand-in (its directory is on
-    another machine's filesystem): checks of its limits wait until the run starts there."""
-    return not init_dir or (Path(init_dir) / "config.json").is_file()
+def _stand_in_specs(cfg: Config) -> set[str]:
+    """The init checkpoints ("student", "teacher") whose architecture is only a default stand-in:
+    their directory is not here and the YAML does not spell the spec out. Checks of their
+    limits wait until the run starts where the checkpoint is."""
+    return getattr(cfg, "_stand_in_specs", set())
 
 
 def validate_env(cfg: Config, need) -> None:
@@ -743,7 +744,11 @@ def resolve_init_specs(cfg: Config, data: dict) -> None:
             ("student", "model", data.get("model") or {}),
             ("teacher", "teacher.model", (data.get("teacher") or {}).get("model") or {})):
         path = Path(getattr(cfg.init, init_key) or "") / "config.json"
-        if not getattr(cfg.init, init_key) or not path.is_file():
+        if not getattr(cfg.init, init_key):
+            continue
+        if not path.is_file():
+            if not given:  # not an attribute of the tree: never saved, never compared
+                cfg.__dict__.setdefault("_stand_in_specs", set()).add(init_key)
             continue
         try:  # json, not yaml: YAML 1.1 reads JSON's 1e-06 as a string
             hf = spec_from_hf_config(json.loads(path.read_text()), where=str(path))
