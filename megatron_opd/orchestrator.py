@@ -264,7 +264,8 @@ def run_orchestrator(cfg: Config, wiring: RunWiring) -> None:
                         st = sender.stats
                         print(f"[orchestrator] sent {sent} samples ({st['resent']} re-sent, "
                               f"{st['unacked']} unacked), version {admission.version}, started "
-                              f"{admission.started}, skipped {skipped} accepted prompts",
+                              f"{admission.started}, skipped {skipped} accepted prompts"
+                              + "".join(f", {k} {v:g}" for k, v in env.stats().items()),
                               flush=True)
         if errors:
             raise errors[0]
