@@ -301,6 +301,9 @@ class SlurmConfig:
 @dataclass
 class EvalConfig:
     interval: int = 50  # learner steps between held-out evaluations (also at the first and last)
+    # Held-out reverse KL: exact over the whole vocabulary up to this size (the teacher returns
+    # every log-prob); above it, unbiased k1/k3 estimates from the sampled tokens' log-probs.
+    exact_kl_max_vocab: int = 4096
 
 
 @dataclass
@@ -537,6 +540,7 @@ def validate(cfg: Config) -> None:
     need(cfg.transport.resend_after_s > 0, "transport.resend_after_s", "must be > 0")
     need(cfg.transport.max_unacked >= 0, "transport.max_unacked", "must be >= 0 (0: unbounded)")
     need(cfg.eval.interval > 0, "eval.interval", "must be positive")
+    need(cfg.eval.exact_kl_max_vocab >= 0, "eval.exact_kl_max_vocab", "must be >= 0 (0: never exact)")
     validate_cluster_section(cfg.cluster)
     validate_slurm_section(cfg.slurm)
     need(cfg.server.start_timeout_s > 0, "server.start_timeout_s", "must be positive")

@@ -85,7 +85,8 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
                         state.version, spec.vocab_size, cfg.rollout.max_new_tokens,
                         seed=cfg.run.seed + state.version,
                         micro_batch_size=cfg.parallel.micro_batch_size,
-                        samples_dir=run_dir / "samples" if rank0 else None)
+                        samples_dir=run_dir / "samples" if rank0 else None,
+                        exact_kl_max_vocab=cfg.eval.exact_kl_max_vocab)
 
     def checkpoint(hf_export=None) -> None:
         if rank0:
