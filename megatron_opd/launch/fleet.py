@@ -45,7 +45,8 @@ def fleet_specs(cfg: Config, models, nodes: dict[str, int] | None = None,
         fleets[role] = []
         for node in range(1 if nodes is None else nodes[role]):
             for i in range(per_node):
-                gpu_ids = tuple(range(i * per_server, (i + 1) * per_server)) if gpus_per_node else ()
+                gpu_ids = tuple(range(i * per_server, (i + 1) * per_server)) \
+                    if gpus_per_node else ()
                 extra = ("--tp-size", str(per_server), "--base-gpu-id", str(gpu_ids[0])) \
                     if gpu_ids else ()
                 if role == "rollout":

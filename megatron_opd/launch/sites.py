@@ -100,9 +100,10 @@ class SlurmSite:
 
         endpoints = self.run_dir / "endpoints"
         endpoints.mkdir(exist_ok=True)
+        host = self.hosts[spec.role][spec.node]
         return RemoteSGLangServer(
             spec.name, spec.model_dir, endpoints / f"{spec.name}.json",
-            str(logs / f"{spec.name}.log"), self.srun(spec.role, [self.hosts[spec.role][spec.node]]),
+            str(logs / f"{spec.name}.log"), self.srun(spec.role, [host]),
             extra_args=spec.extra_args, enable_return_routed_experts=spec.routed_experts,
             **options)
 

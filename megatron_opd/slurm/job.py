@@ -7,8 +7,9 @@ It is `megatron_opd.launch.run` with `megatron_opd.launch.SlurmSite`: SGLang ser
 and writes `DIR/endpoints/<name>.json`), the learner starts with `srun` + torchrun on the learner
 nodes, the orchestrator beside this driver. Before anything starts it refuses what `train`
 refuses (launch.preflight: files, and the learner's precision on this, the first learner, node);
-errors and exit statuses as every entry point (megatron_opd/errors.py). Logs: `DIR/logs/<server>.log`, `learner.log` (every rank),
-`orchestrator.log`, and the job's own `slurm-<jobid>.out`.
+errors and exit statuses as every entry point (megatron_opd/errors.py). Logs:
+`DIR/logs/<server>.log`, `learner.log` (every rank), `orchestrator.log`, and the job's own
+`slurm-<jobid>.out`.
 
 Preemption: sbatch's `--signal=B:USR1@N` warns this process; the learner checkpoints at its next
 step and exits, the driver stops the rest and runs `scontrol requeue` on its own job (at most
@@ -27,7 +28,6 @@ from pathlib import Path
 
 from megatron_opd.config import load_config
 from megatron_opd.errors import guarded
-from megatron_opd.slurm.nodes import hostnames, role_hosts  # noqa: F401 (re-export)
 
 
 def main(argv: list[str] | None = None) -> int:
