@@ -1,7 +1,7 @@
 """Making an offline OPD store (ALGORITHMS.md §9) with running servers: the student init's
 rollouts of the environment's training stream, scored by the teacher exactly as the live
 orchestrator scores them. The format itself is megatron_opd/offline_store.py (which starts
-nothing); `megatron-opd precompute-teacher` starts the servers (megatron_opd/launch.py).
+nothing); `megatron-opd precompute-teacher` starts the servers (megatron_opd/launch/local.py).
 """
 
 from __future__ import annotations
