@@ -2,9 +2,9 @@
 
 Prompts, loss masks and rewards come from the run's environment (megatron_opd/envs/). Each
 prompt is sampled `rollout.group_size` times (a GRPO group: one group_id, rewards from the
-environment's verifier, sent back to back). With `teacher.mode=offline` the samples come from the offline
-store instead (megatron_opd/offline_store.py), and no rollout or teacher request is made for
-training.
+environment's verifier, sent back to back). With `teacher.mode=offline` the samples come from
+the offline store instead (megatron_opd/offline_store.py), and no rollout or teacher request is
+made for training.
 
 Generation runs ahead of training (asynchronous) but only within the staleness budget: a new
 request is admitted while `started + k <= (version + max_staleness + 1) * batch_size`, so with

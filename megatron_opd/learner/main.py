@@ -23,6 +23,7 @@ from megatron_opd.wiring import RunWiring
 
 def run_learner(cfg: Config, wiring: RunWiring) -> dict:
     from megatron_opd.compat.megatron_cpu import install_megatron_cpu_compat
+    from megatron_opd.envs import make_env
     from megatron_opd.learner.checkpoint import (TrainerState, latest_checkpoint,
                                                  load_checkpoint, save_checkpoint)
     from megatron_opd.learner.evaluate import evaluate
@@ -35,7 +36,6 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
                                                  split_microbatches, wrap_for_training)
     from megatron_opd.models.hf_mapping import iter_hf_weights, load_hf_checkpoint, save_hf_checkpoint
     from megatron_opd.models.precision import resolve_here
-    from megatron_opd.envs import make_env
     from megatron_opd.models.qwen3_moe import build_model_chunks, transformer_config
 
     run_dir = Path(wiring.run_dir)
