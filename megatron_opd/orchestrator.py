@@ -158,14 +158,10 @@ def accepted_in_checkpoint(run_dir: Path):
 
 
 def run_orchestrator(cfg: Config, wiring: RunWiring) -> None:
+    from megatron_opd.envs import make_env
     from megatron_opd.serving.sglang_client import fleet_client
 
-    from megatron_opd.envs import make_env
-
     env = make_env(cfg, wiring.student_dir)
-    stream = env.train_prompts()
-    stream_lock = threading.Lock()
-    counter = itertools.count()
     # requests that fail because a server is down are re-issued (other URL, or after restart)
     rollout = fleet_client(wiring.rollout_urls, cfg.server)
     teacher = fleet_client(wiring.teacher_urls, cfg.server)
@@ -178,16 +174,28 @@ def run_orchestrator(cfg: Config, wiring: RunWiring) -> None:
     accepted = accepted_in_checkpoint(Path(wiring.run_dir))
     skipped = 0
 
-    def fully_accepted(group_id: str) -> bool:
-        members = [group_id] if g == 1 else [f"{group_id}-{j}" for j in range(g)]
+    def group_id(position: int) -> str:  # a prompt's id is its stream position: restart-stable
+        return f"{cfg.run.name}-{position:09d}"
+
+    def fully_accepted(gid: str) -> bool:
+        members = [gid] if g == 1 else [f"{gid}-{j}" for j in range(g)]
         return all(m in accepted for m in members)
+
+    # A resumed run starts its stream after the accepted prefix (nothing before it is
+    # regenerated or tokenized again); accepted prompts after a hole are skipped one by one.
+    start = next(n for n in itertools.count() if not fully_accepted(group_id(n)))
+    stream = env.train_prompts(start=start)
+    stream_lock = threading.Lock()
+    if start:
+        print(f"[orchestrator] resuming the prompt stream at position {start} (every prompt "
+              "before it was accepted by the learner)", flush=True)
 
     def worker() -> None:
         nonlocal skipped
         try:
             while admission.acquire(k * g):
                 examples, ids = [], []
-                with stream_lock:  # prompt i always gets id <run>-i: ids survive restarts
+                with stream_lock:
                     while len(examples) < k:
                         ex = next(stream, None)
                         if ex is None:  # a finite dataset ran out before train.steps
@@ -195,7 +203,7 @@ def run_orchestrator(cfg: Config, wiring: RunWiring) -> None:
                                 f"data.train: the {cfg.data.epochs} epoch(s) of prompts ended "
                                 "before train.steps; raise data.epochs (0: endless) or lower "
                                 "train.steps")
-                        gid = f"{cfg.run.name}-{next(counter):09d}"
+                        gid = group_id(ex.position)
                         if fully_accepted(gid):  # trained or spooled before a restart
                             skipped += 1
                             continue

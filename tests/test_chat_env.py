@@ -79,3 +79,18 @@ def test_over_long_prompts_are_dropped_and_counted(files):
     assert all(len(p.token_ids) <= 40 for p in kept)
     assert env.stats()["data/dropped_prompts"] > 0
     assert np.mean([len(p.token_ids) for p in kept]) < 40
+
+
+def test_a_stream_started_at_a_position_is_the_suffix_without_dropped_slots(files):
+    root, tok, _ = files
+    env = _env(root, tok, "data.max_prompt_tokens=40", "rollout.max_new_tokens=4")
+    full = env.train_prompts()
+    head = [next(full) for _ in range(30)]
+    positions = [p.position for p in head]
+    assert positions == sorted(positions) and len(set(positions)) == 30
+    assert positions[-1] > 29  # dropped (too long) slots are never reused
+    start = positions[12]
+    tail = _env(root, tok, "data.max_prompt_tokens=40", "rollout.max_new_tokens=4") \
+        .train_prompts(start=start)
+    assert [(p.position, p.source) for p in (next(tail) for _ in range(18))] == \
+        [(p.position, p.source) for p in head[12:]]

@@ -150,8 +150,13 @@ def test_mixtral_student_killed_mid_run_resumes_without_repeating_or_skipping_pr
 
     cfg = load_config(run_dir / "config.yaml")
     stream = make_env(cfg, dirs["mixtral"]).train_prompts()
-    rows = [next(stream).source for _ in range(positions[-1] + 1)]
+    rows = {}
+    while len(rows) <= positions[-1]:
+        prompt = next(stream)
+        rows[prompt.position] = prompt.source
     assert len({rows[p] for p in positions}) == len(positions)  # 600 rows: one epoch
+    assert "resuming the prompt stream at position" in \
+        (run_dir / "logs" / "orchestrator.log").read_text()
 
 
 @pytest.fixture

@@ -85,3 +85,16 @@ def test_submit_dry_run_renders_every_chat_config(name, tmp_path):
 
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())  # what the job will load
     assert saved["env"]["name"] == "chat" and saved["data"]["train"] and saved["init"]["student"]
+
+
+def test_a_stream_started_at_a_position_is_the_suffix():
+    """What a resumed orchestrator relies on: train_prompts(start=n) yields exactly the prompts
+    of positions >= n of the full stream, positions increasing."""
+    cfg = load_config(ROOT / "configs/quickstart.yaml")
+    env = make_env(cfg)
+    full = env.train_prompts()
+    head = [next(full) for _ in range(120)]
+    assert [p.position for p in head] == list(range(120))
+    tail = env.train_prompts(start=77)
+    assert [(p.position, p.token_ids) for p in (next(tail) for _ in range(43))] == \
+        [(p.position, p.token_ids) for p in head[77:]]

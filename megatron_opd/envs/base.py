@@ -1,10 +1,11 @@
 """The environment interface: what a run trains on, seen from the rest of the pipeline.
 
 An environment owns
-- the prompt streams: an endless, deterministic training stream and a fixed held-out set. The
-  position of a prompt in the training stream is its identity: the orchestrator names prompt i
-  `<run>-i`, so the same config yields the same prompt for the same id after any restart (that is
-  how a resumed run trains no prompt twice and skips none);
+- the prompt streams: an endless, deterministic training stream and a fixed held-out set. A
+  training prompt's `position` in its stream is its identity: the orchestrator names it
+  `<run>-<position>`, so the same config yields the same prompt for the same id after any restart
+  (that is how a resumed run trains no prompt twice and skips none), and a resumed stream starts
+  at a position without regenerating what comes before it;
 - the special ids (pad, eos and every stop id) the servers and the learner use;
 - the per-token loss mask of a response (environment/tool tokens are 0);
 - an optional verifier reward and per-sample metadata (JSON-able, travels with the sample);
@@ -30,6 +31,9 @@ class EnvPrompt:
     token_ids: tuple[int, ...]
     source: str  # where it came from, stable across restarts (dataset row id, digit op ...)
     label: str | None = None  # reference answer for a verifier, when the data has one
+    # stable id in the training stream (increasing; a position may be skipped, e.g. a prompt
+    # dropped as too long); -1 for held-out prompts
+    position: int = -1
     metadata: dict = field(default_factory=dict, compare=False)  # JSON-able, carried to samples
 
 
@@ -48,9 +52,9 @@ class Environment(ABC):
     special: SpecialIds
 
     @abstractmethod
-    def train_prompts(self) -> Iterator[EnvPrompt]:
-        """The training stream: endless (or ends when the data's epochs do), deterministic for
-        a config, never yielding a held-out prompt."""
+    def train_prompts(self, start: int = 0) -> Iterator[EnvPrompt]:
+        """The training stream from position `start` on: endless (or ends when the data's epochs
+        do), deterministic for a config, never yielding a held-out prompt; positions increase."""
 
     @abstractmethod
     def eval_prompts(self) -> list[EnvPrompt]:

@@ -1,9 +1,10 @@
 """The chat environment (`env.name: chat`): prompts from the user's dataset, the student's
 tokenizer and chat template, an exact-match verifier where rows carry a reference answer.
 
-Prompt ids: the i-th prompt of the training stream (`data.PromptStream`: a seeded permutation per
-epoch, over-long prompts dropped and counted deterministically) is the same prompt after every
-restart, so the orchestrator's `<run>-i` names survive restarts. Held-out prompts: the first
+Prompt ids: a training prompt's position is its slot in `data.PromptStream` (epoch e visits the
+rows in a permutation seeded by (run.seed, e)); an over-long prompt's slot is dropped and counted,
+never reused. The same slot is the same row after every restart, and a resumed stream starts at
+a slot without tokenizing the rows before it. Held-out prompts: the first
 `env.num_eval_prompts` usable rows of `data.eval`, or (no eval file) that many rows of a seeded
 shuffle of `data.train`, which training then never sees.
 """
@@ -71,9 +72,9 @@ class ChatEnv(Environment):
 
         return encode_prompt(row, self.tokenizer, self.data.apply_chat_template)
 
-    def _prompt(self, row, ids) -> EnvPrompt:
+    def _prompt(self, row, ids, position: int = -1) -> EnvPrompt:
         return EnvPrompt(tuple(int(i) for i in ids), source=row.row_id, label=row.label,
-                         metadata={"row": row.row_id})
+                         position=position, metadata={"row": row.row_id})
 
     def eval_prompts(self) -> list[EnvPrompt]:
         out = []
@@ -89,7 +90,7 @@ class ChatEnv(Environment):
                              "file is empty)")
         return out
 
-    def train_prompts(self):
+    def train_prompts(self, start: int = 0):
         from megatron_opd.data.prompts import PromptStream
 
         rows = self._split[0]
@@ -97,10 +98,10 @@ class ChatEnv(Environment):
             raise ValueError(f"data.train: no usable training prompt in {self.data.train}")
         stream = PromptStream(rows, encode=self._encode, seed=self.cfg.run.seed,
                               max_prompt_tokens=self.data.max_prompt_tokens,
-                              epochs=self.data.epochs or None)
-        for _, row, ids in stream:
+                              epochs=self.data.epochs or None, start=start)
+        for position, row, ids in stream:
             self._counters["data/dropped_prompts"] = stream.dropped
-            yield self._prompt(row, ids)
+            yield self._prompt(row, ids, position)
 
     # ------------------------------------------------------------------------- responses
     @property

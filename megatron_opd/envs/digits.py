@@ -139,16 +139,18 @@ class DigitsEnv(Environment):
         self._seed, self._num_eval = cfg.run.seed, cfg.env.num_eval_prompts
 
     @staticmethod
-    def _prompt(ex: Example) -> EnvPrompt:
-        return EnvPrompt(ex.prompt_ids, source=ex.op, metadata={"op": ex.op})
+    def _prompt(ex: Example, position: int = -1) -> EnvPrompt:
+        return EnvPrompt(ex.prompt_ids, source=ex.op, position=position, metadata={"op": ex.op})
 
     def eval_prompts(self) -> list[EnvPrompt]:
         return [self._prompt(ex) for ex in self.task.eval_set(self._num_eval, self._seed)]
 
-    def train_prompts(self):
+    def train_prompts(self, start: int = 0):
         held_out = {ex.prompt_ids for ex in self.task.eval_set(self._num_eval, self._seed)}
-        for ex in self.task.train_stream(self._seed + TRAIN_SEED_OFFSET, held_out):
-            yield self._prompt(ex)
+        stream = self.task.train_stream(self._seed + TRAIN_SEED_OFFSET, held_out)
+        for position, ex in enumerate(stream):  # skipping = drawing digits: cheap
+            if position >= start:
+                yield self._prompt(ex, position)
 
     @property
     def has_verifier(self) -> bool:
