@@ -440,7 +440,11 @@ def apply_override(data: dict, item: str) -> None:
         raise ConfigError(f"{dotted}: cannot parse value {raw!r}: {e}") from None
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, stand_in_specs: frozenset[str] = frozenset()) -> None:
+    """Every section, naming the key. `stand_in_specs` ("student", "teacher"): init checkpoints
+    whose architecture is only a default stand-in (their directory is not on this machine and the
+    YAML does not spell the spec out, see `resolve_init_specs`): checks of their limits wait
+    until the run starts where the checkpoint is."""
     def need(cond: bool, key: str, why: str) -> None:
         if not cond:
             raise ConfigError(f"{key}: {why}")
@@ -466,7 +470,7 @@ def validate(cfg: Config) -> None:
             check_hf_expressible(cfg.teacher.model, "teacher.model")
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        need("teacher" in _stand_in_specs(cfg) or cfg.teacher.model.max_position_embeddings
+        need("teacher" in stand_in_specs or cfg.teacher.model.max_position_embeddings
              >= env_max_prompt_tokens(cfg) + cfg.rollout.max_new_tokens,
              "teacher.model.max_position_embeddings", "too small for prompt + max_new_tokens "
              "(the teacher scores whole sequences)")
@@ -547,17 +551,10 @@ def validate(cfg: Config) -> None:
     need(cfg.server.max_total_tokens >= 256, "server.max_total_tokens", "must be >= 256")
     need(cfg.server.threads >= 0, "server.threads", "must be >= 0")
     need(cfg.server.max_restarts >= 0, "server.max_restarts", "must be >= 0")
-    need("student" in _stand_in_specs(cfg)
+    need("student" in stand_in_specs
          or cfg.model.max_position_embeddings >= env_max_prompt_tokens(cfg) + r.max_new_tokens,
          "model.max_position_embeddings", "too small for the longest prompt + max_new_tokens "
          "(lower data.max_prompt_tokens or rollout.max_new_tokens)")
-
-
-def _stand_in_specs(cfg: Config) -> set[str]:
-    """The init checkpoints ("student", "teacher") whose architecture is only a default stand-in:
-    their directory is not here and the YAML does not spell the spec out. Checks of their
-    limits wait until the run starts where the checkpoint is."""
-    return getattr(cfg, "_stand_in_specs", set())
 
 
 def validate_env(cfg: Config, need) -> None:
@@ -731,19 +728,20 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     for item in overrides:
         apply_override(data, item)
     cfg = _build(Config, data)
-    resolve_init_specs(cfg, data)
-    validate(cfg)
+    validate(cfg, resolve_init_specs(cfg, data))
     return cfg
 
 
-def resolve_init_specs(cfg: Config, data: dict) -> None:
+def resolve_init_specs(cfg: Config, data: dict) -> frozenset[str]:
     """A checkpoint named by `init.student` / `init.teacher` that is readable here defines its
     architecture: `model` / `teacher.model` become what its config.json says. Keys the YAML
     spells out must agree with it (a mismatch names the key). A directory that is not here
     (it lives on the cluster's filesystem) leaves the YAML's spec as it is: `plan` and
-    `submit --dry-run` work from anywhere, `train` refuses a missing directory."""
+    `submit --dry-run` work from anywhere, `train` refuses a missing directory. Returns the
+    roles whose spec is then only a default stand-in (no directory here, no spec in the YAML)."""
     from megatron_opd.convert.hf_config import UnsupportedConfig, spec_from_hf_config
 
+    stand_ins = set()
     for init_key, spec_key, given in (
             ("student", "model", data.get("model") or {}),
             ("teacher", "teacher.model", (data.get("teacher") or {}).get("model") or {})):
@@ -751,8 +749,8 @@ def resolve_init_specs(cfg: Config, data: dict) -> None:
         if not getattr(cfg.init, init_key):
             continue
         if not path.is_file():
-            if not given:  # not an attribute of the tree: never saved, never compared
-                cfg.__dict__.setdefault("_stand_in_specs", set()).add(init_key)
+            if not given:
+                stand_ins.add(init_key)
             continue
         try:  # json, not yaml: YAML 1.1 reads JSON's 1e-06 as a string
             hf = spec_from_hf_config(json.loads(path.read_text()), where=str(path))
@@ -768,6 +766,7 @@ def resolve_init_specs(cfg: Config, data: dict) -> None:
             cfg.model = hf
         else:
             cfg.teacher.model = hf
+    return frozenset(stand_ins)
 
 
 def dump_config(cfg: Config) -> str:
@@ -776,6 +775,5 @@ def dump_config(cfg: Config) -> str:
 
 def config_from_dict(data: dict) -> Config:
     cfg = _build(Config, data)
-    resolve_init_specs(cfg, data)
-    validate(cfg)
+    validate(cfg, resolve_init_specs(cfg, data))
     return cfg
