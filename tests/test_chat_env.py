@@ -94,3 +94,11 @@ def test_a_stream_started_at_a_position_is_the_suffix_without_dropped_slots(file
         .train_prompts(start=start)
     assert [(p.position, p.source) for p in (next(tail) for _ in range(18))] == \
         [(p.position, p.source) for p in head[12:]]
+
+
+def test_held_out_prompts_from_an_eval_file_never_read_the_training_file(files, tmp_path):
+    """The learner asks for the held-out prompts only: a large data.train is not read for them."""
+    root, tok, _ = files
+    env = _env(root, tok, f"data.train={tmp_path / 'absent.jsonl'}",
+               f"data.eval={root / 'train.jsonl'}")
+    assert [p.source for p in env.eval_prompts()] == [f"train.jsonl:{i}" for i in range(1, 11)]

@@ -56,16 +56,27 @@ class ChatEnv(Environment):
         return list(out.rows)
 
     @cached_property
-    def _split(self) -> tuple[list, list]:
-        """(training rows, held-out rows before encoding)."""
-        train = self._read(self.data.train)
+    def _all_train_rows(self) -> list:
+        return self._read(self.data.train)
+
+    @cached_property
+    def _held_out(self) -> set[int]:
+        """Indices of data.train rows held out for evaluation (none when data.eval is given)."""
         if self.data.eval:
-            return train, self._read(self.data.eval)
-        order = np.random.default_rng([self.cfg.run.seed, EVAL_SPLIT_SEED]).permutation(len(train))
-        # a few spare rows: an over-long eval prompt is dropped, not replaced by a training one
-        n = min(len(train) // 2, self.cfg.env.num_eval_prompts)
-        held = set(order[:n].tolist())
-        return [r for i, r in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
+            return set()
+        n_rows = len(self._all_train_rows)
+        order = np.random.default_rng([self.cfg.run.seed, EVAL_SPLIT_SEED]).permutation(n_rows)
+        return set(order[:min(n_rows // 2, self.cfg.env.num_eval_prompts)].tolist())
+
+    def _train_rows(self) -> list:
+        held = self._held_out
+        return [r for i, r in enumerate(self._all_train_rows) if i not in held]
+
+    def _eval_rows(self) -> list:
+        """The eval file only, when there is one: the learner never reads data.train."""
+        if self.data.eval:
+            return self._read(self.data.eval)
+        return [self._all_train_rows[i] for i in sorted(self._held_out)]
 
     def _encode(self, row) -> list[int]:
         from megatron_opd.data.prompts import encode_prompt
@@ -78,7 +89,7 @@ class ChatEnv(Environment):
 
     def eval_prompts(self) -> list[EnvPrompt]:
         out = []
-        for row in self._split[1]:
+        for row in self._eval_rows():
             ids = self._encode(row)
             if len(ids) <= self.data.max_prompt_tokens:
                 out.append(self._prompt(row, ids))
@@ -93,7 +104,7 @@ class ChatEnv(Environment):
     def train_prompts(self, start: int = 0):
         from megatron_opd.data.prompts import PromptStream
 
-        rows = self._split[0]
+        rows = self._train_rows()
         if not rows:
             raise ValueError(f"data.train: no usable training prompt in {self.data.train}")
         stream = PromptStream(rows, encode=self._encode, seed=self.cfg.run.seed,
