@@ -143,7 +143,10 @@ def test_resend_after_timeout_then_server_dedups(pair):
 
 
 def test_restarted_server_gets_every_unacked_sample_exactly_once(pair):
-    server, client = pair(credit=8)
+    # A message the client sends while its DEALER still holds the dead server's pipe is lost
+    # (ZeroMQ notices the disconnect asynchronously; ~1 run in 5 here): the timed resend is the
+    # protocol's repair, so it must fire within the test's window.
+    server, client = pair(credit=8, resend_after_s=2.0)
     ep = server.endpoint
     for i in range(5):
         assert client.send(make_sample(sid=sid(i)), timeout_ms=2000)
@@ -168,8 +171,9 @@ def test_restarted_server_gets_every_unacked_sample_exactly_once(pair):
     server2.load_seen_state(checkpoint)
     try:
         assert server2.session != old_session
-        # the client learns about the new server when it next sends: the sample is refused
-        # ("no_handshake"), the client says Hello, sees the new session, re-sends all unacked
+        # the client learns about the new server when it next sends (or re-sends, when that
+        # send went down the dead pipe): the sample is refused ("no_handshake"), the client says
+        # Hello, sees the new session, re-sends all unacked
         assert client.send(make_sample(sid=sid(5)), timeout_ms=2000)  # old credit left
         got = pump(server2, client, 10.0, consume=True,
                    until=lambda: server2.stats["received"] >= 3
@@ -178,7 +182,9 @@ def test_restarted_server_gets_every_unacked_sample_exactly_once(pair):
         assert sorted(m.sample_id for m in got) == [sid(3), sid(4), sid(5)]
         st = server2.stats
         assert st["duplicates"] == 2 and st["reacked"] == 2  # s1, s2 are durable already
-        assert st["rejected_by_reason"] == {"no_handshake": 1}
+        # one refusal, or one per sample that was already on its way when the first was refused
+        assert set(st["rejected_by_reason"]) == {"no_handshake"}
+        assert 1 <= st["rejected_by_reason"]["no_handshake"] <= 3
         assert client.stats["sessions"] == 1
         server2.ack([m.sample_id for m in got])
         assert client.wait_acked(3.0)
