@@ -75,8 +75,6 @@ def _check_prompt_files(cfg: Config) -> None:
         except PromptDataError as e:
             raise ConfigError(f"data.{key}: {e} (or set data.bad_rows=skip to skip and count "
                               "malformed rows)") from None
-        if not rows.rows:
-            raise ConfigError(f"data.{key}: {path} holds no usable prompt")
         skipped = f", {rows.skipped} malformed skipped" if rows.skipped else ""
         print(f"[megatron-opd] data.{key}: {len(rows.rows)} prompts in {path}{skipped}",
               flush=True)
