@@ -41,11 +41,14 @@ def _wants_topk(objective) -> bool:
             or (sel.method == "tip" and sel.divergence == "topk"))
 
 
-def objective_loss_fn(objective, tp_group, masked_ids: tuple[int, ...] = ()) -> LossFn:
+def objective_loss_fn(objective, tp_group, masked_ids: tuple[int, ...] = (),
+                      correction=None) -> LossFn:
     """The configured objective (megatron_opd/objectives/compose.py) on vocab-sharded logits: the
     per-token statistics come from `vocab_parallel_token_stats` (log-prob of y_t, log-normaliser,
     entropy, logits at the teacher's top-K ids: two collectives per chunk), never the gathered
-    vocabulary; vOPD's full-vocab KL is one more chunked pass over this rank's shard."""
+    vocabulary; vOPD's full-vocab KL is one more chunked pass over this rank's shard.
+    `correction`: the `correction` section (None: its defaults). pi_old is the micro-batch's
+    `old_logprobs` when it carries one (else mu stands in: r_d = 1)."""
     from megatron_opd.learner.vocab_parallel import vocab_parallel_reverse_kl
     from megatron_opd.objectives.compose import ObjectiveInputs, objective_loss
 
@@ -79,8 +82,9 @@ def objective_loss_fn(objective, tp_group, masked_ids: tuple[int, ...] = ()) -> 
             entropy=None if stats.entropy is None else stats.entropy.detach(),
             topk_logits=stats.topk_logits,
             teacher_topk_logprobs=d["teacher_topk_logprobs"] if want_topk else None,
-            full_reverse_kl=full, sample_advantages=d.get("sample_advantages"))
-        loss, n, terms = objective_loss(inp, objective, masked_ids)
+            full_reverse_kl=full, sample_advantages=d.get("sample_advantages"),
+            old_logprobs=d.get("old_logprobs"))
+        loss, n, terms = objective_loss(inp, objective, masked_ids, correction)
         # token-weighted means over the step (ratio maxima do not average: left out)
         metrics = {k: (v * n, n) for k, v in terms.items()
                    if k != "tokens" and not k.endswith("ratio_max")}

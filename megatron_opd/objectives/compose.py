@@ -1,10 +1,18 @@
 """One selectable, composable objective: a weighted sum of terms over one micro-batch.
 
-`objective_loss(inputs, cfg)` is a pure function of tensors and the `objective` config section.
-Order of work: special-token masking (tokens the two tokenizers disagree on leave every term),
-optional TIP token selection, then each term's token mean over the surviving mask, summed with its
-weight. All terms share the mask, so the caller's token count (for the token mean across
-micro-batches and data-parallel ranks) is the one returned here.
+`objective_loss(inputs, cfg, masked_ids, correction)` is a pure function of tensors, the
+`objective` config section and the `correction` one. Order of work: special-token masking (tokens
+the two tokenizers disagree on leave every term), optional TIP token selection, then each term's
+token mean over the surviving mask, summed with its weight. All terms share the mask, so the
+caller's token count (for the token mean across micro-batches and data-parallel ranks) is the one
+returned here.
+
+Policy-gradient terms split their ratio r_d * r_s (objectives/offpolicy.py): the r_d treatment
+(w_d, M_d) is computed once per micro-batch over the loss mask as it arrives (sequence products
+and the catastrophic check see every trainable token of a sequence, whatever the selection keeps)
+and every PG term applies it; tokens M_d drops stay in the token count with 0 loss. Discounted
+returns run over the mask before TIP selection: selection picks which tokens get a gradient, not
+what their returns are.
 
 Terms (ALGORITHMS.md): sampled_token_opd (§1 + §6), lsm (§2), aopd (§3), vopd (§4), grpo_opd (§5),
 offline_opd (§9: the §1 loss on samples whose teacher log-probs were precomputed; the data source
@@ -20,8 +28,10 @@ import torch
 from megatron_opd.objectives.aopd import aopd_loss
 from megatron_opd.objectives.grpo import grpo_opd_loss
 from megatron_opd.objectives.lsm import first_occurrence_mask, lsm_loss, renormalised_topk_reverse_kl
+from megatron_opd.objectives.offpolicy import discrepancy_weights, offpolicy_metrics, quantiles
 from megatron_opd.objectives.policy_gradient import masked_mean, masked_where
-from megatron_opd.objectives.sampled_token_opd import pick_kl_logprobs, sampled_token_opd_loss
+from megatron_opd.objectives.sampled_token_opd import (opd_advantages, pick_kl_logprobs,
+                                                       sampled_token_opd_loss)
 from megatron_opd.objectives.token_selection import tip_select
 from megatron_opd.objectives.names import NEEDS_TOPK, PG_TERMS, TERMS  # noqa: F401 (re-export)
 from megatron_opd.objectives.vopd import vopd_loss
@@ -37,7 +47,7 @@ class ObjectiveInputs:
     logprobs: torch.Tensor  # (grad) log pi_theta(y_t), sampler temperature applied
     behaviour_logprobs: torch.Tensor  # log mu(y_t) as SGLang reported it
     teacher_logprobs: torch.Tensor  # log q(y_t)
-    old_logprobs: torch.Tensor | None = None  # pi_old; None: mu stands in (§6 versioning: later)
+    old_logprobs: torch.Tensor | None = None  # pi_old (§6); None: mu stands in (r_d = 1)
     logsumexp: torch.Tensor | None = None  # (grad) the student's full-vocab log-normaliser
     entropy: torch.Tensor | None = None  # student entropy (constant)
     topk_logits: torch.Tensor | None = None  # (grad) [b, T, K] student logits at teacher top-K ids
@@ -59,28 +69,42 @@ def masked_token_ids_mask(inp: ObjectiveInputs, masked_ids) -> torch.Tensor:
     return first_occurrence_mask(inp.response_ids, inp.mask, list(masked_ids))
 
 
-def objective_loss(inp: ObjectiveInputs, cfg, masked_ids=()) -> tuple[
+def objective_loss(inp: ObjectiveInputs, cfg, masked_ids=(), correction=None) -> tuple[
         torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(loss: token mean over the final mask, tokens in that mask, metrics). `cfg` is the
-    `objective` section; `masked_ids` the resolved ids of `objective.masked_tokens`."""
+    `objective` section; `masked_ids` the resolved ids of `objective.masked_tokens`;
+    `correction` the `correction` section (None: CorrectionConfig's defaults: r_d untreated,
+    no dual clip). Metrics `offpolicy/*` (only with a PG term) describe the ratio split."""
+    if correction is None:
+        from megatron_opd.config import CorrectionConfig
+        correction = CorrectionConfig()
     inp = _in_compute_dtype(inp)
     base = (inp.mask > 0).to(inp.logprobs.dtype)
     mask = first_occurrence_mask(inp.response_ids, base, list(masked_ids)) if masked_ids else base
     special_masked = base.sum() - mask.sum()
+    return_mask = mask  # returns are computed before selection (TIP only picks gradients)
     sel = cfg.token_selection
     if sel.method == "tip":
         mask = tip_select(inp.entropy, _tip_divergence(inp, sel.divergence), mask, sel.keep_ratio)
     old = inp.behaviour_logprobs if inp.old_logprobs is None else inp.old_logprobs
     kl_lp = pick_kl_logprobs(cfg.kl_logprobs, inp.logprobs, inp.behaviour_logprobs,
                              inp.old_logprobs)
+    has_pg = any(t in PG_TERMS for t in cfg.terms)
+    d_weight, d_keep = (discrepancy_weights(inp.old_logprobs, inp.behaviour_logprobs, base,
+                                            correction) if has_pg else (None, None))
+    off = dict(discrepancy_weight=d_weight, discrepancy_mask=d_keep,
+               dual_clip=float(correction.dual_clip))
     weights = list(cfg.weights) or [1.0] * len(cfg.terms)
     total = inp.logprobs.new_zeros(())
     metrics: dict[str, torch.Tensor] = {}
+    first_pg = None
     for name, w in zip(cfg.terms, weights):
-        loss, m = _term(name, inp, cfg, mask, old, kl_lp)
+        loss, m = _term(name, inp, cfg, mask, old, kl_lp, return_mask, off)
         total = total + w * loss
         metrics[f"{name}/loss"] = loss.detach()
         metrics.update({f"{name}/{k}": v for k, v in m.items()})
+        if first_pg is None and name in PG_TERMS:
+            first_pg = m
     with torch.no_grad():
         n = mask.sum()
         metrics["tokens"] = n
@@ -91,16 +115,26 @@ def objective_loss(inp: ObjectiveInputs, cfg, masked_ids=()) -> tuple[
         k = masked_where(inp.logprobs - inp.teacher_logprobs, mask)
         metrics["kl_sample"] = masked_mean(k, mask)
         metrics["mismatch_abs"] = masked_mean((inp.logprobs - inp.behaviour_logprobs).abs(), mask)
+        if first_pg is not None:
+            # over the final mask (the caller's token weights); clip and active fractions are
+            # the first PG term's (they depend on its advantages' signs)
+            om = offpolicy_metrics(inp.logprobs, inp.old_logprobs, inp.behaviour_logprobs, mask,
+                                   d_keep)
+            om["clip_fraction"] = first_pg["clip_fraction"]
+            om["active_fraction"] = first_pg["active_fraction"]
+            metrics.update({f"offpolicy/{k}": v for k, v in om.items()})
     return total, n, metrics
 
 
-def _term(name: str, inp: ObjectiveInputs, cfg, mask, old, kl_lp):
-    pg = dict(clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high)
+def _term(name: str, inp: ObjectiveInputs, cfg, mask, old, kl_lp, return_mask, off):
+    pg = dict(clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high, **off)
     if name in ("sampled_token_opd", "offline_opd"):
         loss, m = sampled_token_opd_loss(inp.logprobs, inp.behaviour_logprobs, inp.teacher_logprobs,
                                          mask, kl_coef=cfg.kl_coef, kl_logprobs=cfg.kl_logprobs,
-                                         discount=cfg.discount, old_logprobs=inp.old_logprobs, **pg)
-        adv = -cfg.kl_coef * masked_where(kl_lp - inp.teacher_logprobs, mask)
+                                         discount=cfg.discount, old_logprobs=inp.old_logprobs,
+                                         return_mask=return_mask, **pg)
+        adv = masked_where(opd_advantages(kl_lp, inp.teacher_logprobs, return_mask, cfg.kl_coef,
+                                          cfg.discount), mask)
         m.pop("tokens"), m.pop("kl_sample"), m.pop("mismatch_abs")
         return loss, m | _quantiles("advantage", adv, mask)
     if name == "lsm":
@@ -153,10 +187,6 @@ def _tip_divergence(inp: ObjectiveInputs, kind: str) -> torch.Tensor:
     return (lq.exp() * (lq - lp)).sum(-1)
 
 
-@torch.no_grad()
 def _quantiles(prefix: str, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """p10 / p50 / p90 of x over the trainable tokens of this micro-batch (0 when there are none)."""
-    vals = x[mask > 0].double()
-    qs = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
-    got = torch.quantile(vals, qs) if vals.numel() else torch.zeros(3, dtype=torch.float64)
-    return {f"{prefix}_p{int(q * 100)}": v.to(x.dtype) for q, v in zip(qs.tolist(), got)}
+    return quantiles(x, mask, prefix)

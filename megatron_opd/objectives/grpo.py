@@ -36,15 +36,19 @@ def group_normalized_advantages(rewards: torch.Tensor, group_index: torch.Tensor
 def grpo_opd_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, kl_logprobs: torch.Tensor,
                   teacher_logprobs: torch.Tensor, sample_advantages: torch.Tensor,
                   mask: torch.Tensor, *, kl_coef: float, clip_eps_low: float,
-                  clip_eps_high: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                  clip_eps_high: float, discrepancy_weight: torch.Tensor | None = None,
+                  discrepancy_mask: torch.Tensor | None = None, dual_clip: float = 0.0,
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """logprobs [..., T] (with grad); kl_logprobs: the π entering the OPD term (§1 choice);
-    sample_advantages [...]: A_i^GRPO per sample, broadcast over its tokens."""
+    sample_advantages [...]: A_i^GRPO per sample, broadcast over its tokens;
+    discrepancy_weight / discrepancy_mask / dual_clip: the §6 r_d treatment and dual clip."""
     mask_f = mask.to(logprobs.dtype)
     dense = torch.where(mask_f > 0, (teacher_logprobs - kl_logprobs).detach(),
                         torch.zeros_like(logprobs))
     adv = (sample_advantages.detach().to(logprobs.dtype).unsqueeze(-1) + kl_coef * dense) * mask_f
     loss, metrics = clipped_policy_gradient(logprobs, old_logprobs, adv, mask, clip_eps_low,
-                                            clip_eps_high)
+                                            clip_eps_high, discrepancy_weight=discrepancy_weight,
+                                            discrepancy_mask=discrepancy_mask, dual_clip=dual_clip)
     with torch.no_grad():
         metrics["grpo_advantage_mean"] = masked_mean(
             sample_advantages.to(logprobs.dtype).unsqueeze(-1).expand_as(logprobs), mask)

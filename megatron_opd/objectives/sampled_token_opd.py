@@ -2,9 +2,14 @@
 
 k_t = log pi(y_t|c_t) - log q(y_t|c_t) is a one-sample estimate of the per-token reverse KL;
 A_t = -lambda * sg(k_t) (optionally a gamma-discounted suffix sum), trained with the clipped
-importance-sampled policy gradient of §6 against pi_old. Which pi enters k_t is a choice:
+importance-sampled policy gradient of §6 against pi_old (r_d treated by the caller's w_d, M_d).
+Which pi enters k_t is a choice:
 the current pi_theta recomputed now ("current", most robust under staleness), the behaviour mu
 ("behaviour": what the rollout engine reported) or pi_old ("old").
+
+The discounted returns run over `return_mask` (default: the loss mask): token selection decides
+which tokens get a gradient, never the returns of the tokens it keeps (ALGORITHMS.md,
+conventions).
 """
 
 from __future__ import annotations
@@ -55,13 +60,23 @@ def sampled_token_opd_loss(
     clip_eps_low: float = 0.2,
     clip_eps_high: float = 0.28,
     old_logprobs: torch.Tensor | None = None,
+    return_mask: torch.Tensor | None = None,
+    discrepancy_weight: torch.Tensor | None = None,
+    discrepancy_mask: torch.Tensor | None = None,
+    dual_clip: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss and metrics. logprobs: current student log-probs of the sampled tokens (with grad);
-    behaviour_logprobs: the rollout engine's (mu); old_logprobs: pi_old (defaults to mu)."""
+    behaviour_logprobs: the rollout engine's (mu); old_logprobs: pi_old (defaults to mu).
+    return_mask: the tokens whose k_t enter the returns (None: mask; must contain mask);
+    discrepancy_weight / discrepancy_mask / dual_clip: the §6 r_d treatment and dual clip."""
     kl_source = pick_kl_logprobs(kl_logprobs, logprobs, behaviour_logprobs, old_logprobs)
-    adv = opd_advantages(kl_source, teacher_logprobs, mask, kl_coef, discount)
+    ret_mask = mask if return_mask is None else return_mask
+    adv = opd_advantages(kl_source, teacher_logprobs, ret_mask, kl_coef, discount)
+    adv = torch.where(mask > 0, adv, torch.zeros_like(adv))  # selected tokens only
     old = behaviour_logprobs if old_logprobs is None else old_logprobs
-    loss, metrics = clipped_policy_gradient(logprobs, old, adv, mask, clip_eps_low, clip_eps_high)
+    loss, metrics = clipped_policy_gradient(logprobs, old, adv, mask, clip_eps_low, clip_eps_high,
+                                            discrepancy_weight=discrepancy_weight,
+                                            discrepancy_mask=discrepancy_mask, dual_clip=dual_clip)
     with torch.no_grad():
         metrics["kl_sample"] = masked_mean(logprobs - teacher_logprobs, mask)
         metrics["mismatch_abs"] = masked_mean((logprobs - behaviour_logprobs).abs(), mask)

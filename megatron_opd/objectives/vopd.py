@@ -21,12 +21,16 @@ SUPPORTS = ("topk", "full")
 def vopd_loss(logprobs: torch.Tensor, kl_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
               teacher_logprobs: torch.Tensor, closed_form_kl: torch.Tensor, mask: torch.Tensor, *,
               kl_coef: float = 1.0, clip_eps_low: float = 0.2, clip_eps_high: float = 0.28,
+              discrepancy_weight: torch.Tensor | None = None,
+              discrepancy_mask: torch.Tensor | None = None, dual_clip: float = 0.0,
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """closed_form_kl [..., T]: KL_t (a constant). kl_logprobs: the pi in log q - log pi."""
+    """closed_form_kl [..., T]: KL_t (a constant). kl_logprobs: the pi in log q - log pi.
+    discrepancy_weight / discrepancy_mask / dual_clip: the §6 r_d treatment and dual clip."""
     maskf = mask.to(logprobs.dtype)
     adv = kl_coef * masked_where((teacher_logprobs - kl_logprobs + closed_form_kl).detach(), maskf)
     loss, metrics = clipped_policy_gradient(logprobs, old_logprobs, adv, maskf, clip_eps_low,
-                                            clip_eps_high)
+                                            clip_eps_high, discrepancy_weight=discrepancy_weight,
+                                            discrepancy_mask=discrepancy_mask, dual_clip=dual_clip)
     with torch.no_grad():
         metrics["vopd_closed_form_kl"] = masked_mean(closed_form_kl, maskf)
         metrics["vopd_baseline_var_ratio"] = _variance_ratio(
