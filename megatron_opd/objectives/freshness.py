@@ -9,7 +9,7 @@ Invariants (what the learner may rely on):
 - `apply_freshness` never turns a 0 in the mask into a non-zero. Kept rows are the input rows
   under "accept" and "drop"; under "downweight" row i is scaled by w_i, and for a 0/1 mask (the
   learner's loss_mask) the new mask sums to the number of trainable tokens kept, so the
-  learner's token mean (dividing by `mask.sum()`) is the f-weighted mean sum_i w_i x_i / sum w_i.
+  learner's token mean (dividing by `mask.sum()`) is sum_i w_i sum_t x_it / sum_i w_i n_i.
 - Empty input (no samples, or no trainable token) gives finite outputs: metrics 0, mask zeros.
 
 API (tensors [b] unless noted; b samples of T tokens):
@@ -31,8 +31,8 @@ kept f is 0 (exp underflow) there is nothing to tell the samples apart: the weig
 
 Drift budget (`drift_budget` > 0; any policy): after the policy's drops, while the token-weighted
 mean D_roll of the kept samples, sum_i n_i D_i / sum_i n_i, exceeds the budget, the kept sample
-with the largest D_roll leaves the step (ties: the lower index first). Dropping the largest
-cannot raise the mean, so this keeps the most samples a greedy stalest-first rule can; the
+with the largest D_roll leaves the step (ties: the lower index first). Removing the largest
+never raises the mean, so the loop ends (at the latest with nothing left: mean 0). The
 down-weighting (if any) is then computed over the samples that remain.
 
 Metrics: `offpolicy/freshness_mean` (mean f over the samples with trainable tokens),
