@@ -55,6 +55,8 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
     replay = RoutingReplay(chunks, cfg.parallel.tensor_parallel, groups.tp_rank,
                            config.sequence_parallel) if r3 else None
     ddp, optimizer, scheduler = wrap_for_training(chunks, cfg.train, groups, precision)
+    proximal, score_old = _proximal_policy(cfg, spec, config, chunks, ddp, groups, replay,
+                                           te_layer_spec=precision.needs_te_layer_spec)
     ckpt_root = run_dir / "checkpoints"
     resume_from = latest_checkpoint(ckpt_root) if cfg.train.resume else None
     if resume_from is not None:
@@ -64,29 +66,39 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
         # bf16/fp16 params: the optimizer's fp32 main copies were taken from the random init
         optimizer.reload_model_params()
         state = TrainerState(counters={"skipped_steps": 0, "dropped_stale_tokens": 0})
+    proximal.start(state.version)
     io = _RankZeroIO(cfg, wiring, state, resumed=resume_from is not None) if rank0 else None
     loss_fn = objective_loss_fn(cfg.objective, groups.tp,
                                 masked_token_ids(cfg.objective.masked_tokens, wiring.student_dir))
     eval_set = env.eval_prompts() if rank0 else []  # rank 0 asks the servers
 
-    def publish() -> float:  # every rank gathers; rank 0 streams to the rollout fleet
+    def publish(newest: bool = False) -> float:  # every rank gathers; rank 0 streams
         from megatron_opd.weight_sync import publish_with_retries
 
+        # async.publish_lag > 0: the fleet gets the version lag steps back (held by `proximal`),
+        # except the final weights, which are evaluated
+        version = state.version if newest else proximal.published_version(cfg.async_.publish_lag)
         # a restarted rollout server: the publisher reconnects, every rank gathers again
-        t = publish_with_retries(lambda: iter_hf_weights(chunks, spec, groups),
-                                 io.publisher if rank0 else None, state.version,
-                                 attempts=cfg.server.max_restarts + 1)
+        with proximal.holding(version):
+            t = publish_with_retries(lambda: iter_hf_weights(chunks, spec, groups),
+                                     io.publisher if rank0 else None, version,
+                                     attempts=cfg.server.max_restarts + 1)
+        proximal.on_publish(version)
         if rank0:
-            io.announce(state)
+            io.announce(state, version)
         return t
 
     def run_eval() -> dict:
-        return evaluate(ddp, groups, env, eval_set, io and io.rollout, io and io.teacher,
-                        state.version, spec.vocab_size, cfg.rollout.max_new_tokens,
-                        seed=cfg.run.seed + state.version,
-                        micro_batch_size=cfg.parallel.micro_batch_size,
-                        samples_dir=run_dir / "samples" if rank0 else None,
-                        exact_kl_max_vocab=cfg.eval.exact_kl_max_vocab)
+        # the version the fleet serves (older than the learner's under async.publish_lag):
+        # sampled by the fleet and scored by the learner holding the same weights
+        version = proximal.fleet_version
+        with proximal.holding(version):
+            return evaluate(ddp, groups, env, eval_set, io and io.rollout, io and io.teacher,
+                            version, spec.vocab_size, cfg.rollout.max_new_tokens,
+                            seed=cfg.run.seed + version,
+                            micro_batch_size=cfg.parallel.micro_batch_size,
+                            samples_dir=run_dir / "samples" if rank0 else None,
+                            exact_kl_max_vocab=cfg.eval.exact_kl_max_vocab)
 
     def checkpoint(hf_export=None) -> None:
         if rank0:
@@ -100,9 +112,11 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
     saved_step = state.step if resume_from is not None else -1  # of the newest checkpoint
     if state.version > 0:  # resumed: the fleet restarted from the init weights
         publish()
+    else:
+        proximal.on_publish(0)  # the fleet starts from the init weights
     last_eval = run_eval()
     if rank0:
-        io.announce(state)
+        io.announce(state, proximal.fleet_version)
     while state.step < cfg.train.steps:
         if preemption.requested():  # Slurm's warning: checkpoint now, the job requeues itself
             if state.step != saved_step:
@@ -122,8 +136,11 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
         if r3 and batch.routed_experts is None:
             raise RuntimeError("train.routing_replay=r3: samples arrived without routed_experts "
                                "(is the rollout server started with --enable-return-routed-experts?)")
-        fields = objective_fields(cfg.objective) + (("routed_experts",) if r3 else ())
+        fields = objective_fields(cfg.objective) + ("token_versions",) + \
+            (("routed_experts",) if r3 else ())
         micro = split_microbatches(batch, fields, groups, cfg.parallel.micro_batch_size)
+        offpolicy = proximal.fill_old_logprobs(micro, batch.token_versions, batch.loss_mask,
+                                               score_old, version=state.version)
         loss, tokens, terms = forward_backward(
             ddp, micro, loss_fn, groups,
             pre_forward=(lambda mb, _: replay.force(mb.data["routed_experts"])) if r3 else None)
@@ -134,7 +151,8 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
         t_sync = 0.0
         if stepped:
             state.version += 1
-            t_sync = publish()
+            proximal.after_step(state.version, terms.get("offpolicy/active_fraction"))
+            t_sync = publish(newest=state.step == cfg.train.steps)
         else:  # never publish weights made from a non-finite step
             state.counters["skipped_steps"] += 1
         if state.version % cfg.eval.interval == 0 and stepped or state.step == cfg.train.steps:
@@ -148,7 +166,8 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
             io.log(state, samples, stale, last_eval, {
                 "train/loss": loss, "train/tokens": tokens, "train/grad_norm": grad_norm,
                 "train/lr": optimizer.param_groups[0]["lr"],
-                **{f"train/{k}": v for k, v in terms.items()},
+                **{k if k.startswith("offpolicy/") else f"train/{k}": v
+                   for k, v in terms.items()}, **offpolicy,
                 "time/wait_samples_s": t_wait, "time/weight_sync_s": t_sync,
                 "time/step_s": time.time() - t0})
     if cfg.train.checkpoint:
@@ -159,6 +178,26 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
         io.close(state, last_eval)
     destroy_distributed()
     return last_eval
+
+
+def _proximal_policy(cfg: Config, spec, config, chunks, ddp, groups, replay, te_layer_spec):
+    """`correction.proximal` with its scoring pass; the replica is a second model on these
+    ranks (same layout, no optimizer), with its own routing replay under R3."""
+    from megatron_opd.learner.proximal import ProximalPolicy, make_scorer
+    from megatron_opd.learner.routing_replay import RoutingReplay
+    from megatron_opd.models.qwen3_moe import build_model_chunks
+
+    corr = cfg.correction
+    replica = build_model_chunks(spec, config, te_layer_spec=te_layer_spec) \
+        if corr.proximal == "replica" else None
+    replays = {id(ddp): replay}
+    if replica is not None and replay is not None:
+        replays[id(replica)] = RoutingReplay(replica, cfg.parallel.tensor_parallel, groups.tp_rank,
+                                             config.sequence_parallel)
+    policy = ProximalPolicy(corr.proximal, chunks, ddp, max_staleness=cfg.async_.max_staleness,
+                            publish_lag=cfg.async_.publish_lag, ewma_beta_=corr.ewma_beta,
+                            ewma_tau=corr.ewma_reset_tau, replica_chunks=replica)
+    return policy, make_scorer(cfg.objective, groups, lambda models: replays.get(id(models)))
 
 
 def masked_token_ids(tokens: list[str], tokenizer_dir) -> tuple[int, ...]:
@@ -206,10 +245,11 @@ class _RankZeroIO:
 
         self.gpu = GpuMetrics()  # utilisation / memory through nvidia-ml-py; {} without GPUs
 
-    def announce(self, state) -> None:
+    def announce(self, state, version: int) -> None:
+        """The fleet serves `version` (the learner's, or older under async.publish_lag)."""
         from megatron_opd.transport import WeightsPublished
 
-        self.control.publish(WeightsPublished(version=state.version, step=state.step,
+        self.control.publish(WeightsPublished(version=version, step=state.step,
                                               published_at=time.time()))
 
     def _restore_spool(self, directory: Path, state) -> None:
