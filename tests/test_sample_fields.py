@@ -224,7 +224,7 @@ def test_micro_batch_fields_are_the_tables():
     from megatron_opd.learner.losses import OPD_FIELDS, objective_fields
 
     base = {"response_index", "response_ids", "loss_mask", "behaviour_logprobs",
-            "teacher_logprobs", "temperature"}
+            "teacher_logprobs", "temperature", "revision_changed"}
     topk = {"teacher_topk_ids", "teacher_topk_logprobs"}
     assert set(OPD_FIELDS) == base == set(sf.micro_batch_fields({"always"}))
     assert set(objective_fields(_objective(["sampled_token_opd"]))) == base

@@ -36,6 +36,7 @@ class TrainBatch:
     # [B] float32: group-normalised rewards over the samples of the batch sharing a group_id
     # (objectives.grpo.group_normalized_advantages; a lone sample gets 0)
     sample_advantages: torch.Tensor
+    revision_changed: torch.Tensor  # [B] float32: 1 where a stale teacher revision scored it
     temperature: torch.Tensor  # [B] float32: sampling temperature that produced the sample
     top_p: torch.Tensor  # [B] float32: its top-p (behaviour_logprobs are not renormalised for it)
     # [B, L, layers, top_k] int64: the rollout engine's experts per input position (R3), or None
@@ -62,12 +63,13 @@ def group_indices(group_ids: list[str]) -> np.ndarray:
     return np.asarray([first.setdefault(g, len(first)) for g in group_ids], dtype=np.int64)
 
 
-def collate(samples, pad_id: int, step: int,
-            max_staleness: int | None) -> tuple[TrainBatch, StalenessReport]:
+def collate(samples, pad_id: int, step: int, max_staleness: int | None,
+            teacher_revision: str | None = None) -> tuple[TrainBatch, StalenessReport]:
     """Pad samples into a batch. A token made by version v has staleness `step - v` (the learner's
     current version is its step); tokens over `max_staleness` are masked out and counted.
     `max_staleness=None` applies no bound (offline OPD: stored data is fixed off-policy data by
-    design, never dropped for its age; staleness is still reported)."""
+    design, never dropped for its age; staleness is still reported). `teacher_revision`: the
+    run's; a sample scored under another revision gets `revision_changed` 1 (None: all 0)."""
     from megatron_opd.objectives.grpo import group_normalized_advantages
 
     B = len(samples)
@@ -117,6 +119,9 @@ def collate(samples, pad_id: int, step: int,
                                          dtype=getattr(torch, f.batch))
     groups = torch.from_numpy(group_indices([s.group_id for s in samples]))
     out["sample_advantages"] = group_normalized_advantages(out["rewards"], groups).to(torch.float32)
+    out["revision_changed"] = torch.tensor(
+        [float(teacher_revision is not None and s.teacher_revision != teacher_revision)
+         for s in samples], dtype=torch.float32)
     return TrainBatch(**out, routed_experts=routed), report
 
 

@@ -303,7 +303,7 @@ class _RankZeroIO:
         samples = [s for _, s in taken]
         # Offline OPD data is fixed off-policy data by design (version 0): no staleness bound.
         bound = None if cfg.teacher.mode == "offline" else cfg.async_.max_staleness
-        batch, stale = collate(samples, pad_id, state.version, bound)
+        batch, stale = collate(samples, pad_id, state.version, bound, cfg.teacher.revision)
         return samples, batch, stale
 
     def log(self, state, samples, stale, last_eval: dict, train: dict) -> None:
