@@ -56,6 +56,7 @@ def objective_loss_fn(objective, tp_group, masked_ids: tuple[int, ...] = (),
     want_entropy = objective.log_entropy or tip
     want_topk = _wants_topk(objective)
     full_kl = "vopd" in objective.terms and objective.vopd.support == "full"
+    proximal = getattr(correction, "proximal", "behaviour")
 
     def loss_fn(logits: torch.Tensor, mb: MicroBatch):
         d = mb.data
@@ -75,6 +76,12 @@ def objective_loss_fn(objective, tp_group, masked_ids: tuple[int, ...] = (),
             full = vocab_parallel_reverse_kl(
                 logits, d["teacher_topk_ids"], d["teacher_topk_logprobs"], stats.logsumexp,
                 group=tp_group, temperature=temp, positions=pos)
+        old = d.get("old_logprobs")
+        if "proximal_alpha" in d:  # correction.proximal = loglinear / linear: mu <-> pi_theta
+            from megatron_opd.learner.proximal import interpolated_logprobs
+
+            old = interpolated_logprobs(proximal, d["behaviour_logprobs"], stats.logprobs,
+                                        d["proximal_alpha"])
         inp = ObjectiveInputs(
             mask=d["loss_mask"], response_ids=d["response_ids"], logprobs=stats.logprobs,
             behaviour_logprobs=d["behaviour_logprobs"], teacher_logprobs=d["teacher_logprobs"],
@@ -83,7 +90,7 @@ def objective_loss_fn(objective, tp_group, masked_ids: tuple[int, ...] = (),
             topk_logits=stats.topk_logits,
             teacher_topk_logprobs=d["teacher_topk_logprobs"] if want_topk else None,
             full_reverse_kl=full, sample_advantages=d.get("sample_advantages"),
-            old_logprobs=d.get("old_logprobs"))
+            old_logprobs=old, context_lag=d.get("context_lag"))
         loss, n, terms = objective_loss(inp, objective, masked_ids, correction)
         # token-weighted means over the step (ratio maxima do not average: left out)
         metrics = {k: (v * n, n) for k, v in terms.items()

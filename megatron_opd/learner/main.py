@@ -36,6 +36,7 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
                                                  split_microbatches, wrap_for_training)
     from megatron_opd.models.hf_mapping import iter_hf_weights, load_hf_checkpoint, save_hf_checkpoint
     from megatron_opd.models.precision import resolve_here
+    from megatron_opd.objectives.freshness import context_lag
     from megatron_opd.models.qwen3_moe import build_model_chunks, transformer_config
 
     run_dir = Path(wiring.run_dir)
@@ -69,7 +70,8 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
     proximal.start(state.version)
     io = _RankZeroIO(cfg, wiring, state, resumed=resume_from is not None) if rank0 else None
     loss_fn = objective_loss_fn(cfg.objective, groups.tp,
-                                masked_token_ids(cfg.objective.masked_tokens, wiring.student_dir))
+                                masked_token_ids(cfg.objective.masked_tokens, wiring.student_dir),
+                                cfg.correction)
     eval_set = env.eval_prompts() if rank0 else []  # rank 0 asks the servers
 
     def publish(newest: bool = False) -> float:  # every rank gathers; rank 0 streams
@@ -141,6 +143,9 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
         micro = split_microbatches(batch, fields, groups, cfg.parallel.micro_batch_size)
         offpolicy = proximal.fill_old_logprobs(micro, batch.token_versions, batch.loss_mask,
                                                score_old, version=state.version)
+        for mb in micro:  # the supervision drift of freshness control (§7)
+            mb.data["context_lag"] = context_lag(mb.data["token_versions"], mb.data["loss_mask"],
+                                                 state.version, mb.data["revision_changed"])
         loss, tokens, terms = forward_backward(
             ddp, micro, loss_fn, groups,
             pre_forward=(lambda mb, _: replay.force(mb.data["routed_experts"])) if r3 else None)

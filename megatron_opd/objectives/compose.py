@@ -54,6 +54,9 @@ class ObjectiveInputs:
     teacher_topk_logprobs: torch.Tensor | None = None  # [b, T, K] log q at its top-K ids
     full_reverse_kl: torch.Tensor | None = None  # exact KL(pi || q) per token (vopd support=full)
     sample_advantages: torch.Tensor | None = None  # [b] group-normalised rewards (grpo_opd)
+    # [b] version lag of the context the teacher scored (+1 for a stale teacher revision):
+    # the supervision drift of freshness control (§7); None: no freshness scores
+    context_lag: torch.Tensor | None = None
 
 
 # The inputs that are training-batch fields as they are (input -> TrainBatch attribute, declared
@@ -82,6 +85,9 @@ def objective_loss(inp: ObjectiveInputs, cfg, masked_ids=(), correction=None) ->
     base = (inp.mask > 0).to(inp.logprobs.dtype)
     mask = first_occurrence_mask(inp.response_ids, base, list(masked_ids)) if masked_ids else base
     special_masked = base.sum() - mask.sum()
+    fresh_w, fresh_metrics = _freshness(inp, mask, correction)
+    if fresh_w is not None:  # dropped samples leave every term; weights act below (PG terms)
+        mask = mask * (fresh_w > 0).to(mask.dtype)
     return_mask = mask  # returns are computed before selection (TIP only picks gradients)
     sel = cfg.token_selection
     if sel.method == "tip":
@@ -92,6 +98,8 @@ def objective_loss(inp: ObjectiveInputs, cfg, masked_ids=(), correction=None) ->
     has_pg = any(t in PG_TERMS for t in cfg.terms)
     d_weight, d_keep = (discrepancy_weights(inp.old_logprobs, inp.behaviour_logprobs, base,
                                             correction) if has_pg else (None, None))
+    if fresh_w is not None and correction.freshness == "downweight" and d_weight is not None:
+        d_weight = d_weight * fresh_w  # per-sample f_i / mean f, as one more per-token weight
     off = dict(discrepancy_weight=d_weight, discrepancy_mask=d_keep,
                dual_clip=float(correction.dual_clip))
     weights = list(cfg.weights) or [1.0] * len(cfg.terms)
@@ -123,7 +131,28 @@ def objective_loss(inp: ObjectiveInputs, cfg, masked_ids=(), correction=None) ->
             om["clip_fraction"] = first_pg["clip_fraction"]
             om["active_fraction"] = first_pg["active_fraction"]
             metrics.update({f"offpolicy/{k}": v for k, v in om.items()})
+        metrics.update(fresh_metrics)
     return total, n, metrics
+
+
+def _freshness(inp: ObjectiveInputs, mask: torch.Tensor, correction):
+    """f-OPD freshness control (objectives/freshness.py) when the micro-batch carries the
+    context lag: (per-token weights [b, T] of the samples kept, 0 on dropped ones; metrics).
+    Down-weighting acts on the policy-gradient terms through their per-token weight (the r_d
+    channel), dropping (policy "drop", the drift budget) on every term through the mask."""
+    from megatron_opd.objectives.freshness import (apply_freshness, freshness_scores,
+                                                   rollout_drift, supervision_drift)
+
+    if inp.context_lag is None:
+        return None, {}
+    with torch.no_grad():
+        d_roll = rollout_drift(inp.logprobs.detach(), inp.behaviour_logprobs, mask)
+        d_sup = supervision_drift(inp.context_lag.to(d_roll.dtype))
+        f = freshness_scores(d_roll, d_sup, correction.freshness_alpha, correction.freshness_beta)
+        w, m = apply_freshness(mask, f, d_roll, correction.freshness, correction.freshness_min,
+                               correction.drift_budget, d_sup=d_sup)
+    active = correction.freshness != "accept" or correction.drift_budget > 0
+    return (w.to(mask.dtype) if active else None), m
 
 
 def _term(name: str, inp: ObjectiveInputs, cfg, mask, old, kl_lp, return_mask, off):
