@@ -69,7 +69,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from megatron_opd.compat.megatron_cpu import install_megatron_cpu_compat
-    from megatron_opd.config import ObjectiveConfig, ParallelConfig, TrainConfig
+    from megatron_opd.config import (CorrectionConfig, ObjectiveConfig, ParallelConfig,
+                                     TrainConfig)
     from megatron_opd.learner.batch import collate
     from megatron_opd.learner.losses import objective_fields, objective_loss_fn
     from megatron_opd.learner.parallel import init_distributed
@@ -102,7 +103,7 @@ def main() -> None:
         policy.start(0)
         policy.on_publish(0)
         score = make_scorer(objective, groups)
-        loss_fn = objective_loss_fn(objective, groups.tp)
+        loss_fn = objective_loss_fn(objective, groups.tp, (), CorrectionConfig(proximal=kind))
         step_s, prox_s = [], []
         for step in range(args.warmup + args.steps):
             window = list(range(max(0, step - S), step + 1))

@@ -104,8 +104,9 @@ FIELDS: tuple[SampleField, ...] = (
     F("sample_advantages", COLLATE, "group-normalised rewards over the batch's samples sharing "
       "a group_id (a lone sample gets 0)", batch="float32", batch_shape="B", reads="grpo_opd"),
     F("revision_changed", COLLATE, "1 where the teacher revision that scored the sample is "
-      "not the run's (teacher.revision), else 0: part of the supervision drift (ALGORITHMS.md §7)",
-      batch="float32", batch_shape="B", reads="always"),
+      "not the run's (teacher.revision), else 0: part of the supervision drift (ALGORITHMS.md §7; "
+      "the learner adds it to every micro-batch with token_versions)",
+      batch="float32", batch_shape="B"),
     F("temperature", SCALAR, "sampling temperature of the rollout", batch="float32",
       batch_shape="B", store="float64", reads="always"),
     F("top_p", SCALAR, "top-p of the rollout sampler", batch="float32", batch_shape="B",

@@ -224,7 +224,7 @@ def test_micro_batch_fields_are_the_tables():
     from megatron_opd.learner.losses import OPD_FIELDS, objective_fields
 
     base = {"response_index", "response_ids", "loss_mask", "behaviour_logprobs",
-            "teacher_logprobs", "temperature", "revision_changed"}
+            "teacher_logprobs", "temperature"}
     topk = {"teacher_topk_ids", "teacher_topk_logprobs"}
     assert set(OPD_FIELDS) == base == set(sf.micro_batch_fields({"always"}))
     assert set(objective_fields(_objective(["sampled_token_opd"]))) == base
@@ -245,7 +245,7 @@ def test_objective_inputs_from_the_batch_are_table_fields():
     names = {f.name for f in dataclasses.fields(ObjectiveInputs)}
     assert set(FROM_BATCH) <= names
     assert names - set(FROM_BATCH) == {"logprobs", "old_logprobs", "logsumexp", "entropy",
-                                       "topk_logits", "full_reverse_kl"}
+                                       "topk_logits", "full_reverse_kl", "context_lag"}
     table = {f.batch_attr: f for f in sf.batch_fields()}
     shapes = {"teacher_topk_logprobs": "BTK", "sample_advantages": "B"}  # the rest: [b, T]
     for inp, attr in FROM_BATCH.items():

@@ -138,7 +138,7 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
         if r3 and batch.routed_experts is None:
             raise RuntimeError("train.routing_replay=r3: samples arrived without routed_experts "
                                "(is the rollout server started with --enable-return-routed-experts?)")
-        fields = objective_fields(cfg.objective) + ("token_versions",) + \
+        fields = objective_fields(cfg.objective) + ("token_versions", "revision_changed") + \
             (("routed_experts",) if r3 else ())
         micro = split_microbatches(batch, fields, groups, cfg.parallel.micro_batch_size)
         offpolicy = proximal.fill_old_logprobs(micro, batch.token_versions, batch.loss_mask,
