@@ -117,6 +117,10 @@ class RolloutConfig:
 class TeacherConfig:
     top_k: int = 0  # teacher top-K log-probs per token (0 = sampled token only)
     revision: str = "teacher-v0"
+    # The temperature the teacher's log-probs are of (carried on every sample as
+    # teacher_temperature; the distillation terms score the student at it: docs/temperatures.md).
+    # Only 1.0: SGLang's prompt-token log-probs are log_softmax of the raw logits.
+    temperature: float = 1.0
     # "live": the teacher server scores every rollout during training. "offline" (Lightning OPD,
     # ALGORITHMS.md §9): student rollouts of the init are scored once and stored; training reads
     # the store (no live teacher scoring; the teacher server only serves evaluation).
@@ -549,6 +553,8 @@ def validate(cfg: Config, stand_in_specs: frozenset[str] = frozenset()) -> None:
          "(a request larger than the staleness window is never admitted)")
     need(cfg.teacher.top_k >= 0, "teacher.top_k", "must be >= 0")
     need(cfg.teacher.offline_samples >= 1, "teacher.offline_samples", "must be >= 1")
+    need(cfg.teacher.temperature == 1.0, "teacher.temperature", "must be 1.0: SGLang scores "
+         "prompt tokens from the raw logits (no temperature applied; docs/temperatures.md)")
     need(cfg.teacher.mode == "live" or cfg.train.routing_replay == "none", "teacher.mode",
          "offline needs train.routing_replay=none (stored data carries no routing of the "
          "trained policy)")

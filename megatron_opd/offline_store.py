@@ -40,7 +40,9 @@ from megatron_opd.config import Config, to_dict
 from megatron_opd.transport import Sample
 
 FORMAT = "megatron-opd-offline"
-OFFLINE_VERSION = 2  # bump when what is stored, or how it is made, changes
+# bump when what is stored, or how it is made, changes. 3: per-sample `teacher_temperature` (a
+# version-2 store has none; it is refused, not read as 1)
+OFFLINE_VERSION = 3
 SHARD_SIZE = 1024
 MANIFEST = "manifest.json"
 # From the field table (megatron_opd/sample_fields.py): ragged Sample tensors, stored flat over
@@ -72,7 +74,7 @@ def store_config(cfg: Config) -> dict:
             "env": to_dict(cfg.env), "data": to_dict(cfg.data), "seed": cfg.run.seed,
             "rollout": {"temperature": r.temperature, "top_p": r.top_p,
                         "max_new_tokens": r.max_new_tokens, "group_size": r.group_size},
-            "teacher": {"top_k": t.top_k, "revision": t.revision,
+            "teacher": {"top_k": t.top_k, "revision": t.revision, "temperature": t.temperature,
                         "offline_samples": t.offline_samples},
             "server_dtype": cfg.server.dtype}
 
@@ -153,6 +155,7 @@ def write_store(path: str | Path, samples: list[Sample], config_hash: str,
             "top_k": int(first.teacher_topk_ids.shape[1]), "num_groups": len(group_of),
             "group_size": int(sizes.max()) if int(sizes.min()) == int(sizes.max()) else 0,
             "temperature": float(first.temperature), "top_p": float(first.top_p),
+            "teacher_temperature": float(first.teacher_temperature),
             "policy_version": 0, "created_at": time.time(), "shards": shards, **(extra or {}),
         }
         # The manifest is written last, and the directory only appears under its name complete.
@@ -264,7 +267,9 @@ def open_store(path: str | Path, expect_hash: str | None = None) -> OfflineStore
     except FileNotFoundError:
         return None
     if manifest.get("format") != FORMAT or manifest.get("version") != OFFLINE_VERSION:
-        raise StoreError(f"{path}: not a version-{OFFLINE_VERSION} {FORMAT} store")
+        raise StoreError(f"{path}: not a version-{OFFLINE_VERSION} {FORMAT} store (format "
+                         f"{manifest.get('format')!r}, version {manifest.get('version')!r}); "
+                         "remove it to rebuild (`megatron-opd precompute-teacher`)")
     if expect_hash is not None and manifest.get("config_hash") != expect_hash:
         raise StoreError(f"teacher.offline_store: {path} holds data of another config (hash "
                          f"{manifest.get('config_hash')}, this config {expect_hash}); remove it "

@@ -121,6 +121,7 @@ def make_groups(cfg: Config, env: Environment, examples: list[EnvPrompt], result
                 reward=env.reward(ex, res.output_ids), metadata=dict(ex.metadata),
                 created_at=time.time(), finish_reason=res.finish_reason,
                 temperature=float(cfg.rollout.temperature), top_p=float(cfg.rollout.top_p),
+                teacher_temperature=float(cfg.teacher.temperature),  # what score() was asked
             ))
         out.append(group)
     return out
@@ -136,7 +137,8 @@ def rollout_and_score(cfg: Config, env: Environment, rollout, teacher, examples:
         return_routed_experts=cfg.train.routing_replay == "r3",
         routed_experts_shape=(cfg.model.num_layers, cfg.model.moe_router_topk))
     scores = teacher.score([p + list(r.output_ids) for p, r in zip(prompts, results)],
-                           start=[len(p) for p in prompts], top_k=cfg.teacher.top_k)
+                           start=[len(p) for p in prompts], top_k=cfg.teacher.top_k,
+                           temperature=cfg.teacher.temperature)
     return make_groups(cfg, env, examples, results, scores, group_ids)
 
 

@@ -69,8 +69,8 @@ READS = {
     "grpo_opd": "the grpo_opd term",
 }
 
-# Order matters twice: the Sample tensors are in frame order (the wire format of schema version
-# 2: never reorder them), and the batch fields in TrainBatch's attribute order (optional last).
+# Order matters twice: the Sample tensors are in frame order (the wire format of schema versions
+# 2 and 3: never reorder them), and the batch fields in TrainBatch's attribute order (optional last).
 F = SampleField
 FIELDS: tuple[SampleField, ...] = (
     F("input_ids", COLLATE, "prompt + response, right-padded",
@@ -111,6 +111,9 @@ FIELDS: tuple[SampleField, ...] = (
       batch_shape="B", store="float64", reads="always"),
     F("top_p", SCALAR, "top-p of the rollout sampler", batch="float32", batch_shape="B",
       store="float64"),
+    F("teacher_temperature", SCALAR, "temperature the teacher's log-probs are of "
+      "(teacher.temperature); the distillation terms score the student at it", batch="float32",
+      batch_shape="B", store="float64", reads="always"),
     F("routed_experts", TENSOR, "the rollout engine's experts per input position (R3)",
       wire=("uint8", "int16", "int32"), shape="SNR", batch="int64", batch_shape="BLNR",
       optional=True),

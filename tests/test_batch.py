@@ -45,7 +45,8 @@ def make_samples(K: int = 3, seed: int = 0, versions: int = 0) -> list[Sample]:
             teacher_logprobs=-rng.random(T).astype(np.float32),
             teacher_topk_ids=rng.integers(1, 30, (T, K)).astype(np.int32),
             teacher_topk_logprobs=-rng.random((T, K)).astype(np.float32) - 0.01,
-            reward=reward, temperature=temp, top_p=top_p))
+            reward=reward, temperature=temp, top_p=top_p,
+            teacher_temperature=1.0 if i % 3 else 1.25))
     return out
 
 
@@ -84,7 +85,7 @@ def test_collate_rewards_group_advantages_and_sampler_info():
     samples = make_samples()
     batch, _ = collate(samples, PAD, step=0, max_staleness=2)
     gids, rewards = [x[0] for x in LAYOUT], [x[1] for x in LAYOUT]
-    for name in ("rewards", "sample_advantages", "temperature", "top_p"):
+    for name in ("rewards", "sample_advantages", "temperature", "top_p", "teacher_temperature"):
         t = getattr(batch, name)
         assert t.shape == (len(samples),) and t.dtype == torch.float32, name
     assert batch.rewards.tolist() == rewards
@@ -96,6 +97,7 @@ def test_collate_rewards_group_advantages_and_sampler_info():
     np.testing.assert_allclose(ref[1], -0.75 / (3 ** 0.5 / 4 + 1e-6))
     np.testing.assert_allclose(batch.temperature.numpy(), [x[2] for x in LAYOUT], rtol=1e-7)
     np.testing.assert_allclose(batch.top_p.numpy(), [x[3] for x in LAYOUT], rtol=1e-7)
+    assert batch.teacher_temperature.tolist() == [s.teacher_temperature for s in samples]
 
 
 def test_collate_staleness_bound_and_offline_mode_without_bound():
@@ -121,7 +123,7 @@ def test_split_microbatches_slices_every_field_on_the_batch_dimension():
 
     batch, _ = collate(make_samples(K=3), PAD, step=0, max_staleness=2)
     fields = ("response_index", "teacher_topk_ids", "teacher_topk_logprobs", "rewards",
-              "sample_advantages", "temperature", "top_p")
+              "sample_advantages", "temperature", "top_p", "teacher_temperature")
     dp = 2
     micro = [mb for rank in range(dp) for mb in split_microbatches(
         batch, fields, SimpleNamespace(dp_size=dp, dp_rank=rank), micro_batch_size=3)]

@@ -43,7 +43,7 @@ def make_samples(n_groups=5, group_size=3, K=4, seed=0) -> list[Sample]:
                 teacher_topk_logprobs=-rng.random((T, K)).astype(np.float32),
                 teacher_revision="teacher-v7", reward=float(rng.integers(0, 2)),
                 metadata={"op": ["rev", "sort"][g % 2]}, finish_reason=["stop", "length"][j % 2],
-                temperature=0.8, top_p=0.9))
+                temperature=0.8, top_p=0.9, teacher_temperature=[1.0, 1.25][g % 2]))
     return out
 
 
@@ -70,8 +70,10 @@ def test_round_trip_is_exact_and_keeps_groups(tmp_path, monkeypatch, K):
         for name in SAME:
             a, b = getattr(s, name), getattr(ref, name)
             assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b), name
-        assert (s.reward, s.temperature, s.top_p, s.finish_reason, s.metadata["op"]) == \
-            (ref.reward, ref.temperature, ref.top_p, ref.finish_reason, ref.metadata["op"])
+        assert (s.reward, s.temperature, s.top_p, s.teacher_temperature, s.finish_reason,
+                s.metadata["op"]) == (ref.reward, ref.temperature, ref.top_p,
+                                      ref.teacher_temperature, ref.finish_reason,
+                                      ref.metadata["op"])
         assert s.teacher_revision == "teacher-v7"
         assert s.token_versions.tolist() == [0] * s.num_tokens
     assert [len(g) for g in store.groups()] == [3] * 5
@@ -137,6 +139,19 @@ def test_tampered_or_foreign_stores_are_refused(tmp_path):
     assert (tmp_path / "notastore" / "precious.txt").read_text() == "keep me"
 
 
+def test_a_version_2_store_is_refused_with_a_clear_message(tmp_path):
+    """Version 2 stores hold no teacher_temperature: refused (naming the versions and how to
+    rebuild), never read as temperature 1."""
+    path = tmp_path / "s"
+    write_store(path, make_samples(), "h")
+    m = json.loads((path / MANIFEST).read_text())
+    assert m["version"] == store_mod.OFFLINE_VERSION == 3 and m["teacher_temperature"] == 1.0
+    m["version"] = 2
+    (path / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(StoreError, match="not a version-3 .* version 2.*remove it to rebuild"):
+        open_store(path, "h")
+
+
 def test_shards_hold_only_plain_arrays_and_pickles_are_refused(tmp_path):
     path = tmp_path / "s"
     write_store(path, make_samples(), "h")
@@ -174,6 +189,9 @@ def test_store_identity_follows_what_makes_the_data():
     for o in ("train.lr=0.1", "rollout.prompts_per_request=4", "teacher.mode=offline",
               "run.dir=elsewhere", "eval.interval=3"):
         assert store_key(cfg(o)) == base, o
+    # the teacher's scoring temperature decides the data too (only 1.0 validates today)
+    from megatron_opd.offline_store import store_config
+    assert store_config(cfg())["teacher"]["temperature"] == 1.0
     assert store_path(cfg("run.cache_dir=/c")) == Path(f"/c/offline/{base}")
     assert store_path(cfg("teacher.offline_store=/x/y")) == Path("/x/y")
 

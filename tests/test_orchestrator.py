@@ -76,6 +76,9 @@ def test_make_groups_sets_one_group_id_rewards_and_sampler_info():
     ]
     results = [result(r, version=i % 2) for i, r in enumerate(responses)]
     scores = [score(len(r), 2, i) for i, r in enumerate(responses)]
+    # the samples carry the config's teacher temperature (validation allows only 1.0 with
+    # SGLang's scoring; set past it here to see the value travel, not a default)
+    cfg.teacher.temperature = 0.5
     groups = make_groups(cfg, env, ex, results, scores, ["run-000000001", "run-000000002"])
     assert [len(g) for g in groups] == [3, 3]
     assert [s.reward for g in groups for s in g] == [1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
@@ -86,7 +89,7 @@ def test_make_groups_sets_one_group_id_rewards_and_sampler_info():
         s.validate()
         assert s.prompt_ids.tolist() == list(ex[i // 3].token_ids)
         assert s.response_ids.tolist() == responses[i]
-        assert s.temperature == 0.8 and s.top_p == 0.95
+        assert s.temperature == 0.8 and s.top_p == 0.95 and s.teacher_temperature == 0.5
         assert np.array_equal(s.behaviour_logprobs, results[i].output_logprobs)
         assert np.array_equal(s.token_versions, results[i].token_versions)
         assert np.array_equal(s.teacher_logprobs, scores[i].logprobs)
@@ -130,8 +133,8 @@ class FakeTeacher:
     def __init__(self):
         self.calls = []
 
-    def score(self, seqs, *, start, top_k):
-        self.calls.append((seqs, start, top_k))
+    def score(self, seqs, *, start, top_k, temperature):
+        self.calls.append((seqs, start, top_k, temperature))
         return [score(len(x) - s, top_k, 0) for x, s in zip(seqs, start)]
 
 
@@ -146,7 +149,8 @@ def test_rollout_and_score_requests_group_copies_and_scores_prompt_plus_response
     assert sampling["temperature"] == 0.9 and sampling["top_p"] == 1.0
     assert "sampling_seed" not in sampling and "n" not in sampling  # copies sample independently
     assert sampling["stop_token_ids"] == [task.eos] and kw["return_logprob"]
-    (seqs, start, top_k), = teacher.calls
+    (seqs, start, top_k, temperature), = teacher.calls
+    assert temperature == cfg.teacher.temperature == 1.0  # stated, not left to a default
     outs = [[task.ids["5"], task.eos], [task.eos]] * 2
     assert seqs == [p + o for p, o in zip(prompts, outs)]
     assert start == [len(p) for p in prompts] and top_k == 4

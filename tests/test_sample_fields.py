@@ -1,7 +1,7 @@
 """The field table (megatron_opd/sample_fields.py) is the one declaration of the per-token and
 per-sample fields: every consumer's list is derived from it or checked against it, and the wire
-format (schema version 2) and the offline store layout it produces are the ones peers and stores
-already use."""
+format (schema version 3) and the offline store layout (version 3) it produces are the ones peers
+and stores use."""
 
 from __future__ import annotations
 
@@ -20,21 +20,25 @@ from megatron_opd.learner.batch import TrainBatch, collate
 from megatron_opd.transport import ProtocolError, Sample, decode, encode
 from megatron_opd.transport.schema import SCHEMA_VERSION
 
-# The wire contract of schema version 2: tensor frames in this order, with these dtypes. Existing
-# peers depend on it; the table must keep producing it (a change needs a new schema version).
-WIRE_V2 = {
+# The wire contract of schema versions 2 and 3 (3 added a header field, teacher_temperature):
+# tensor frames in this order, with these dtypes. Peers depend on it; the table must keep
+# producing it (a change needs a new schema version).
+WIRE_V3 = {
     "prompt_ids": ("int32",), "response_ids": ("int32",), "loss_mask": ("uint8",),
     "behaviour_logprobs": ("float32",), "token_versions": ("int64",),
     "teacher_logprobs": ("float32",), "teacher_topk_ids": ("int32",),
     "teacher_topk_logprobs": ("float32",), "routed_experts": ("uint8", "int16", "int32"),
 }
-# The shard layout of offline store version 2 (a change needs a new OFFLINE_VERSION).
-STORE_V2 = {
+# Per-sample numbers in a version-3 Sample header.
+HEADER_SCALARS_V3 = {"reward", "temperature", "top_p", "teacher_temperature"}
+# The shard layout of offline store version 3 (version 2 had no teacher_temperature; a change
+# needs a new OFFLINE_VERSION).
+STORE_V3 = {
     "prompt_offsets": "int64", "response_offsets": "int64", "prompt_ids": "int32",
     "response_ids": "int32", "loss_mask": "uint8", "behaviour_logprobs": "float32",
     "teacher_logprobs": "float32", "teacher_topk_ids": "int32",
     "teacher_topk_logprobs": "float32", "reward": "float32", "temperature": "float64",
-    "top_p": "float64", "group": "int64",
+    "top_p": "float64", "teacher_temperature": "float64", "group": "int64",
 }
 # A field someone might add: it must appear in every derived list.
 NEW = sf.SampleField("teacher_entropy", sf.TENSOR, "entropy of the teacher per response token",
@@ -63,22 +67,23 @@ def make_sample(P=3, T=4, K=2, routed=False, seed=0, **kw) -> Sample:
 
 
 # ------------------------------------------------------------------------------ transport
-def test_schema_tensors_are_the_tables_and_the_v2_wire_contract():
-    assert SCHEMA_VERSION == 2
-    assert Sample.TENSORS == sf.wire_tensors() == WIRE_V2
-    assert list(Sample.TENSORS) == list(WIRE_V2)  # frame order
+def test_schema_tensors_are_the_tables_and_the_v3_wire_contract():
+    assert SCHEMA_VERSION == 3
+    assert Sample.TENSORS == sf.wire_tensors() == WIRE_V3
+    assert list(Sample.TENSORS) == list(WIRE_V3)  # frame order
     # the dataclass lists them in that order (encode walks the dataclass fields)
     names = [f.name for f in dataclasses.fields(Sample)]
-    assert [n for n in names if n in Sample.TENSORS] == list(WIRE_V2)
+    assert [n for n in names if n in Sample.TENSORS] == list(WIRE_V3)
     # the table's per-sample numbers are header fields of Sample
     scalars = [f.name for f in sf.FIELDS if f.source == sf.SCALAR]
-    assert scalars and set(scalars) <= set(names) - set(Sample.TENSORS)
+    assert set(scalars) == HEADER_SCALARS_V3 and set(scalars) <= set(names) - set(Sample.TENSORS)
     # what goes over the wire: the header's tensor table, frame by frame
     frames = encode(make_sample(routed=True))
     import orjson
-    table = orjson.loads(bytes(frames[0]))["tensors"]
-    assert [(e["name"], e["dtype"]) for e in table] == [
-        (n, d[0] if n != "routed_experts" else "int16") for n, d in WIRE_V2.items()]
+    head = orjson.loads(bytes(frames[0]))
+    assert HEADER_SCALARS_V3 <= set(head["fields"])
+    assert [(e["name"], e["dtype"]) for e in head["tensors"]] == [
+        (n, d[0] if n != "routed_experts" else "int16") for n, d in WIRE_V3.items()]
 
 
 def test_adding_a_field_reaches_every_derived_list():
@@ -140,20 +145,20 @@ def test_every_value_invariant_has_a_check():
 
 
 # --------------------------------------------------------------------------- offline store
-def test_offline_store_arrays_are_the_tables_and_the_v2_layout(tmp_path):
+def test_offline_store_arrays_are_the_tables_and_the_v3_layout(tmp_path):
     import megatron_opd.offline_store as store
 
-    assert store.OFFLINE_VERSION == 2
+    assert store.OFFLINE_VERSION == 3
     assert store._RAGGED_ARRAYS == sf.stored_ragged()
     assert store._SAMPLE_ARRAYS == sf.stored_per_sample()
-    samples = [make_sample(seed=i, K=3) for i in range(4)]
+    samples = [make_sample(seed=i, K=3, teacher_temperature=1.0 + i / 4) for i in range(4)]
     for s in samples:
         s.token_versions = np.zeros(s.num_tokens, dtype=np.int64)
     manifest = store.write_store(tmp_path / "s", samples, "h")
     with np.load(io.BytesIO((tmp_path / "s" / manifest["shards"][0]["file"]).read_bytes()),
                  allow_pickle=False) as z:
         layout = {k: z[k].dtype.name for k in z.files}
-    assert {k: v for k, v in layout.items() if k not in ("metadata", "finish_reason")} == STORE_V2
+    assert {k: v for k, v in layout.items() if k not in ("metadata", "finish_reason")} == STORE_V3
     assert layout["metadata"].startswith("str") and layout["finish_reason"].startswith("str")
     # every required Sample tensor is either stored or has a rule for reading it back
     required = {f.name for f in sf.FIELDS if f.source == sf.TENSOR and not f.optional}
@@ -224,7 +229,7 @@ def test_micro_batch_fields_are_the_tables():
     from megatron_opd.learner.losses import OPD_FIELDS, objective_fields
 
     base = {"response_index", "response_ids", "loss_mask", "behaviour_logprobs",
-            "teacher_logprobs", "temperature"}
+            "teacher_logprobs", "temperature", "teacher_temperature"}
     topk = {"teacher_topk_ids", "teacher_topk_logprobs"}
     assert set(OPD_FIELDS) == base == set(sf.micro_batch_fields({"always"}))
     assert set(objective_fields(_objective(["sampled_token_opd"]))) == base

@@ -178,9 +178,13 @@ def test_control_pub_sub_after_slow_joiner():
 
 
 def test_sampler_fields_are_in_the_header_and_default_to_plain_sampling():
-    head = orjson.loads(encode(make_sample(temperature=0.7, top_p=0.9))[0])
-    assert head["version"] == SCHEMA_VERSION == 2
+    s = make_sample(temperature=0.7, top_p=0.9)
+    s.teacher_temperature = 1.25
+    head = orjson.loads(encode(s)[0])
+    assert head["version"] == SCHEMA_VERSION == 3
     assert head["fields"]["temperature"] == 0.7 and head["fields"]["top_p"] == 0.9
+    assert head["fields"]["teacher_temperature"] == 1.25
+    assert decode(encode(s)).teacher_temperature == 1.25
     # a sender that leaves them out means temperature 1, top-p 1
     del head["fields"]["temperature"], head["fields"]["top_p"]
     frames = [orjson.dumps(head)] + [bytes(f) for f in encode(make_sample())[1:]]
@@ -188,11 +192,26 @@ def test_sampler_fields_are_in_the_header_and_default_to_plain_sampling():
     assert out.temperature == 1.0 and out.top_p == 1.0
 
 
-def test_a_version_1_peer_is_refused():
+def test_the_teacher_temperature_must_be_stated():
+    """The teacher's scoring temperature is never implied: a header without it is refused."""
     frames = [bytes(f) for f in encode(make_sample())]
     head = orjson.loads(frames[0])
-    head["version"] = 1
-    del head["fields"]["temperature"], head["fields"]["top_p"]
+    del head["fields"]["teacher_temperature"]
+    with pytest.raises(ProtocolError) as err:
+        decode([orjson.dumps(head)] + frames[1:])
+    assert err.value.reason == "missing_field" and "teacher_temperature" in str(err.value)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_peer_is_refused(version):
+    """Version 1 had no sampler fields, version 2 no teacher_temperature: both refused, not
+    guessed at."""
+    frames = [bytes(f) for f in encode(make_sample())]
+    head = orjson.loads(frames[0])
+    head["version"] = version
+    del head["fields"]["teacher_temperature"]
+    if version == 1:
+        del head["fields"]["temperature"], head["fields"]["top_p"]
     with pytest.raises(ProtocolError) as err:
         decode([orjson.dumps(head)] + frames[1:])
     assert err.value.reason == "bad_schema_version"
@@ -204,6 +223,8 @@ def test_a_version_1_peer_is_refused():
     ("temperature", "1.0", "bad_field"), ("temperature", True, "bad_field"),
     ("top_p", 0.0, "bad_value"), ("top_p", 1.0000001, "bad_value"), ("top_p", -1.0, "bad_value"),
     ("top_p", None, "bad_field"),
+    ("teacher_temperature", 0.0, "bad_value"), ("teacher_temperature", -1.0, "bad_value"),
+    ("teacher_temperature", "1.0", "bad_field"), ("teacher_temperature", None, "bad_field"),
 ])
 def test_bad_sampler_values_are_refused_at_both_ends(field, value, reason):
     bad = make_sample()

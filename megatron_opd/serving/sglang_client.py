@@ -232,14 +232,23 @@ class SGLangClient:
             finish_reason=(meta.get("finish_reason") or {}).get("type", ""),
             routed_experts=routed, routed_experts_start=routed_experts_start, meta_info=meta)
 
-    def score(self, input_ids: list[list[int]], *, start: list[int], top_k: int = 0) -> list[ScoreResult]:
+    def score(self, input_ids: list[list[int]], *, start: list[int], top_k: int = 0,
+              temperature: float = 1.0) -> list[ScoreResult]:
         """Teacher scoring of given sequences (no generation): log-prob of every token at
-        positions >= start[i], and the top-K distribution at those positions."""
+        positions >= start[i], and the top-K distribution at those positions, at `temperature`
+        (teacher.temperature; the caller carries it on the sample, so it is never implied).
+        SGLang computes prompt-token log-probs from the raw logits, whatever the request's
+        temperature (sglang/srt/layers/logprob_processor.py, 0.5.23), so only 1.0 is accepted
+        rather than silently returning log-probs at another temperature."""
         if len(start) != len(input_ids) or any(not 1 <= s < len(x) for s, x in zip(start, input_ids)):
             raise ValueError("score: need 1 <= start[i] < len(input_ids[i]) for every sequence")
+        if temperature != 1.0:
+            raise ValueError(f"score: temperature {temperature} is not 1.0: SGLang's prompt-token "
+                             "log-probs are at temperature 1 (teacher.temperature)")
         # logprob_start_len = s - 1: SGLang then reports positions s-1.., whose first entry has
         # no log-prob of its own (it conditions nothing); entry j+1 is log q(x_{s+j} | x_<s+j).
-        payload = {"input_ids": input_ids, "sampling_params": {"max_new_tokens": 0, "temperature": 1.0},
+        payload = {"input_ids": input_ids,
+                   "sampling_params": {"max_new_tokens": 0, "temperature": temperature},
                    "return_logprob": True, "logprob_start_len": [s - 1 for s in start],
                    "top_logprobs_num": top_k}
         out = self._post_retrying("generate", payload)[0]

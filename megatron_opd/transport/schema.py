@@ -8,7 +8,9 @@ frames (zero-copy, read-only). Nothing is ever pickled. `decode` validates every
 `ProtocolError(reason, detail)`; receivers count rejections by reason and keep serving.
 
 Both ends of a run come from one build, so the version must match exactly: version 2 added the
-sampler fields of `Sample` (`temperature`, `top_p`); a version-1 peer is refused, not guessed at.
+sampler fields of `Sample` (`temperature`, `top_p`); version 3 added `teacher_temperature` (the
+temperature the teacher's log-probs are of, which a v3 header must state: a missing one is
+refused, never taken as 1). An older peer is refused ("bad_schema_version"), not guessed at.
 Version 2 also defines the kinds of the reliable sample channel (`Hello`, `Credit`, `Ack`; see
 `transport/channel.py`). They only travel between a ROUTER `SampleServer` and a DEALER
 `SampleClient`, socket types a pre-channel PUSH/PULL peer cannot even connect to, and every socket
@@ -32,7 +34,7 @@ import orjson
 from megatron_opd import sample_fields
 
 SCHEMA = "megatron-opd"
-SCHEMA_VERSION = 2  # 2: Sample.temperature / Sample.top_p
+SCHEMA_VERSION = 3  # 2: Sample.temperature / Sample.top_p; 3: Sample.teacher_temperature
 MAX_HEADER_BYTES = 1 << 20
 
 
@@ -63,6 +65,8 @@ class Sample:
       while a response is generated).
     - routed_experts, when present, is [P + T - 1, num_moe_layers, top_k].
     - temperature > 0 and 0 < top_p <= 1: the sampler settings that produced response_ids.
+    - teacher_temperature > 0: the temperature teacher_logprobs / teacher_topk_logprobs are of
+      (the distillation terms score the student at it; ratios against mu use `temperature`).
     - reward is finite (the task verifier's outcome, e.g. 1.0 / 0.0 for exact answers); samples
       of one GRPO group share group_id (the orchestrator sends a group back to back).
 
@@ -91,8 +95,11 @@ class Sample:
     finish_reason: str = ""
     temperature: float = 1.0  # sampling temperature of the rollout (behaviour_logprobs use it)
     top_p: float = 1.0  # nucleus of the rollout sampler (behaviour_logprobs are NOT renormalised)
+    teacher_temperature: float = 1.0  # temperature of the teacher's log-probs (teacher.temperature)
 
     KIND: ClassVar[str] = "sample"
+    # header fields a sender must state although the dataclass has a default (never implied)
+    HEADER_REQUIRED: ClassVar[frozenset] = frozenset({"teacher_temperature"})
     # name -> wire dtypes, in frame order: from the field table (megatron_opd/sample_fields.py)
     TENSORS: ClassVar[dict[str, tuple[str, ...]]] = sample_fields.wire_tensors()
 
@@ -120,6 +127,8 @@ class Sample:
             _fail("bad_value", f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             _fail("bad_value", f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.teacher_temperature > 0:
+            _fail("bad_value", f"teacher_temperature must be > 0, got {self.teacher_temperature}")
         _check_metadata(self.metadata)
         _check_tensors(self)
 
@@ -335,7 +344,8 @@ def _layout(cls) -> tuple[tuple[str, ...], frozenset, frozenset]:
         fs = fields(cls)
         lay = _LAYOUTS[cls] = (
             tuple(f.name for f in fs), frozenset(f.name for f in fs if f.name not in cls.TENSORS),
-            frozenset(f.name for f in fs if f.default is MISSING and f.default_factory is MISSING))
+            frozenset(f.name for f in fs if f.default is MISSING and f.default_factory is MISSING)
+            | getattr(cls, "HEADER_REQUIRED", frozenset()))
     return lay
 
 
