@@ -120,6 +120,9 @@ def _batch(seed: int, full_teacher: bool = False) -> tuple[torch.Tensor, dict[st
         "behaviour_logprobs": mu.float(),
         "teacher_logprobs": lq_full.gather(-1, resp[..., None]).squeeze(-1).float(),
         "temperature": temperature.float(),
+        # the teacher's scoring temperature: the distillation side (one sample away from both 1
+        # and its sampler's T, so the reference tells the two sides apart; exact in float32)
+        "teacher_temperature": torch.tensor([1.0, 1.0, 0.75]),
         "teacher_topk_ids": top.indices, "teacher_topk_logprobs": top.values.float(),
         "sample_advantages": group_normalized_advantages(torch.tensor([1.0, 0.0, 1.0]),
                                                          torch.tensor([0, 0, 0])),
@@ -159,9 +162,12 @@ def _reference_loss(z: torch.Tensor, d: dict, cfg: ObjectiveConfig, masked_ids=(
     """Float64, written from ALGORITHMS.md: token mean over the final mask of the weighted terms.
     With `corr`, pi_old is the batch's old_logprobs and r_d is treated as §6 says."""
     temp = d["temperature"].double() if cfg.use_sampler_temperature else torch.ones(B, dtype=torch.float64)
-    logp_all = torch.log_softmax(z[:, :T] / temp[:, None, None], -1)  # [B, T, V]
+    logp_all = torch.log_softmax(z[:, :T] / temp[:, None, None], -1)  # [B, T, V]: ratio side
+    tq = d["teacher_temperature"].double()  # distillation side: the teacher's temperature
+    logpq_all = torch.log_softmax(z[:, :T] / tq[:, None, None], -1)
     y = d["response_ids"]
     logp = logp_all.gather(-1, y[..., None]).squeeze(-1)
+    logpq = logpq_all.gather(-1, y[..., None]).squeeze(-1)
     live0 = d["loss_mask"] > 0  # the reference need not survive junk: zero it first
     mu = torch.where(live0, d["behaviour_logprobs"].double(), 0.0)
     lq_y = torch.where(live0, d["teacher_logprobs"].double(), 0.0)
@@ -184,9 +190,9 @@ def _reference_loss(z: torch.Tensor, d: dict, cfg: ObjectiveConfig, masked_ids=(
         p_all = logp_all.exp()
         ent = -(p_all * logp_all).sum(-1)
         if sel.divergence == "sampled":
-            div = (logp - lq_y).abs()
+            div = (logpq - lq_y).abs()
         else:
-            div = (lq_top.exp() * (lq_top - logp_all.gather(-1, ids))).sum(-1)
+            div = (lq_top.exp() * (lq_top - logpq_all.gather(-1, ids))).sum(-1)
         live = [(b, t) for b in range(B) for t in range(T) if mask[b, t] > 0]
 
         def norm(x):
@@ -203,7 +209,7 @@ def _reference_loss(z: torch.Tensor, d: dict, cfg: ObjectiveConfig, masked_ids=(
             new[bt] = mask[bt]
         mask = new
     n = mask.sum()
-    kl_src = {"current": logp.detach(), "behaviour": mu, "old": old}[cfg.kl_logprobs]
+    kl_src = {"current": logpq.detach(), "behaviour": mu, "old": old}[cfg.kl_logprobs]
     ratio = torch.exp(logp - old)
     dual = corr.dual_clip if corr is not None else 0.0
 
@@ -224,7 +230,7 @@ def _reference_loss(z: torch.Tensor, d: dict, cfg: ObjectiveConfig, masked_ids=(
             r = r.clamp(-cfg.lsm.log_ratio_clamp, cfg.lsm.log_ratio_clamp)
         return (lp_hat.exp() * r).sum(-1)
 
-    z_top = (z[:, :T] / temp[:, None, None]).gather(-1, ids)
+    z_top = (z[:, :T] / tq[:, None, None]).gather(-1, ids)
     total = 0.0
     weights = cfg.weights or [1.0] * len(cfg.terms)
     for term, w in zip(cfg.terms, weights):
@@ -242,13 +248,13 @@ def _reference_loss(z: torch.Tensor, d: dict, cfg: ObjectiveConfig, masked_ids=(
         elif term == "aopd":
             adv = lq_y - kl_src
             gate = (lq_y.exp() - kl_src.exp() <= cfg.aopd.tau).double()
-            local = (lq_top.exp() * (lq_top - logp_all.gather(-1, ids))).sum(-1) / ids.shape[-1]
+            local = (lq_top.exp() * (lq_top - logpq_all.gather(-1, ids))).sum(-1) / ids.shape[-1]
             pg_t = -m_d * w_d * adv * logp if cfg.aopd.pg_form == "plain" else pg(adv)
             loss = tmean(gate * local + (1 - gate) * pg_t)
         elif term == "vopd":
             if cfg.vopd.support == "full":
-                lq_full = torch.full_like(logp_all, -math.inf).scatter(-1, ids, lq_top)
-                kl = (logp_all.exp() * (logp_all - lq_full)).sum(-1)
+                lq_full = torch.full_like(logpq_all, -math.inf).scatter(-1, ids, lq_top)
+                kl = (logpq_all.exp() * (logpq_all - lq_full)).sum(-1)
             else:
                 kl = topk_renorm_kl(z_top.detach())
             loss = tmean(pg(cfg.kl_coef * (lq_y - kl_src + kl.detach())))

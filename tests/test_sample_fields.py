@@ -250,7 +250,9 @@ def test_objective_inputs_from_the_batch_are_table_fields():
     names = {f.name for f in dataclasses.fields(ObjectiveInputs)}
     assert set(FROM_BATCH) <= names
     assert names - set(FROM_BATCH) == {"logprobs", "old_logprobs", "logsumexp", "entropy",
-                                       "topk_logits", "full_reverse_kl", "context_lag"}
+                                       "topk_logits", "full_reverse_kl", "context_lag",
+                                       "distill_logprobs", "distill_logsumexp",
+                                       "distill_topk_logits"}
     table = {f.batch_attr: f for f in sf.batch_fields()}
     shapes = {"teacher_topk_logprobs": "BTK", "sample_advantages": "B"}  # the rest: [b, T]
     for inp, attr in FROM_BATCH.items():

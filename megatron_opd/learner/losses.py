@@ -12,7 +12,7 @@ from megatron_opd.sample_fields import micro_batch_fields
 
 # Tensors every OPD training micro-batch carries in `MicroBatch.data` (the field table's
 # reads="always": response_index, response_ids, loss_mask, behaviour/teacher log-probs [b, T],
-# temperature [b]).
+# temperature and teacher_temperature [b]).
 OPD_FIELDS = micro_batch_fields({"always"})
 
 
@@ -48,7 +48,14 @@ def objective_loss_fn(objective, tp_group, masked_ids: tuple[int, ...] = (),
     entropy, logits at the teacher's top-K ids: two collectives per chunk), never the gathered
     vocabulary; vOPD's full-vocab KL is one more chunked pass over this rank's shard.
     `correction`: the `correction` section (None: its defaults). pi_old is the micro-batch's
-    `old_logprobs` when it carries one (else mu stands in: r_d = 1)."""
+    `old_logprobs` when it carries one (else mu stands in: r_d = 1).
+
+    Temperatures (ALGORITHMS.md "Conventions", docs/temperatures.md): the ratio side (log pi(y_t)
+    against mu and pi_old, the clip, the PG log-prob, the entropy) is at the sampler's T when
+    `objective.use_sampler_temperature` (else 1); every distillation quantity (k_t, LSM, AOPD's
+    gate and local KL, vOPD's KL, TIP's divergence, kl_sample) is at the sample's
+    `teacher_temperature`. Where the two agree on every sample, one statistics pass serves both
+    (bit-identical to a single-temperature loss); otherwise a second pass at the teacher's."""
     from megatron_opd.learner.vocab_parallel import vocab_parallel_reverse_kl
     from megatron_opd.objectives.compose import ObjectiveInputs, objective_loss
 
@@ -61,21 +68,30 @@ def objective_loss_fn(objective, tp_group, masked_ids: tuple[int, ...] = (),
     def loss_fn(logits: torch.Tensor, mb: MicroBatch):
         d = mb.data
         pos = d["response_index"]  # the rows predicting each response token: read in place
-        temp = None
-        if objective.use_sampler_temperature:
-            t = d["temperature"].to(torch.float32)
-            if bool((t != 1).any()):
-                temp = t[:, None].expand(pos.shape)
+        t_dist = d["teacher_temperature"].to(torch.float32)
+        t_ratio = (d["temperature"].to(torch.float32) if objective.use_sampler_temperature
+                   else torch.ones_like(t_dist))
+        same = torch.equal(t_ratio, t_dist)  # one pass serves both sides
+        temp = _per_token(t_ratio, pos)
         topk_ids = d["teacher_topk_ids"] if want_topk else None
+        # the top-K logits are a distillation quantity: the ratio pass computes them only when
+        # it is also the distillation pass
         stats = vocab_parallel_token_stats(logits, d["response_ids"], group=tp_group,
-                                           entropy=want_entropy, topk_ids=topk_ids,
+                                           entropy=want_entropy,
+                                           topk_ids=topk_ids if same else None,
                                            temperature=temp, positions=pos)
+        dstats, dtemp = stats, temp
+        if not same:
+            dtemp = _per_token(t_dist, pos)
+            dstats = vocab_parallel_token_stats(logits, d["response_ids"], group=tp_group,
+                                                topk_ids=topk_ids, temperature=dtemp,
+                                                positions=pos)
         full = None
         if full_kl:
             # teacher.top_k == vocab (validated): the sum over its ids is the exact KL
             full = vocab_parallel_reverse_kl(
-                logits, d["teacher_topk_ids"], d["teacher_topk_logprobs"], stats.logsumexp,
-                group=tp_group, temperature=temp, positions=pos)
+                logits, d["teacher_topk_ids"], d["teacher_topk_logprobs"], dstats.logsumexp,
+                group=tp_group, temperature=dtemp, positions=pos)
         old = d.get("old_logprobs")
         if "proximal_alpha" in d:  # correction.proximal = loglinear / linear: mu <-> pi_theta
             from megatron_opd.learner.proximal import interpolated_logprobs
@@ -90,13 +106,23 @@ def objective_loss_fn(objective, tp_group, masked_ids: tuple[int, ...] = (),
             topk_logits=stats.topk_logits,
             teacher_topk_logprobs=d["teacher_topk_logprobs"] if want_topk else None,
             full_reverse_kl=full, sample_advantages=d.get("sample_advantages"),
-            old_logprobs=old, context_lag=d.get("context_lag"))
+            old_logprobs=old, context_lag=d.get("context_lag"),
+            # None: the ratio side's statistics are also the distillation side's
+            distill_logprobs=None if same else dstats.logprobs,
+            distill_logsumexp=None if same else dstats.logsumexp,
+            distill_topk_logits=None if same else dstats.topk_logits)
         loss, n, terms = objective_loss(inp, objective, masked_ids, correction)
         # token-weighted means over the step (ratio maxima do not average: left out)
         metrics = {k: (v * n, n) for k, v in terms.items()
                    if k != "tokens" and not k.endswith("ratio_max")}
         return loss * n, n, metrics
     return loss_fn
+
+
+def _per_token(t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
+    """[b] temperatures -> [b, T] per token, or None when all are 1 (no scaling at all, so a
+    T = 1 loss is bit-identical to an unscaled one)."""
+    return t[:, None].expand(pos.shape) if bool((t != 1).any()) else None
 
 
 def mask_padded_vocab_(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> torch.Tensor:

@@ -14,6 +14,12 @@ and every PG term applies it; tokens M_d drops stay in the token count with 0 lo
 returns run over the mask before TIP selection: selection picks which tokens get a gradient, not
 what their returns are.
 
+Temperatures (ALGORITHMS.md "Conventions", docs/temperatures.md): `logprobs` is the ratio side
+(pi against mu and pi_old: the sampler's temperature); the distillation quantities (k_t through
+`kl_logprobs`, LSM's and AOPD's top-K log-probs, vOPD's KL, TIP's divergence, `kl_sample`) read the
+`distill_*` inputs, the student at the temperature the teacher was scored at. Left None they are
+the ratio side's tensors themselves (both temperatures equal), so nothing changes then.
+
 Terms (ALGORITHMS.md): sampled_token_opd (§1 + §6), lsm (§2), aopd (§3), vopd (§4), grpo_opd (§5),
 offline_opd (§9: the §1 loss on samples whose teacher log-probs were precomputed; the data source
 is `teacher.mode=offline`).
@@ -44,7 +50,7 @@ class ObjectiveInputs:
 
     mask: torch.Tensor  # loss mask (0: padding, prompt/tool tokens, stale tokens)
     response_ids: torch.Tensor  # int64: sampled tokens y_t
-    logprobs: torch.Tensor  # (grad) log pi_theta(y_t), sampler temperature applied
+    logprobs: torch.Tensor  # (grad) log pi_theta(y_t) at the ratio side's (sampler's) temperature
     behaviour_logprobs: torch.Tensor  # log mu(y_t) as SGLang reported it
     teacher_logprobs: torch.Tensor  # log q(y_t)
     old_logprobs: torch.Tensor | None = None  # pi_old (§6); None: mu stands in (r_d = 1)
@@ -57,6 +63,12 @@ class ObjectiveInputs:
     # [b] version lag of the context the teacher scored (+1 for a stale teacher revision):
     # the supervision drift of freshness control (§7); None: no freshness scores
     context_lag: torch.Tensor | None = None
+    # The student at the teacher's scoring temperature (the distillation side); None: the same
+    # as logprobs / logsumexp / topk_logits (the two temperatures agree on every sample).
+    # full_reverse_kl is always at the teacher's temperature.
+    distill_logprobs: torch.Tensor | None = None  # log pi_{T_q}(y_t) (constant where used)
+    distill_logsumexp: torch.Tensor | None = None  # (grad) log-normaliser of z / T_q
+    distill_topk_logits: torch.Tensor | None = None  # (grad) [b, T, K] z / T_q at top-K ids
 
 
 # The inputs that are training-batch fields as they are (input -> TrainBatch attribute, declared
@@ -81,7 +93,7 @@ def objective_loss(inp: ObjectiveInputs, cfg, masked_ids=(), correction=None) ->
     if correction is None:
         from megatron_opd.config import CorrectionConfig
         correction = CorrectionConfig()
-    inp = _in_compute_dtype(inp)
+    inp = _with_distill_side(_in_compute_dtype(inp))
     base = (inp.mask > 0).to(inp.logprobs.dtype)
     mask = first_occurrence_mask(inp.response_ids, base, list(masked_ids)) if masked_ids else base
     special_masked = base.sum() - mask.sum()
@@ -93,7 +105,9 @@ def objective_loss(inp: ObjectiveInputs, cfg, masked_ids=(), correction=None) ->
     if sel.method == "tip":
         mask = tip_select(inp.entropy, _tip_divergence(inp, sel.divergence), mask, sel.keep_ratio)
     old = inp.behaviour_logprobs if inp.old_logprobs is None else inp.old_logprobs
-    kl_lp = pick_kl_logprobs(cfg.kl_logprobs, inp.logprobs, inp.behaviour_logprobs,
+    # k_t's pi ("current": the student at the teacher's temperature; "behaviour" / "old" are
+    # what was recorded at the sampler's)
+    kl_lp = pick_kl_logprobs(cfg.kl_logprobs, inp.distill_logprobs, inp.behaviour_logprobs,
                              inp.old_logprobs)
     has_pg = any(t in PG_TERMS for t in cfg.terms)
     d_weight, d_keep = (discrepancy_weights(inp.old_logprobs, inp.behaviour_logprobs, base,
@@ -120,7 +134,7 @@ def objective_loss(inp: ObjectiveInputs, cfg, masked_ids=(), correction=None) ->
         metrics["special_masked_fraction"] = special_masked / base.sum().clamp_min(1.0)
         if inp.entropy is not None:
             metrics["entropy"] = masked_mean(inp.entropy, mask)
-        k = masked_where(inp.logprobs - inp.teacher_logprobs, mask)
+        k = masked_where(inp.distill_logprobs - inp.teacher_logprobs, mask)
         metrics["kl_sample"] = masked_mean(k, mask)
         metrics["mismatch_abs"] = masked_mean((inp.logprobs - inp.behaviour_logprobs).abs(), mask)
         if first_pg is not None:
@@ -161,16 +175,17 @@ def _term(name: str, inp: ObjectiveInputs, cfg, mask, old, kl_lp, return_mask, o
         loss, m = sampled_token_opd_loss(inp.logprobs, inp.behaviour_logprobs, inp.teacher_logprobs,
                                          mask, kl_coef=cfg.kl_coef, kl_logprobs=cfg.kl_logprobs,
                                          discount=cfg.discount, old_logprobs=inp.old_logprobs,
-                                         return_mask=return_mask, **pg)
+                                         return_mask=return_mask,
+                                         distill_logprobs=inp.distill_logprobs, **pg)
         adv = masked_where(opd_advantages(kl_lp, inp.teacher_logprobs, return_mask, cfg.kl_coef,
                                           cfg.discount), mask)
         m.pop("tokens"), m.pop("kl_sample"), m.pop("mismatch_abs")
         return loss, m | _quantiles("advantage", adv, mask)
     if name == "lsm":
-        return lsm_loss(inp.topk_logits, inp.teacher_topk_logprobs, mask,
-                        log_ratio_clamp=cfg.lsm.log_ratio_clamp, logsumexp=inp.logsumexp)
+        return lsm_loss(inp.distill_topk_logits, inp.teacher_topk_logprobs, mask,
+                        log_ratio_clamp=cfg.lsm.log_ratio_clamp, logsumexp=inp.distill_logsumexp)
     if name == "aopd":
-        student_topk_logprobs = inp.topk_logits - inp.logsumexp.unsqueeze(-1)
+        student_topk_logprobs = inp.distill_topk_logits - inp.distill_logsumexp.unsqueeze(-1)
         return aopd_loss(inp.logprobs, kl_lp, old, inp.teacher_logprobs, student_topk_logprobs,
                          inp.teacher_topk_logprobs, mask, tau=cfg.aopd.tau,
                          pg_form=cfg.aopd.pg_form, **pg)
@@ -180,7 +195,8 @@ def _term(name: str, inp: ObjectiveInputs, cfg, mask, old, kl_lp, return_mask, o
         else:
             m3 = mask[..., None] > 0
             kl = masked_where(renormalised_topk_reverse_kl(
-                torch.where(m3, inp.topk_logits.detach(), torch.zeros_like(inp.topk_logits)),
+                torch.where(m3, inp.distill_topk_logits.detach(),
+                            torch.zeros_like(inp.distill_topk_logits)),
                 torch.where(m3, inp.teacher_topk_logprobs, torch.zeros_like(inp.teacher_topk_logprobs))),
                 mask)
         loss, m = vopd_loss(inp.logprobs, kl_lp, old, inp.teacher_logprobs, masked_where(kl, mask),
@@ -208,11 +224,26 @@ def _in_compute_dtype(inp: ObjectiveInputs) -> ObjectiveInputs:
     return out
 
 
+def _with_distill_side(inp: ObjectiveInputs) -> ObjectiveInputs:
+    """The distillation-side inputs left None filled with the ratio side's tensors (the same
+    objects: one temperature costs nothing and changes no bit)."""
+    pairs = (("distill_logprobs", "logprobs"), ("distill_logsumexp", "logsumexp"),
+             ("distill_topk_logits", "topk_logits"))
+    if all(getattr(inp, d) is not None for d, _ in pairs):
+        return inp
+    out = ObjectiveInputs(**vars(inp))
+    for d, r in pairs:
+        if getattr(out, d) is None:
+            setattr(out, d, getattr(out, r))
+    return out
+
+
 def _tip_divergence(inp: ObjectiveInputs, kind: str) -> torch.Tensor:
+    """At the teacher's temperature (a distillation quantity)."""
     if kind == "sampled":
-        return (inp.logprobs.detach() - inp.teacher_logprobs).abs()
+        return (inp.distill_logprobs.detach() - inp.teacher_logprobs).abs()
     lq = inp.teacher_topk_logprobs
-    lp = (inp.topk_logits - inp.logsumexp.unsqueeze(-1)).detach()
+    lp = (inp.distill_topk_logits - inp.distill_logsumexp.unsqueeze(-1)).detach()
     return (lq.exp() * (lq - lp)).sum(-1)
 
 

@@ -7,6 +7,11 @@ Which pi enters k_t is a choice:
 the current pi_theta recomputed now ("current", most robust under staleness), the behaviour mu
 ("behaviour": what the rollout engine reported) or pi_old ("old").
 
+Temperatures: `logprobs` (the ratio and its gradient) is at the sampler's temperature, like mu;
+k_t and the kl_sample metric compare the student at the teacher's scoring temperature
+(`distill_logprobs`) with q (ALGORITHMS.md, conventions). "behaviour" / "old" are recorded at the
+sampler's temperature whatever the teacher's.
+
 The discounted returns run over `return_mask` (default: the loss mask): token selection decides
 which tokens get a gradient, never the returns of the tokens it keeps (ALGORITHMS.md,
 conventions).
@@ -64,12 +69,16 @@ def sampled_token_opd_loss(
     discrepancy_weight: torch.Tensor | None = None,
     discrepancy_mask: torch.Tensor | None = None,
     dual_clip: float = 0.0,
+    distill_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss and metrics. logprobs: current student log-probs of the sampled tokens (with grad);
+    distill_logprobs: the student's at the teacher's temperature, for k_t ("current") and
+    kl_sample (None: logprobs, the temperatures agree);
     behaviour_logprobs: the rollout engine's (mu); old_logprobs: pi_old (defaults to mu).
     return_mask: the tokens whose k_t enter the returns (None: mask; must contain mask);
     discrepancy_weight / discrepancy_mask / dual_clip: the §6 r_d treatment and dual clip."""
-    kl_source = pick_kl_logprobs(kl_logprobs, logprobs, behaviour_logprobs, old_logprobs)
+    dlp = logprobs if distill_logprobs is None else distill_logprobs
+    kl_source = pick_kl_logprobs(kl_logprobs, dlp, behaviour_logprobs, old_logprobs)
     ret_mask = mask if return_mask is None else return_mask
     adv = opd_advantages(kl_source, teacher_logprobs, ret_mask, kl_coef, discount)
     adv = torch.where(mask > 0, adv, torch.zeros_like(adv))  # selected tokens only
@@ -78,7 +87,7 @@ def sampled_token_opd_loss(
                                             discrepancy_weight=discrepancy_weight,
                                             discrepancy_mask=discrepancy_mask, dual_clip=dual_clip)
     with torch.no_grad():
-        metrics["kl_sample"] = masked_mean(logprobs - teacher_logprobs, mask)
+        metrics["kl_sample"] = masked_mean(dlp - teacher_logprobs, mask)
         metrics["mismatch_abs"] = masked_mean((logprobs - behaviour_logprobs).abs(), mask)
         metrics["advantage_mean"] = masked_mean(adv, mask)
         metrics["tokens"] = mask.to(logprobs.dtype).sum()
