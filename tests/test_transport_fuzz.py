@@ -70,17 +70,20 @@ def _sample_semantic_bad() -> list[list[bytes]]:
     out.append(good[:3] + [bytes(mask)] + good[4:])
     versions = np.frombuffer(good[5], dtype=np.int64)[::-1].copy() + np.arange(6)[::-1]
     out.append(good[:5] + [versions.tobytes()] + good[6:])  # decreasing token versions
-    for change in ({"version": 1}, {"version": 3}, {"version": "2"}, {"schema": "x"},
+    for change in ({"version": 1}, {"version": 2}, {"version": 4}, {"version": "3"},
+                   {"schema": "x"},
                    {"kind": "nope"}, {"kind": 7}, {"fields": []}, {"tensors": {}},
                    {"extra": 1}):
         out.append(_header_variant(good, **change))
     fields = head["fields"]
-    for k, v in (("temperature", 0.0), ("top_p", 2.0), ("reward", "x"), ("sample_id", ""),
+    for k, v in (("temperature", 0.0), ("top_p", 2.0), ("teacher_temperature", -1.0),
+                 ("reward", "x"), ("sample_id", ""),
                  ("sample_id", "x" * 200), ("metadata", {"a": [1]}), ("unknown", 1)):
         out.append(_header_variant(good, fields={**fields, k: v}))
-    missing = dict(fields)
-    del missing["sample_id"]
-    out.append(_header_variant(good, fields=missing))
+    for name in ("sample_id", "teacher_temperature"):  # required; the latter never implied
+        missing = dict(fields)
+        del missing[name]
+        out.append(_header_variant(good, fields=missing))
     for junk in (b"", b"{", b"[]", b"null", b'"str"', b"{\"schema\": NaN}", b"\xff\xfe",
                  b'{"a":' * 2000, orjson.dumps({"schema": "megatron-opd"})):
         out.append([junk] + good[1:])
