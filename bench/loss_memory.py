@@ -215,6 +215,7 @@ def make_inputs(torch, n_tokens: int, dtype, device, temperature: float, seed: i
         "behaviour_logprobs": lp + noise(0.1),
         "teacher_logprobs": lp + noise(0.5),
         "temperature": torch.full((1,), temperature, device=device),
+        "teacher_temperature": torch.ones(1, device=device),
         "teacher_topk_ids": topk_ids,
         "teacher_topk_logprobs": topk_lp,
         "sample_advantages": torch.randn(1, generator=g, device=device),

@@ -273,8 +273,9 @@ class ObjectiveConfig:
     # Special-token masking (§2 companion, applies to every term): the first occurrence in each
     # response of these tokens (strings of the student's tokenizer) leaves the loss.
     masked_tokens: list[str] = field(default_factory=list)
-    # pi in every term is softmax(logits / T) with the sampler's temperature T (what SGLang's
-    # log-probs mean); false: T = 1 whatever the sampler did.
+    # The ratio side (pi against mu) is softmax(logits / T) with the sampler's temperature T
+    # (what SGLang's log-probs mean); false: T = 1 whatever the sampler did. Distillation terms
+    # always use the sample's teacher_temperature (docs/temperatures.md).
     use_sampler_temperature: bool = True
     log_entropy: bool = True  # student entropy per token as a metric (one more pass per chunk)
     lsm: LSMConfig = field(default_factory=LSMConfig)
