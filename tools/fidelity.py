@@ -16,14 +16,16 @@ k = 0 is synchronous OPD.
     .venv/bin/python tools/fidelity.py --grid full|mini|quickstart [--seeds 0,1,2] [--steps N]
         [--eval-interval E] [--out DIR] [--only NAME,...] [--aggregate-only] [--cache-dir DIR]
 
-Writes `<out>/fidelity.json` (per run and per config figures, curves), `<out>/table.md` and
-`<out>/curves.png`. Each run's own output is in `<out>/<config>/seed<S>.log`. The last line
+Writes `<out>/fidelity.json` (per run and per config figures, curves), `<out>/table.md`,
+`<out>/curves.png` (eval KL per config over seeds) and `<out>/seeds.png` (per config, each seed's
+eval KL with its standard error and its training batches' KL). Each run's own output is in `<out>/<config>/seed<S>.log`. The last line
 printed is one JSON object with the study's figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import shutil
@@ -53,9 +55,19 @@ LSM = ["objective.terms=[lsm]", "teacher.top_k=8"]  # top-8 of a 32-token vocabu
 AOPD = ["objective.terms=[aopd]", "teacher.top_k=8"]
 WEAK = [f"prepare.student_steps={WEAK_STUDENT_STEPS}"]
 
+# The full study evaluates on 128 held-out prompts: with the quickstart's 64, two evaluations of
+# the same weights differ by ~0.1 nats at KL 2 and one evaluation's standard error is 10-20% of
+# the KL (docs/fidelity.md); 128 cost ~1 s more per evaluation (and their own prepare per seed).
+EVAL_128 = ["env.num_eval_prompts=128"]
+
+
+def with_study_eval(configs: dict[str, list[str]]) -> dict[str, list[str]]:
+    return {name: EVAL_128 + overrides for name, overrides in configs.items()}
+
+
 # Grids are data: config name -> overrides on top of configs/quickstart.yaml.
 GRIDS: dict[str, dict[str, list[str]]] = {
-    "full": {
+    "full": with_study_eval({
         "sync": staleness(0),
         "naive-k2": proximal("behaviour", 2),
         "naive-k4": proximal("behaviour", 4),
@@ -70,12 +82,14 @@ GRIDS: dict[str, dict[str, list[str]]] = {
         "lsm-sync": staleness(0) + LSM,
         "weak-opd-sync": staleness(0) + WEAK,
         "weak-aopd-sync": staleness(0) + WEAK + AOPD,
-    },
+    }),
     "mini": {  # what CI runs: two configs, one seed, a few steps
         "sync": staleness(0),
         "naive-k2": proximal("behaviour", 2),
     },
     "quickstart": {"quickstart": []},  # the README's command as it is (issue 13 item 6)
+    # the same with the learning rate decayed to 0 (cosine): is the late KL rise the constant LR?
+    "quickstart-cosine": {"quickstart-cosine": ["train.lr_decay_style=cosine"]},
 }
 
 # Per grid: seeds, steps, eval interval. The full study's size is measured in docs/fidelity.md:
@@ -85,6 +99,7 @@ DEFAULTS = {
     "full": {"seeds": [0, 1, 2], "steps": 150, "eval_interval": 25},
     "mini": {"seeds": [0], "steps": 4, "eval_interval": 2},
     "quickstart": {"seeds": [0, 1, 2], "steps": 500, "eval_interval": 50},
+    "quickstart-cosine": {"seeds": [0, 1, 2], "steps": 500, "eval_interval": 50},
 }
 
 # Run plumbing, not science: no progress bar in the logs, no checkpoint to write.
@@ -125,7 +140,9 @@ def run_study(grid: dict[str, list[str]], seeds: list[int], steps: int, eval_int
             refused[name] = why
             print(f"[fidelity] {name}: refused by the config loader: {why}", flush=True)
             continue
-        todo += [(name, seed) for seed in seeds if not finished(out / name / f"seed{seed}")]
+    # seed-major: an interrupted study has every config at the same number of seeds
+    todo = [(name, seed) for seed in seeds for name in grid
+            if name not in refused and not finished(out / name / f"seed{seed}")]
     total = sum(1 for name in grid if name not in refused) * len(seeds)
     print(f"[fidelity] {total - len(todo)} of {total} runs already finished, {len(todo)} to run",
           flush=True)
@@ -136,6 +153,8 @@ def run_study(grid: dict[str, list[str]], seeds: list[int], steps: int, eval_int
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         log = out / name / f"seed{seed}.log"
         cmd = train_command(grid[name], seed, run_dir, steps, eval_interval, cache_dir)
+        # the code the run used (git HEAD, "-dirty" with local changes): read back when aggregating
+        (out / name / f"seed{seed}.source").write_text(f"{source_revision()}\n")
         t0 = time.time()
         with open(log, "w") as f:
             f.write(" ".join(cmd) + "\n\n")
@@ -193,9 +212,15 @@ def read_run(run_dir: Path) -> dict:
     i_min = min(range(len(kl)), key=kl.__getitem__)
     train = [r for r in records if "train/loss" in r]
     summary = json.loads((run_dir / "summary.json").read_text())
+    # the training batches' reverse-KL samples, 20-step means: ~20x the eval's responses, so a
+    # check on whether an eval-to-eval change is the policy or the evaluation's noise
+    chunks = [train[i:i + 20] for i in range(0, len(train), 20)]
+    train_kl = [(sum(r["step"] for r in c) / len(c), sum(r["train/kl_sample"] for r in c) / len(c))
+                for c in chunks if all("train/kl_sample" in r for r in c)]
     return {
         "versions": versions, "kl": kl, "accuracy": acc,
         "kl_se": [eval_kl_se(run_dir, v) for v in versions],
+        "train_kl_steps": [x for x, _ in train_kl], "train_kl": [y for _, y in train_kl],
         "kl_initial": kl[0], "kl_final": records[-1]["eval/reverse_kl"],
         "acc_initial": acc[0], "acc_final": records[-1].get("eval/accuracy"),
         # the last three evaluations: a final figure with a third of one evaluation's noise
@@ -204,6 +229,8 @@ def read_run(run_dir: Path) -> dict:
         "staleness_mean": (sum(r["samples/staleness_mean"] for r in train) / len(train)
                            if train else None),
         "total_seconds": summary.get("total_seconds"), "train_seconds": summary.get("train_seconds"),
+        "source": (source.read_text().strip()
+                   if (source := run_dir.with_suffix(".source")).is_file() else None),
     }
 
 
@@ -310,6 +337,42 @@ def plot_curves(configs: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_seeds(configs: dict, path: Path) -> None:
+    """One panel per config: every seed's eval KL with its standard error, and the 20-step means
+    of its training batches' KL samples (dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [(n, c) for n, c in configs.items() if c.get("runs")]
+    if not shown:
+        return
+    cols = min(4, len(shown))
+    rows = -(-len(shown) // cols)
+    size = (7.5, 4.8) if len(shown) == 1 else (4.2 * cols, 3.3 * rows)
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False)
+    for ax, (name, c) in zip(axes.flat, shown):
+        for j, (seed, r) in enumerate(c["runs"].items()):
+            color = f"C{j}"
+            se = [e if e is not None else 0.0 for e in r["kl_se"]]
+            ax.errorbar(r["versions"], r["kl"], yerr=se, color=color, marker="o", ms=3,
+                        capsize=2, label=f"seed {seed} eval ± SE")
+            ax.plot(r["train_kl_steps"], r["train_kl"], color=color, ls="--", lw=0.8,
+                    label=f"seed {seed} training batches")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("version", fontsize=8)
+        ax.set_ylabel("reverse KL, nats/token", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def source_revision() -> str | None:
     """The commit the runs' code came from (+ "-dirty" with uncommitted changes to it)."""
     try:
@@ -349,6 +412,16 @@ def main(argv: list[str] | None = None) -> int:
     eval_interval = args.eval_interval or defaults["eval_interval"]
     out = Path(args.out or ROOT / "runs" / f"fidelity-{args.grid}").resolve()
     out.mkdir(parents=True, exist_ok=True)
+    # one study per out dir: a second one would take the first's unfinished run for a broken one
+    # and delete it under its feet (--aggregate-only only reads runs: it may look at a live study)
+    lock = open(out / ".lock", "w")
+    try:
+        if not args.aggregate_only:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"[fidelity] another study is running in {out}; wait for it or use another --out",
+              file=sys.stderr)
+        return 2
 
     if args.aggregate_only:
         refused = {n: why for n, o in grid.items() if (why := refusal(o)) is not None}
@@ -357,11 +430,14 @@ def main(argv: list[str] | None = None) -> int:
         study = run_study(grid, seeds, steps, eval_interval, out, Path(args.cache_dir).resolve())
     configs = aggregate(grid, seeds, out, study)
     result = {"grid": args.grid, "seeds": seeds, "steps": steps, "eval_interval": eval_interval,
-              "base_config": str(BASE_CONFIG.relative_to(ROOT)), "source": source_revision(),
+              "base_config": str(BASE_CONFIG.relative_to(ROOT)),
+              "sources": sorted({str(r["source"]) for c in configs.values()
+                                 for r in c.get("runs", {}).values()}),
               "configs": configs}
     (out / "fidelity.json").write_text(json.dumps(result, indent=1))
     (out / "table.md").write_text(table_markdown(configs))
     plot_curves(configs, out / "curves.png")
+    plot_seeds(configs, out / "seeds.png")
     print(table_markdown(configs))
 
     figures = {name: {k: c["aggregate"][k]["mean"] for k in ("kl_final", "kl_last3", "acc_final")
