@@ -18,8 +18,8 @@ k = 0 is synchronous OPD.
 
 Writes `<out>/fidelity.json` (per run and per config figures, curves), `<out>/table.md`,
 `<out>/curves.png` (eval KL per config over seeds) and `<out>/seeds.png` (per config, each seed's
-eval KL with its standard error and its training batches' KL). Each run's own output is in `<out>/<config>/seed<S>.log`. The last line
-printed is one JSON object with the study's figures.
+eval KL with its standard error and its training batches' KL). Each run's own output is in
+`<out>/<config>/seed<S>.log`. The last line printed is one JSON object with the study's figures.
 """
 
 from __future__ import annotations
@@ -228,7 +228,8 @@ def read_run(run_dir: Path) -> dict:
         "kl_min": kl[i_min], "kl_min_version": versions[i_min],
         "staleness_mean": (sum(r["samples/staleness_mean"] for r in train) / len(train)
                            if train else None),
-        "total_seconds": summary.get("total_seconds"), "train_seconds": summary.get("train_seconds"),
+        "total_seconds": summary.get("total_seconds"),
+        "train_seconds": summary.get("train_seconds"),
         "source": (source.read_text().strip()
                    if (source := run_dir.with_suffix(".source")).is_file() else None),
     }
@@ -306,11 +307,13 @@ def table_markdown(configs: dict) -> str:
         bottom = (f"{agg['mean_curve_min']['kl']:.3f} ({agg['mean_curve_min']['version']})"
                   if "mean_curve_min" in agg else "–")
         lines.append(f"| {name} | {over} | {len(c.get('runs', {}))} ({c['status']}) | "
-                     f"{fmt(agg, 'kl_initial')} | {fmt(agg, 'kl_final')} | {fmt(agg, 'kl_last3')} | "
+                     f"{fmt(agg, 'kl_initial')} | {fmt(agg, 'kl_final')} | "
+                     f"{fmt(agg, 'kl_last3')} | "
                      f"{bottom} | {fmt(agg, 'acc_initial')} | {fmt(agg, 'acc_final')} | "
                      f"{fmt(agg, 'staleness_mean', 2)} |")
-    return "\n".join(lines) + "\n\nValues: mean ± sample std [min–max] over seeds. KL: held-out " \
-        "reverse KL(student ‖ teacher), nats/token; accuracy: held-out greedy exact match.\n"
+    legend = ("Values: mean ± sample std [min–max] over seeds. KL: held-out reverse "
+              "KL(student ‖ teacher), nats/token; accuracy: held-out greedy exact match.")
+    return "\n".join(lines) + "\n\n" + legend + "\n"
 
 
 def plot_curves(configs: dict, path: Path) -> None:
