@@ -239,6 +239,7 @@ class _RankZeroIO:
                                      run_id=cfg.run.name, credit=tr.credit)
         self.control = ControlPublisher(wiring.control_endpoint, secret=secret, mac=tr.mac)
         self.publisher = _make_publisher(cfg, wiring)
+        self.announced = state.version  # the fleet's version, as last announced
         from megatron_opd.learner.spool import SampleLedger
 
         self.metrics = MetricsWriter(Path(wiring.run_dir), tensorboard=cfg.logging.tensorboard,
@@ -253,6 +254,8 @@ class _RankZeroIO:
     def announce(self, state, version: int) -> None:
         """The fleet serves `version` (the learner's, or older under async.publish_lag)."""
         from megatron_opd.transport import WeightsPublished
+
+        self.announced = version
 
         self.control.publish(WeightsPublished(version=version, step=state.step,
                                               published_at=time.time()))
@@ -296,8 +299,9 @@ class _RankZeroIO:
 
         n = cfg.train.batch_size
         while len(self.queue) < n:
+            # re-announced while waiting: the version the fleet serves (async.publish_lag)
             fresh = receive_samples(self.receiver, self.control, n - len(self.queue),
-                                    state.version)
+                                    self.announced)
             # durable first, acknowledged after: an accepted sample is never lost
             self.queue.extend(zip(self.spool.append(fresh), fresh))
             self.ledger.accepted([x.sample_id for x in fresh])
