@@ -253,26 +253,19 @@ def test_fractional_mask_weights_the_policy_gradient_mean():
     torch.testing.assert_close(loss, want, rtol=1e-12, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="objective_loss binarises the mask (mask > 0) and "
-                   "opd_advantages multiplies A_t by the mask, which masked_mean weights again "
-                   "(w^2): fractional weights are not yet weights there")
-def test_fractional_mask_weights_the_composed_objective():
+def test_the_loss_mask_is_binary_and_weights_travel_separately():
+    """By contract the loss mask says which tokens train (objective_loss binarises it: a
+    fractional mask gives the plain token mean); freshness weights reach the loss as the
+    policy-gradient terms' per-token weight instead (tests/test_freshness_loss.py)."""
     from megatron_opd.config import ObjectiveConfig
     from megatron_opd.objectives.compose import ObjectiveInputs, objective_loss
 
     lp, q, w, want = _opd_batch()
-    inp = ObjectiveInputs(mask=w, response_ids=torch.zeros(3, 4, dtype=torch.long),
-                          logprobs=lp, behaviour_logprobs=lp, teacher_logprobs=q)
-    loss, n, _ = objective_loss(inp, ObjectiveConfig(terms=["sampled_token_opd"]))
-    torch.testing.assert_close(loss, want, rtol=1e-12, atol=0)
 
+    def loss_with(mask):
+        inp = ObjectiveInputs(mask=mask, response_ids=torch.zeros(3, 4, dtype=torch.long),
+                              logprobs=lp, behaviour_logprobs=lp, teacher_logprobs=q)
+        return objective_loss(inp, ObjectiveConfig(terms=["sampled_token_opd"]))[0]
 
-@pytest.mark.xfail(strict=True, reason="opd_advantages returns -lambda k_t * mask, and "
-                   "clipped_policy_gradient's masked_mean multiplies by the mask again: "
-                   "the loss is sum w^2 k / sum w")
-def test_fractional_mask_weights_sampled_token_opd_loss():
-    from megatron_opd.objectives.sampled_token_opd import sampled_token_opd_loss
-
-    lp, q, w, want = _opd_batch()
-    loss, _ = sampled_token_opd_loss(lp, lp, q, w)
-    torch.testing.assert_close(loss, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(loss_with(w), loss_with((w > 0).to(w.dtype)), rtol=0, atol=0)
+    assert not torch.allclose(loss_with(w), want)  # the weighted mean is not what it computes
