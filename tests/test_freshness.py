@@ -1,7 +1,7 @@
 """f-OPD freshness control (megatron_opd/objectives/freshness.py) against closed forms written
 out here with python floats (float64), one sample and one token at a time, sharing no code with
-the module. Also: where fractional mask weights do (and do not yet) act as weights in the
-objective's token mean, since "downweight" relies on it."""
+the module. Also: the loss mask stays binary in the objective (down-weighting reaches the loss
+as a per-token weight of the policy-gradient terms, tested in tests/test_freshness_loss.py)."""
 
 from __future__ import annotations
 
