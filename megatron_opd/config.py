@@ -104,7 +104,9 @@ class ServerConfig:
 @dataclass
 class RolloutConfig:
     temperature: float = 1.0
-    top_p: float = 1.0
+    # null: resolved when validated, 0.9 when the objective has an lsm term (ALGORITHMS.md §2:
+    # the LSM recipe samples with top-p 0.9; 1.0 hurts it), else 1.0. The saved config shows it.
+    top_p: float | None = None
     max_new_tokens: int = 12
     prompts_per_request: int = 8  # prompts batched into one /generate call
     max_inflight_requests: int = 2
@@ -540,7 +542,7 @@ def validate(cfg: Config, stand_in_specs: frozenset[str] = frozenset()) -> None:
          "must be in [0, 1)")
     r = cfg.rollout
     need(r.temperature > 0, "rollout.temperature", "must be > 0")
-    need(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+    need(r.top_p is None or 0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1] (null: by objective)")
     need(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
     need(r.prompts_per_request > 0, "rollout.prompts_per_request", "must be positive")
     need(r.max_inflight_requests > 0, "rollout.max_inflight_requests", "must be positive")
@@ -591,6 +593,8 @@ def validate(cfg: Config, stand_in_specs: frozenset[str] = frozenset()) -> None:
     need(0 <= tr.adam_beta1 < 1, "train.adam_beta1", "must be in [0, 1)")
     need(0 <= tr.adam_beta2 < 1, "train.adam_beta2", "must be in [0, 1)")
     validate_objective(cfg)
+    if r.top_p is None:  # after validate_objective: objective.name is resolved into terms
+        r.top_p = 0.9 if "lsm" in cfg.objective.terms else 1.0
     o = cfg.objective
     need(o.kl_coef > 0, "objective.kl_coef", "must be > 0")
     need(0 <= o.discount <= 1, "objective.discount", "must be in [0, 1]")

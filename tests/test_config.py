@@ -102,3 +102,15 @@ def test_init_checkpoints_define_the_model_specs(tmp_path):
         load_config(ROOT / "configs/hf-example.yaml", args + ["model.hidden_size=64"])
     with pytest.raises(ConfigError, match=r"^teacher.model.num_layers: 2 but init.teacher"):
         load_config(ROOT / "configs/hf-example.yaml", args + ["teacher.model.num_layers=2"])
+
+
+def test_rollout_top_p_follows_the_objective_unless_set():
+    """ALGORITHMS.md §2: the LSM recipe samples with top-p 0.9; other objectives keep 1.0; a
+    value given explicitly wins, and the saved config holds the resolved number."""
+    base = "configs/quickstart.yaml"
+    assert load_config(base).rollout.top_p == 1.0
+    lsm = ["objective.terms=[lsm]", "teacher.top_k=8"]
+    assert load_config(base, lsm).rollout.top_p == 0.9
+    assert load_config(base, ["objective.name=lsm", "teacher.top_k=8"]).rollout.top_p == 0.9
+    assert load_config(base, [*lsm, "rollout.top_p=1.0"]).rollout.top_p == 1.0
+    assert load_config(base, ["rollout.top_p=0.5"]).rollout.top_p == 0.5
