@@ -253,6 +253,8 @@ def learner_memory(cfg: Config, seq: int) -> dict:
                      + per_layer)  # plus one layer rebuilt during its backward
         parts = dict(
             weights=(dense + experts) * w,
+            # correction.proximal=replica: a second model on the learner GPUs
+            replica=(dense + experts) * w if cfg.correction.proximal == "replica" else 0.0,
             gradients=(dense + experts) * g,
             optimizer=opt_dist if tr.distributed_optimizer else opt_full,
             activations=acts,
@@ -261,6 +263,7 @@ def learner_memory(cfg: Config, seq: int) -> dict:
             reserve=reserve)
         stages[name] = dict(
             stage=index, params_dense=dense, params_experts=experts, parts=parts,
+            host=proximal_host_bytes(cfg, dense + experts, w),
             total=sum(parts.values()),
             optimizer_distributed=opt_dist, optimizer_replicated=opt_full,
             activations_full_recompute=recompute,
@@ -269,6 +272,21 @@ def learner_memory(cfg: Config, seq: int) -> dict:
     return dict(stages=stages, worst=worst, total=stages[worst]["total"],
                 fused_attention=fused, weight_bytes=w, grad_bytes=g, optimizer_bytes=o,
                 activation_bytes=a, tokens_per_micro_batch=tokens)
+
+
+def proximal_host_bytes(cfg: Config, params: float, w: float) -> dict:
+    """CPU memory a learner rank holds for pi_old (learner/proximal.py), from the rank's
+    parameter count: snapshots of versions [v - S, v] (or of the publish_lag + 1 newest for a
+    lagged fleet) in the weights' dtype, the EWMA's float32 copy (plus a transient copy of the
+    live weights during its forward)."""
+    corr, a = cfg.correction, cfg.async_
+    keep = a.max_staleness + 1 if corr.proximal == "snapshot" else \
+        (a.publish_lag + 1 if a.publish_lag else 0)
+    snapshots = keep * params * w
+    ewma = params * 4.0 if corr.proximal == "ewma" else 0.0
+    transient = params * w if corr.proximal == "ewma" else 0.0
+    return dict(snapshots=snapshots, snapshot_versions=keep, ewma=ewma, transient=transient,
+                total=snapshots + ewma + transient)
 
 
 # ---------------------------------------------------------------- SGLang fleets
@@ -474,6 +492,8 @@ def format_plan(plan: dict, source: str = "") -> str:
         out += ["", f"learner memory per GPU, {label}: {_b(st['params_dense'])} dense + "
                     f"{_b(st['params_experts'])} expert params  [GiB]",
                 f"  weights      {_g(p['weights'])}  {lm['weight_bytes']:g} B/param ({prec})",
+                *([f"  replica      {_g(p['replica'])}  correction.proximal=replica: a second "
+                   f"model at the fleet's version"] if p["replica"] else []),
                 f"  gradients    {_g(p['gradients'])}  {lm['grad_bytes']:g} B/param (fp32 buffer)",
                 f"  optimizer    {_g(p['optimizer'])}  Adam {lm['optimizer_bytes']:g} B/param, "
                 f"{dist} (distributed {_g(st['optimizer_distributed']).strip()}, "
@@ -486,6 +506,13 @@ def format_plan(plan: dict, source: str = "") -> str:
                 f"  weight sync  {_g(p['weight_sync'])}  largest gathered tensor x2 + bucket",
                 f"  reserve      {_g(p['reserve'])}  CUDA context, NCCL, fragmentation",
                 f"  total        {_g(st['total'])}  of {gib:g}"]
+        h = st["host"]
+        if h["total"]:
+            out.append(f"  host (CPU) memory for pi_old: {_g(h['total']).strip()} GiB per rank, "
+                       f"{_g(h['total'] * lay['ranks_per_node']).strip()} GiB per node "
+                       f"({h['snapshot_versions']} snapshot versions {_g(h['snapshots']).strip()}"
+                       f", EWMA {_g(h['ewma']).strip()} + transient "
+                       f"{_g(h['transient']).strip()})")
     for role, fl in plan["fleets"].items():
         m = fl["memory"]
         out += ["", f"{role} server per GPU ({m['gpus_per_server']} GPUs per server, {m['dtype']})"

@@ -124,6 +124,25 @@ def test_model_state_bytes_closed_form():
     assert st["parts"]["optimizer"] == pytest.approx(12 * n / 4)
 
 
+@pytest.mark.parametrize("proximal,staleness,lag,gpu,host", [
+    ("behaviour", 2, 0, 0, 0),
+    ("snapshot", 4, 0, 0, 5 * 2),  # versions [v - 4, v] in bf16
+    ("ewma", 4, 0, 0, 4 + 2),  # float32 EWMA + a transient bf16 copy of the live weights
+    ("replica", 2, 1, 2, 2 * 2),  # a second bf16 model on the GPU; the lag keeps 2 versions
+])
+def test_pi_old_memory_closed_form(proximal, staleness, lag, gpu, host):
+    """Bytes per parameter of the rank: `gpu` on the learner GPU, `host` in CPU memory."""
+    spec = MoEModelSpec(**{**vars(TINY["qwen3_moe"]), "vocab_size": 32})
+    n = P.param_counts(spec).total
+    cfg = config_from_dict({"model": vars(spec), "cluster": {"gpus_per_node": 0},
+                            "precision": {"params_dtype": "bfloat16"},
+                            "async": {"max_staleness": staleness, "publish_lag": lag},
+                            "correction": {"proximal": proximal}})
+    st = P.learner_memory(cfg, seq=20)["stages"]["first"]
+    assert st["parts"]["replica"] == gpu * n
+    assert st["host"]["total"] == host * n
+
+
 def test_stage_params_closed_form_for_the_qwen_layout():
     """TP 4 x EP 16: a rank holds 128 / 16 experts of every layer, a quarter of attention and of
     the vocabulary, and whole norms and routers."""
