@@ -69,10 +69,9 @@ def objective_loss_fn(objective, tp_group, masked_ids: tuple[int, ...] = (),
         d = mb.data
         pos = d["response_index"]  # the rows predicting each response token: read in place
         t_dist = d["teacher_temperature"].to(torch.float32)
-        t_ratio = (d["temperature"].to(torch.float32) if objective.use_sampler_temperature
-                   else torch.ones_like(t_dist))
+        t_ratio = ratio_temperatures(objective, d)
         same = torch.equal(t_ratio, t_dist)  # one pass serves both sides
-        temp = _per_token(t_ratio, pos)
+        temp = per_token_temperature(t_ratio, pos)
         topk_ids = d["teacher_topk_ids"] if want_topk else None
         # the top-K logits are a distillation quantity: the ratio pass computes them only when
         # it is also the distillation pass
@@ -82,7 +81,7 @@ def objective_loss_fn(objective, tp_group, masked_ids: tuple[int, ...] = (),
                                            temperature=temp, positions=pos)
         dstats, dtemp = stats, temp
         if not same:
-            dtemp = _per_token(t_dist, pos)
+            dtemp = per_token_temperature(t_dist, pos)
             dstats = vocab_parallel_token_stats(logits, d["response_ids"], group=tp_group,
                                                 topk_ids=topk_ids, temperature=dtemp,
                                                 positions=pos)
@@ -119,7 +118,14 @@ def objective_loss_fn(objective, tp_group, masked_ids: tuple[int, ...] = (),
     return loss_fn
 
 
-def _per_token(t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
+def ratio_temperatures(objective, data: dict) -> torch.Tensor:
+    """[b] temperature of the ratio side (pi against mu): the sampler's T when
+    `objective.use_sampler_temperature`, else 1 (docs/temperatures.md)."""
+    t = data["temperature"].to(torch.float32)
+    return t if objective.use_sampler_temperature else torch.ones_like(t)
+
+
+def per_token_temperature(t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
     """[b] temperatures -> [b, T] per token, or None when all are 1 (no scaling at all, so a
     T = 1 loss is bit-identical to an unscaled one)."""
     return t[:, None].expand(pos.shape) if bool((t != 1).any()) else None

@@ -318,27 +318,21 @@ def token_logprobs_fn(temperature_of: Callable[[MicroBatch], torch.Tensor | None
     return loss_fn
 
 
-def loss_temperature(objective, data: dict) -> torch.Tensor | None:
-    """Per-token temperature [b, T] the training loss scores the student at (None: 1): the
-    sampler's T when `objective.use_sampler_temperature` (docs/temperatures.md)."""
-    if not objective.use_sampler_temperature:
-        return None
-    t = data["temperature"].to(torch.float32)
-    if not bool((t != 1).any()):
-        return None
-    return t[:, None].expand(data["response_index"].shape)
-
-
 def make_scorer(objective, groups, replay_for: Callable[[list], object] | None = None) -> Scorer:
     """The collective forward-only pass `ProximalPolicy` scores with: log pi(y_t) of each
     micro-batch under `models`, with MoE routing replay when `replay_for(models)` gives one."""
+    from megatron_opd.learner.losses import per_token_temperature, ratio_temperatures
     from megatron_opd.learner.train_step import forward_backward
+
+    def temperature_of(mb: MicroBatch) -> torch.Tensor | None:  # what the training loss uses
+        return per_token_temperature(ratio_temperatures(objective, mb.data),
+                                     mb.data["response_index"])
 
     def score(models: list, micro: list[MicroBatch]) -> dict[int, torch.Tensor]:
         rows: dict[int, torch.Tensor] = {}
         replay = replay_for(models) if replay_for else None
         hook = (lambda mb, _: replay.force(mb.data["routed_experts"])) if replay else None
-        fn = token_logprobs_fn(lambda mb: loss_temperature(objective, mb.data), groups.tp, rows)
+        fn = token_logprobs_fn(temperature_of, groups.tp, rows)
         with torch.no_grad():
             forward_backward(models, micro, fn, groups, forward_only=True, pre_forward=hook)
         if replay:
