@@ -171,9 +171,12 @@ class CorrectionConfig:
     # interpolation of mu and pi_theta by version: baselines), "interrupt" (not built yet).
     proximal: Literal["behaviour", "snapshot", "replica", "interrupt", "ewma", "loglinear",
                       "linear"] = "behaviour"
-    # Treatment of r_d: "none" (weight 1), "tis" (weight min(r_d, c)), "mis" (mask outside
-    # [1/c, c]), "icepop" (mask outside [1/c, c], weight r_d inside).
-    discrepancy: Literal["none", "tis", "mis", "icepop"] = "none"
+    # Treatment of r_d: "none" (ignored: weight 1), "tis" (weight min(r_d, c)), "mis" (mask
+    # outside [1/c, c]), "icepop" (mask outside [1/c, c], weight r_d inside). With behaviour
+    # pi_old = mu (r_d = 1), with snapshot / replica r_d is the numerical mismatch; with ewma
+    # and the interpolations it also carries the staleness between the token's version and the
+    # proximal policy, so "none" is refused there (the decoupled loss needs r_d).
+    discrepancy: Literal["none", "tis", "mis", "icepop"] = "tis"
     # Level of r_d: per token, the sequence's product, or its geometric mean.
     discrepancy_level: Literal["token", "sequence", "geometric"] = "token"
     discrepancy_c: float = 2.0  # the band [1/c, c] (c > 1)
@@ -691,6 +694,11 @@ def validate_correction(cfg: Config, need) -> None:
          "interrupt is not built yet (it needs partial trajectories from a paused rollout fleet); "
          "use snapshot (exact) or ewma (cheap)")
     need(c.discrepancy_c > 1, "correction.discrepancy_c", "must be > 1 (the band [1/c, c])")
+    need(c.discrepancy != "none" or c.proximal not in ("ewma", "loglinear", "linear"),
+         "correction.discrepancy", f"none ignores r_d = pi_prox / mu, which under proximal="
+         f"{c.proximal} carries the staleness between a token's version and the proximal policy "
+         "(the decoupled loss is biased without it; EWMA diverged at staleness 8 in the fidelity "
+         "study): use tis, mis or icepop")
     need(0 <= c.catastrophic_ratio < 1, "correction.catastrophic_ratio", "must be in [0, 1) (0: off)")
     need(c.dual_clip == 0 or c.dual_clip > 1, "correction.dual_clip", "must be 0 (off) or > 1")
     need(0 <= c.ewma_beta < 1, "correction.ewma_beta", "must be in [0, 1) (0: from the window)")

@@ -114,3 +114,14 @@ def test_rollout_top_p_follows_the_objective_unless_set():
     assert load_config(base, ["objective.name=lsm", "teacher.top_k=8"]).rollout.top_p == 0.9
     assert load_config(base, [*lsm, "rollout.top_p=1.0"]).rollout.top_p == 1.0
     assert load_config(base, ["rollout.top_p=0.5"]).rollout.top_p == 0.5
+
+
+def test_proximal_policies_off_the_tokens_version_need_an_r_d_treatment():
+    """ewma / loglinear / linear: r_d = pi_prox / mu carries staleness, so ignoring it
+    ("none") is refused, naming the key; the default (tis) and snapshot + none load."""
+    base = "configs/quickstart.yaml"
+    for proximal in ("ewma", "loglinear", "linear"):
+        with pytest.raises(ConfigError, match=r"^correction\.discrepancy: none ignores r_d"):
+            load_config(base, [f"correction.proximal={proximal}", "correction.discrepancy=none"])
+        assert load_config(base, [f"correction.proximal={proximal}"]).correction.discrepancy == "tis"
+    load_config(base, ["correction.proximal=snapshot", "correction.discrepancy=none"])

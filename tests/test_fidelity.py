@@ -122,3 +122,23 @@ def test_mini_study_end_to_end_resumes_and_aggregates(tmp_path):
         [(curves[0][v]["eval/reverse_kl"] + curves[1][v]["eval/reverse_kl"]) / 2 for v in common])
     assert both["curve"]["kl_max"] == [max(c[v]["eval/reverse_kl"] for c in curves)
                                        for v in common]
+
+
+def test_paired_differences_by_hand():
+    """Each config minus its reference on the same seed, only over seeds both finished."""
+    tool = _tool()
+
+    def run(last3, train_last):
+        return {"kl_last3": last3, "train_kl": [9.0, train_last]}
+
+    configs = {"sync": {"runs": {"0": run(1.0, 2.0), "1": run(2.0, 3.0)}},
+               "naive-k4": {"runs": {"0": run(1.5, 2.25), "1": run(2.1, 3.75), "2": run(9, 9)}},
+               "weak-opd-sync": {"runs": {"0": run(3.0, 3.0)}},
+               "weak-aopd-sync": {"runs": {"0": run(2.5, 2.0)}}}
+    got = tool.paired_differences(configs)
+    assert got["naive-k4"]["seeds"] == [0, 1]
+    assert got["naive-k4"]["eval_kl_last3"]["mean"] == pytest.approx((0.5 + 0.1) / 2)
+    assert got["naive-k4"]["train_kl_last"]["max"] == pytest.approx(0.75)
+    assert got["weak-aopd-sync"]["reference"] == "weak-opd-sync"
+    assert got["weak-aopd-sync"]["eval_kl_last3"]["mean"] == pytest.approx(-0.5)
+    assert "sync" not in got

@@ -297,7 +297,7 @@ def test_matches_float64_reference(name):
     assert g_ref.abs().max() > 1e-4
     torch.testing.assert_close(g_got, g_ref, rtol=1e-9, atol=1e-10)
     if corr is not None:  # the treatment changes the loss; masks drop some tokens, not all
-        untreated = _reference_loss(z, d, cfg, masked, CorrectionConfig())
+        untreated = _reference_loss(z, d, cfg, masked, CorrectionConfig(discrepancy="none"))
         assert abs(untreated.item() - ref.item()) > 1e-6
         dropped = m["offpolicy/masked_fraction"].item()
         assert (0 < dropped < 1) if corr.discrepancy in ("mis", "icepop") else dropped == 0
@@ -524,7 +524,8 @@ def test_tip_with_discount_keeps_the_unselected_returns():
     x = lp.clone().requires_grad_(True)
     loss, n, _ = objective_loss(ObjectiveInputs(
         mask=mask, response_ids=torch.zeros(B, T, dtype=torch.long), logprobs=x,
-        behaviour_logprobs=mu, teacher_logprobs=lq, old_logprobs=lp, entropy=ent), cfg)
+        behaviour_logprobs=mu, teacher_logprobs=lq, old_logprobs=lp, entropy=ent), cfg,
+        correction=CorrectionConfig(discrepancy="none"))  # r_d left out: returns only
     (grad,) = torch.autograd.grad(loss, x)
     kept = grad != 0
     assert int(kept.sum()) == int(n) == math.ceil(0.5 * int(mask.sum()))

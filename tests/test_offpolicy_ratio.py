@@ -110,7 +110,7 @@ def test_each_treatment_and_level_matches_reference(mode, level):
     ref = reference(lp, old, mu, lq, mask, corr)
     assert loss.item() == pytest.approx(ref, rel=1e-12, abs=1e-12)
     assert n.item() == mask.sum().item()  # dropped tokens stay in the token count
-    untreated = reference(lp, old, mu, lq, mask, CorrectionConfig())
+    untreated = reference(lp, old, mu, lq, mask, CorrectionConfig(discrepancy="none"))
     dropped = m["offpolicy/masked_fraction"].item()
     if mode == "none":
         assert ref == untreated and dropped == 0
@@ -148,7 +148,7 @@ def test_catastrophic_reject_drops_the_whole_sequence():
     assert (grad[2] == 0).all() and (grad[1, :5] != 0).sum() >= 3  # some clipped
     assert m["offpolicy/masked_fraction"].item() == pytest.approx(T / mask.sum().item())
     # off (ratio 0) or untreated (discrepancy none): nothing is rejected
-    for off in (dataclasses.replace(corr, catastrophic_ratio=0.0), CorrectionConfig()):
+    for off in (dataclasses.replace(corr, catastrophic_ratio=0.0), CorrectionConfig(discrepancy="none")):
         x = lp.clone().requires_grad_(True)
         loss, _, _ = run(x, old, mu, lq, mask, off)
         (grad,) = torch.autograd.grad(loss, x)

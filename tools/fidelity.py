@@ -281,6 +281,42 @@ def aggregate(grid: dict[str, list[str]], seeds: list[int], out: Path, study: di
     return configs
 
 
+# Each config is compared with a reference run on the *same seed* (same prepared models, same
+# prompts): seeds differ far more than configs do (sync's final KL spans 1.3-1.9 over seeds),
+# so paired differences are what tells configs apart. Default reference: sync.
+REFERENCE = {"weak-aopd-sync": "weak-opd-sync"}
+
+
+def paired_differences(configs: dict, default_reference: str = "sync") -> dict:
+    """config -> {reference, seeds, eval_kl_last3, train_kl_last}: spreads over the seeds both
+    finished of (config - reference) in the mean of the last three evaluations and in the
+    training batches' KL over the last 20 steps (~20x the eval's responses)."""
+    out = {}
+    for name, c in configs.items():
+        ref = REFERENCE.get(name, default_reference)
+        if ref == name or ref not in configs or not c.get("runs"):
+            continue
+        ref_runs = configs[ref].get("runs", {})
+        seeds = sorted(set(c["runs"]) & set(ref_runs), key=int)
+        if not seeds:
+            continue
+        diff = lambda f: spread([f(c["runs"][s]) - f(ref_runs[s]) for s in seeds])  # noqa: E731
+        out[name] = {"reference": ref, "seeds": [int(s) for s in seeds],
+                     "eval_kl_last3": diff(lambda r: r["kl_last3"]),
+                     "train_kl_last": diff(lambda r: r["train_kl"][-1])}
+    return out
+
+
+def paired_markdown(paired: dict) -> str:
+    lines = ["| config | minus (same seed) | seeds | Δ eval KL, mean of last 3 evals | "
+             "Δ training-batch KL, last 20 steps |", "|---|---|---|---|---|"]
+    for name, p in paired.items():
+        lines.append(f"| {name} | {p['reference']} | {','.join(map(str, p['seeds']))} | "
+                     f"{fmt(p, 'eval_kl_last3')} | {fmt(p, 'train_kl_last')} |")
+    return "\n".join(lines) + ("\n\nNegative: lower KL than the reference on the same seed "
+                               "(better). mean ± sample std [min–max] over seeds.\n")
+
+
 # ------------------------------------------------------------------ writing
 def fmt(agg: dict, key: str, digits: int = 3) -> str:
     if key not in agg:
@@ -438,10 +474,14 @@ def main(argv: list[str] | None = None) -> int:
                                  for r in c.get("runs", {}).values()}),
               "configs": configs}
     (out / "fidelity.json").write_text(json.dumps(result, indent=1))
-    (out / "table.md").write_text(table_markdown(configs))
+    paired = paired_differences(configs)
+    result["paired"] = paired
+    (out / "fidelity.json").write_text(json.dumps(result, indent=1))
+    (out / "table.md").write_text(table_markdown(configs) + "\n" + paired_markdown(paired))
     plot_curves(configs, out / "curves.png")
     plot_seeds(configs, out / "seeds.png")
     print(table_markdown(configs))
+    print(paired_markdown(paired))
 
     figures = {name: {k: c["aggregate"][k]["mean"] for k in ("kl_final", "kl_last3", "acc_final")
                       if k in c.get("aggregate", {})} | {"status": c["status"]}
