@@ -181,7 +181,7 @@ class ProximalPolicy:
         self.replica, self.replica_version = replica_chunks, None
         self.fleet_version = 0
         self.replica_params = local_params(replica_chunks) if replica_chunks else None
-        self.stats = {"time_s": 0.0, "fallback": 0, "tokens": 0}
+        self.stats = {"time_s": 0.0}  # this strategy's own seconds, summed (bench/offpolicy.py)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, version: int) -> None:
@@ -281,8 +281,6 @@ class ProximalPolicy:
         return self._metrics(elapsed, tokens - int(covered.sum()), tokens)
 
     def _metrics(self, elapsed: float, fallback: int, tokens: int) -> dict[str, float]:
-        self.stats["fallback"] += fallback
-        self.stats["tokens"] += tokens
         return {"offpolicy/extra_bytes": float(self.extra_bytes),
                 "offpolicy/proximal_fallback_fraction": fallback / tokens if tokens else 0.0,
                 "offpolicy/ewma_resets": float(self.ewma.resets if self.ewma else 0),
