@@ -90,7 +90,9 @@ def test_mini_study_end_to_end_resumes_and_aggregates(tmp_path):
     train = [json.loads(x) for x in (out / "naive-k2/seed0/metrics.jsonl").read_text().splitlines()
              if "train/loss" in x]
     assert [r["samples/staleness_mean"] for r in train][2:] == [2.0] * (len(train) - 2)
-    assert (out / "table.md").read_text().count("\n| ") == 2  # header rule excluded: two rows
+    summary, paired = (out / "table.md").read_text().split("\n\n")[0::2][:2]
+    assert [r.split(" | ")[0] for r in summary.splitlines()[2:]] == ["| sync", "| naive-k2"]
+    assert [r.split(" | ")[:3] for r in paired.splitlines()[2:]] == [["| naive-k2", "sync", "0"]]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # a second invocation runs nothing and leaves the finished runs as they were
