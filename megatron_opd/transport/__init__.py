@@ -13,15 +13,16 @@ from megatron_opd.transport.auth import (
 from megatron_opd.transport.channel import SampleClient, SampleServer
 from megatron_opd.transport.dedup import SeenIds
 from megatron_opd.transport.schema import (
-    SCHEMA_VERSION, Ack, Credit, EvalReport, Hello, Message, ProtocolError, Sample, Shutdown,
-    WeightsPublished, decode, encode,
+    SCHEMA_VERSION, Ack, Credit, EvalReport, Hello, Interrupt, Message, PartialRollouts,
+    ProtocolError, Sample, Shutdown, WeightsPublished, decode, encode,
 )
 from megatron_opd.transport.zmq_link import (
     ControlPublisher, ControlSubscriber, SampleReceiver, SampleSender, free_tcp_endpoint,
 )
 
 __all__ = [
-    "SCHEMA_VERSION", "Ack", "Credit", "EvalReport", "Hello", "Message", "ProtocolError",
+    "SCHEMA_VERSION", "Ack", "Credit", "EvalReport", "Hello", "Interrupt", "Message",
+    "PartialRollouts", "ProtocolError",
     "Sample", "Shutdown", "WeightsPublished", "decode", "encode", "ControlPublisher",
     "ControlSubscriber", "SampleReceiver", "SampleSender", "free_tcp_endpoint", "SampleClient",
     "SampleServer", "SeenIds", "AuthRequired", "SecretFileError", "check_endpoint",

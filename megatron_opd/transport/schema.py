@@ -178,6 +178,104 @@ class Shutdown:
         _check_str(self.reason, "reason", 0, 1024)
 
 
+@dataclass
+class Interrupt:
+    """Interrupt sync (`correction.proximal=interrupt`, learner → orchestrator): the learner is
+    about to replace the fleet's weights `version`; pause the rollout fleet (abort mode: running
+    requests return their partial trajectories), and send back `PartialRollouts(interrupt=seq)`
+    with every token sequence not yet sent to the learner. Generation stays paused until the
+    next `WeightsPublished` (aborted requests then continue from their partial output)."""
+
+    seq: int
+    version: int
+    KIND: ClassVar[str] = "interrupt"
+    TENSORS: ClassVar[dict] = {}
+
+    def validate(self) -> None:
+        _check_int(self.seq, "seq")
+        _check_int(self.version, "version")
+        if self.seq < 0 or self.version < 0:
+            _fail("bad_value", "seq and version must be >= 0")
+
+
+@dataclass
+class PartialRollouts:
+    """Answer to `Interrupt(seq)` (orchestrator → learner on the sample channel, outside credit):
+    the responses generated so far that the learner has not received, packed row after row.
+
+    Invariants (checked by `validate`): n = len(keys) rows, each key the sample id the finished
+    sample will carry (1..128 chars, unique); prompt_lengths, response_lengths int32 [n], every
+    prompt >= 1 token and every response >= 1 token; token_ids int32 [sum(P_i + T_i)] holds row
+    i's prompt then its response; token_versions int64 [sum(T_i)] the version of each response
+    token, >= 0 and non-decreasing within a row. A row is always the response from its first
+    token (a continued request sends everything generated so far)."""
+
+    interrupt: int
+    version: int
+    keys: list = field(default_factory=list)
+    prompt_lengths: np.ndarray | None = None  # int32 [n]
+    response_lengths: np.ndarray | None = None  # int32 [n]
+    token_ids: np.ndarray | None = None  # int32 [sum(P + T)]
+    token_versions: np.ndarray | None = None  # int64 [sum(T)]
+    KIND: ClassVar[str] = "partial_rollouts"
+    TENSORS: ClassVar[dict] = {"prompt_lengths": ("int32",), "response_lengths": ("int32",),
+                               "token_ids": ("int32",), "token_versions": ("int64",)}
+
+    def validate(self) -> None:
+        _check_int(self.interrupt, "interrupt")
+        _check_int(self.version, "version")
+        if not isinstance(self.keys, list) or len(self.keys) > MAX_IDS_PER_MESSAGE:
+            _fail("bad_field", f"keys must be a list of at most {MAX_IDS_PER_MESSAGE} ids")
+        for k in self.keys:
+            _check_str(k, "keys[]", 1, 128)
+        if len(set(self.keys)) != len(self.keys):
+            _fail("bad_value", "keys repeat")
+        n = len(self.keys)
+        arrays = [self.prompt_lengths, self.response_lengths, self.token_ids, self.token_versions]
+        if n == 0:
+            if any(a is not None and np.asarray(a).size for a in arrays):
+                _fail("bad_shape", "tensors of an empty PartialRollouts must be empty")
+            return
+        if any(a is None or np.asarray(a).ndim != 1 for a in arrays):
+            _fail("missing_field", "every tensor is required and 1-D when keys is not empty")
+        p = np.asarray(self.prompt_lengths, dtype=np.int64)
+        t = np.asarray(self.response_lengths, dtype=np.int64)
+        if p.shape != (n,) or t.shape != (n,) or (p < 1).any() or (t < 1).any():
+            _fail("bad_shape", "prompt_lengths / response_lengths: n entries, each >= 1")
+        if self.token_ids.shape[0] != int(p.sum() + t.sum()) or \
+                self.token_versions.shape[0] != int(t.sum()):
+            _fail("bad_shape", "token_ids / token_versions do not add up to the row lengths")
+        if (np.asarray(self.token_ids) < 0).any():
+            _fail("bad_value", "token ids must be >= 0")
+        v = np.asarray(self.token_versions)
+        ends = np.cumsum(t)
+        if (v < 0).any() or any((np.diff(v[e - n_:e]) < 0).any() for e, n_ in zip(ends, t)):
+            _fail("bad_versions", "token_versions must be >= 0 and non-decreasing per row")
+
+    def rows(self):
+        """(key, prompt ids, response ids, response token versions) per row (views)."""
+        at, vat = 0, 0
+        for key, p, t in zip(self.keys, self.prompt_lengths.tolist() if self.keys else [],
+                             self.response_lengths.tolist() if self.keys else []):
+            yield (key, self.token_ids[at:at + p], self.token_ids[at + p:at + p + t],
+                   self.token_versions[vat:vat + t])
+            at, vat = at + p + t, vat + t
+
+    @classmethod
+    def pack(cls, interrupt: int, version: int, rows) -> "PartialRollouts":
+        """From (key, prompt ids, response ids, response versions) tuples."""
+        rows = [r for r in rows if len(r[2])]
+        if not rows:
+            return cls(interrupt=interrupt, version=version)
+        return cls(interrupt=interrupt, version=version, keys=[r[0] for r in rows],
+                   prompt_lengths=np.asarray([len(r[1]) for r in rows], dtype=np.int32),
+                   response_lengths=np.asarray([len(r[2]) for r in rows], dtype=np.int32),
+                   token_ids=np.concatenate([np.concatenate([np.asarray(r[1], np.int32),
+                                                             np.asarray(r[2], np.int32)])
+                                             for r in rows]),
+                   token_versions=np.concatenate([np.asarray(r[3], np.int64) for r in rows]))
+
+
 MAX_IDS_PER_MESSAGE = 4096  # ids in one Credit / Ack (SampleServer.ack splits longer lists)
 
 
@@ -256,9 +354,10 @@ _SCALARS = tuple(f.name for f in sample_fields.FIELDS if f.source == sample_fiel
 assert [f.name for f in fields(Sample) if f.name in Sample.TENSORS] == list(Sample.TENSORS)
 assert set(_SCALARS) <= {f.name for f in fields(Sample)} - set(Sample.TENSORS)
 
-Message = Sample | EvalReport | WeightsPublished | Shutdown | Hello | Credit | Ack
+Message = (Sample | EvalReport | WeightsPublished | Shutdown | Hello | Credit | Ack | Interrupt
+           | PartialRollouts)
 KINDS: dict[str, type] = {c.KIND: c for c in (Sample, EvalReport, WeightsPublished, Shutdown,
-                                              Hello, Credit, Ack)}
+                                              Hello, Credit, Ack, Interrupt, PartialRollouts)}
 
 
 def _check_str(v: Any, name: str, lo: int, hi: int) -> None:

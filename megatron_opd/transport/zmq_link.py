@@ -7,7 +7,7 @@ learner makes `send` time out (the orchestrator waits) instead of growing memory
 Control: learner PUB (bind) → orchestrator SUB (connect). PUB/SUB drops messages sent before the
 subscriber joined ("slow joiner"); version announcements are latest-wins, so the learner simply
 re-announces its version while it waits, and a missed one is harmless. The subscriber accepts only
-control kinds (WeightsPublished, Shutdown).
+control kinds (WeightsPublished, Shutdown, Interrupt).
 
 Every socket here takes `secret` (bytes or a secret file, see `transport/auth.py`): with it, every
 message is authenticated (HMAC-SHA256 by default) and unauthenticated / bad-MAC / replayed
@@ -27,7 +27,7 @@ from megatron_opd.transport.auth import (
     MAGIC, Opener, Sealer, check_endpoint, resolve_secret,
 )
 from megatron_opd.transport.schema import (
-    Message, ProtocolError, Shutdown, WeightsPublished, decode, encode,
+    Interrupt, Message, ProtocolError, Shutdown, WeightsPublished, decode, encode,
 )
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class SampleReceiver(_Socket):
         return msg
 
 
-CONTROL_KINDS = (WeightsPublished, Shutdown)
+CONTROL_KINDS = (WeightsPublished, Shutdown, Interrupt)
 
 
 class ControlPublisher(_Socket):
