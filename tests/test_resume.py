@@ -1,6 +1,7 @@
 """Checkpoints: a run SIGKILLed mid-training resumes to exactly the uninterrupted run's losses;
 a checkpoint loads under another layout; a kill during a save leaves the previous checkpoint
-loadable; a non-finite step is skipped and counted without touching the weights.
+loadable; a truncated latest checkpoint is named and the run resumes from the one before it;
+a non-finite step is skipped and counted without touching the weights.
 Real torchrun processes, real megatron optimizer and dist_checkpointing, gloo on CPU."""
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,3 +168,70 @@ def test_non_finite_step_is_skipped_counted_and_changes_nothing(tmp):
     assert got[3]["param_sum_rank0"] == got[2]["param_sum_rank0"]  # weights untouched
     assert all(got[s]["stepped"] for s in (1, 2, 4, 5, 6))
     assert got[6]["version"] == 5
+
+
+def _copy_damaged(tmp: Path, name: str, *damaged_steps: int) -> tuple[Path, dict]:
+    """A copy of the one-process run's checkpoints (steps 3 and 6) with the first `.distcp` of
+    each of `damaged_steps` cut to half its size; returns it and {step: (file, recorded size)}."""
+    ckpt = tmp / name
+    shutil.copytree(tmp / "ckpt_a", ckpt)
+    cut = {}
+    for step in damaged_steps:
+        distcp = sorted((ckpt / f"step_{step:08d}" / "megatron").glob("*.distcp"))[0]
+        size = distcp.stat().st_size
+        with open(distcp, "r+b") as f:
+            f.truncate(size // 2)
+        cut[step] = (distcp.relative_to(ckpt / f"step_{step:08d}").as_posix(), size)
+    return ckpt, cut
+
+
+def test_meta_records_the_size_of_every_file(tmp):
+    step = tmp / "ckpt_a" / "step_00000006"
+    files = json.loads((step / "meta.json").read_text())["files"]
+    on_disk = {f.relative_to(step).as_posix(): f.stat().st_size for f in step.rglob("*")
+               if f.is_file() and f.name != "meta.json"}
+    assert files == on_disk and any(k.endswith(".distcp") for k in files)
+
+
+def test_truncated_latest_checkpoint_is_named_and_the_previous_one_resumed(tmp):
+    ref = steps(tmp, "a.jsonl")
+    ckpt, cut = _copy_damaged(tmp, "ckpt_cut", 6)
+    assert (ckpt / "latest").read_text() == "step_00000006"
+    run(tmp, ckpt.name, "cut.jsonl", "--resume")
+    got = steps(tmp, "cut.jsonl")
+    assert sorted(got) == [4, 5, 6]  # resumed from step 3, not from the damaged step 6
+    for s in got:
+        assert got[s]["loss"] == ref[s]["loss"], s
+    out = (tmp / "cut.jsonl.out").read_text()
+    rel, size = cut[6]
+    assert re.search(rf"\[learner\] checkpoint damaged, not resumed from path=\S*/step_00000006 "
+                     rf"problem='{re.escape(rel)} has {size // 2} bytes, {size} at save'", out), out
+    assert re.search(r"\[learner\] resuming from an older checkpoint path=\S*/step_00000003 "
+                     r"skipped=step_00000006", out), out
+    assert re.search(r"\[learner\] checkpoint loaded step=3 path=\S*/step_00000003", out), out
+
+
+def test_launcher_moves_damaged_checkpoints_aside_and_repoints_latest(tmp):
+    from megatron_opd.learner.checkpoint import latest_checkpoint, repair_latest
+
+    ckpt, _ = _copy_damaged(tmp, "ckpt_repair", 6)
+    assert latest_checkpoint(ckpt) == ckpt / "step_00000003"  # reading changes nothing
+    assert (ckpt / "latest").read_text() == "step_00000006"
+    assert repair_latest(ckpt) == ckpt / "step_00000003"
+    assert (ckpt / "latest").read_text() == "step_00000003"  # what the orchestrator reads
+    assert (ckpt / "step_00000006.damaged").is_dir() and not (ckpt / "step_00000006").exists()
+    assert repair_latest(ckpt) == ckpt / "step_00000003"  # nothing left to repair
+
+
+def test_no_intact_checkpoint_is_an_error_naming_each(tmp):
+    from megatron_opd.learner.checkpoint import CheckpointError, latest_checkpoint
+
+    ckpt, cut = _copy_damaged(tmp, "ckpt_all_cut", 3)
+    (ckpt / "step_00000006" / "rng" / "rank0.pt").unlink()
+    rel, size = cut[3]
+    with pytest.raises(CheckpointError) as e:
+        latest_checkpoint(ckpt)
+    assert str(e.value) == (
+        f"no intact checkpoint to resume from in {ckpt}: step_00000006: rng/rank0.pt missing; "
+        f"step_00000003: {rel} has {size // 2} bytes, {size} at save (delete the directory or "
+        "set run.overwrite=true to start over)")

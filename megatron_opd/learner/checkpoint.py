@@ -7,6 +7,16 @@ Layout on disk: `<run>/checkpoints/step_<N>/` with `megatron/` (dist checkpoint)
 complete one. A checkpoint is written under `step_<N>.tmp` and renamed only after every rank
 finished and meta.json is on disk, then `latest` is replaced atomically: a crash at any moment
 leaves the previous checkpoint as `latest`, loadable.
+
+meta.json records the size of every other file of the checkpoint (`files`: {relative path:
+bytes}). Before a resume, `latest_checkpoint` checks them (a stat per file, no reading): a
+checkpoint with a missing or resized file (e.g. a truncated `.distcp`) is named as damaged and
+the newest intact older one is used instead, said in the log; none intact is an error naming
+each. `repair_latest` (the launcher, before any process starts) also moves the damaged ones
+aside (`step_<N>.damaged`) and points `latest` at the intact one, so that every process of the
+run (the orchestrator reads `latest` too) resumes from the same checkpoint. Sizes, not
+checksums: crc32 runs at ~1.7 GB/s on one core and would read the whole checkpoint back at every
+save and again at every resume (docs/fault-tolerance.md).
 """
 
 from __future__ import annotations
@@ -31,6 +41,13 @@ _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
 
 # meta.json flag of a checkpoint holding model weights only (no optimizer, scheduler, RNG).
 WEIGHTS_ONLY = "weights_only"
+# meta.json: {path relative to the checkpoint: size in bytes} of every file but meta.json.
+FILES = "files"
+DAMAGED_SUFFIX = ".damaged"  # a damaged checkpoint moved aside by `repair_latest`
+
+
+class CheckpointError(RuntimeError):
+    """No intact checkpoint to resume from (the message names each one and what is wrong)."""
 
 
 @dataclass
@@ -95,13 +112,18 @@ def save_checkpoint(root: Path, chunks: list, optimizer, scheduler, state: Train
                 "data_cursor": state.data_cursor, "scheduler": scheduler.state_dict(),
                 "world_size": dist.get_world_size(), "saved_at": time.time()}
         commit_checkpoint(root, tmp, final, meta, keep)
+        from megatron_opd.logs import event
+
+        event("learner", "checkpoint saved", step=state.step, path=final)
     dist.barrier()
     return final
 
 
 def commit_checkpoint(root: Path, tmp: Path, final: Path, meta: dict, keep: int = 0) -> None:
-    """Rank 0, after every rank wrote `tmp`: meta.json last, rename into place, point `latest`
-    at it, drop all but the newest `keep` (0: keep all). Also used by checkpoint conversion."""
+    """Rank 0, after every rank wrote `tmp`: meta.json last (with the size of every other file),
+    rename into place, point `latest` at it, drop all but the newest `keep` (0: keep all). Also
+    used by checkpoint conversion."""
+    meta = {**meta, FILES: _file_sizes(tmp)}
     _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -122,15 +144,89 @@ def _materialize_optimizer_state(optimizer) -> None:
             init()
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint under `root`, or None."""
-    pointer = Path(root) / "latest"
-    if not pointer.exists():
+def _file_sizes(path: Path) -> dict[str, int]:
+    return {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*"))
+            if f.is_file() and f.relative_to(path) != Path("meta.json")}
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with the checkpoint at `path` (None: intact): meta.json missing or
+    unreadable, or a file recorded in it missing or of another size than at save. A checkpoint
+    from before sizes were recorded is taken as it is."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except FileNotFoundError:
+        return "meta.json missing (not a complete checkpoint)"
+    except (OSError, ValueError) as e:
+        return f"meta.json unreadable ({e})"
+    for rel, size in (meta.get(FILES) or {}).items():
+        try:
+            actual = (path / rel).stat().st_size
+        except FileNotFoundError:
+            return f"{rel} missing"
+        if actual != size:
+            return f"{rel} has {actual} bytes, {size} at save"
+    return None
+
+
+def _candidates(root: Path) -> list[Path]:
+    """The checkpoint `latest` names, then the older complete-looking ones, newest first."""
+    named = root / (root / "latest").read_text().strip()
+    older = sorted((p for p in root.glob("step_????????") if p.name < named.name), reverse=True)
+    return [named, *older]
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def latest_checkpoint(root: Path, *, source: str = "learner") -> Path | None:
+    """The checkpoint to resume from under `root`: the one `latest` names if it is intact,
+    else the newest intact older one (the damaged ones are named in the log, as `source`);
+    None without `latest`. Raises CheckpointError naming every checkpoint when none is intact."""
+    from megatron_opd.logs import event
+
+    root = Path(root)
+    if not (root / "latest").exists():
         return None
-    path = Path(root) / pointer.read_text().strip()
-    if not (path / "meta.json").exists():
-        raise RuntimeError(f"{pointer} names {path}, which is not a complete checkpoint")
-    return path
+    damaged = []
+    for path in _candidates(root):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if damaged and _is_rank0():
+                event(source, "resuming from an older checkpoint", path=path,
+                      skipped=",".join(p.name for p, _ in damaged))
+            return path
+        damaged.append((path, problem))
+        if _is_rank0():
+            event(source, "checkpoint damaged, not resumed from", path=path, problem=repr(problem))
+    raise CheckpointError(f"no intact checkpoint to resume from in {root}: " + "; ".join(
+        f"{p.name}: {why}" for p, why in damaged) + " (delete the directory or set "
+        "run.overwrite=true to start over)")
+
+
+def repair_latest(root: Path, *, source: str = "megatron-opd") -> Path | None:
+    """Before any process of a resumed run starts: `latest_checkpoint`, and when it is not the
+    one `latest` names, move the damaged newer ones aside (`step_<N>.damaged`) and point
+    `latest` at it, so the learner and the orchestrator read the same checkpoint."""
+    from megatron_opd.logs import event
+
+    root = Path(root)
+    found = latest_checkpoint(root, source=source)
+    if found is None or found == _candidates(root)[0]:
+        return found
+    for path in _candidates(root):
+        if path == found:
+            break
+        if path.exists():
+            aside = path.with_name(path.name + DAMAGED_SUFFIX)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
+            event(source, "damaged checkpoint moved aside", path=aside)
+    _fsync_write(root / "latest.tmp", found.name)
+    os.replace(root / "latest.tmp", root / "latest")
+    return found
 
 
 def load_checkpoint(path: Path, chunks: list, optimizer, scheduler) -> TrainerState:
@@ -139,10 +235,19 @@ def load_checkpoint(path: Path, chunks: list, optimizer, scheduler) -> TrainerSt
     A `weights_only` checkpoint (meta.json; what `megatron_opd.convert` writes) holds the model
     alone: the optimizer and LR schedule stay as built (fresh Adam moments, warmup from step 0)
     and the ranks keep their seeds."""
-    from megatron.core import dist_checkpointing, tensor_parallel
-
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
+    state = _load(path, meta, chunks, optimizer, scheduler)
+    if _is_rank0():
+        from megatron_opd.logs import event
+
+        event("learner", "checkpoint loaded", step=state.step, path=path)
+    return state
+
+
+def _load(path: Path, meta: dict, chunks, optimizer, scheduler) -> TrainerState:
+    from megatron.core import dist_checkpointing, tensor_parallel
+
     if meta.get(WEIGHTS_ONLY):
         model_sd = _model_sharded_state_dict(chunks)
         loaded = dist_checkpointing.load({"model": model_sd}, str(path / "megatron"))
