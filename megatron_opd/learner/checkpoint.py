@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_opd.convert.errors import BadCheckpoint
+
 # Optimizer state in a per-parameter canonical form, so a different layout can load it. The
 # gather to DP rank 0 goes over gloo groups ("mem_efficient") without CUDA: the other path moves
 # buffers with .cuda().
@@ -46,8 +48,9 @@ FILES = "files"
 DAMAGED_SUFFIX = ".damaged"  # a damaged checkpoint moved aside by `repair_latest`
 
 
-class CheckpointError(RuntimeError):
-    """No intact checkpoint to resume from (the message names each one and what is wrong)."""
+class CheckpointError(BadCheckpoint):
+    """No intact checkpoint to resume from (the message names each one and what is wrong); bad
+    input, refused before anything starts when the launcher finds it (exit 2)."""
 
 
 @dataclass

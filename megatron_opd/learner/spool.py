@@ -146,7 +146,8 @@ class SampleLedger:
     """`<run>/ledger.jsonl`: the learner's account of every sample id, for audits and the
     exactly-once tests. `{"accepted": [ids]}` when samples became durable (spooled, then acked);
     `{"step": s, "trained": [ids]}` when step s trained them. On resume, step records of steps
-    being redone are dropped (their training is not in the checkpoint); acceptances stay."""
+    being redone are dropped (their training is not in the checkpoint); acceptances stay. A run
+    that does not resume starts a new ledger: it describes exactly one run."""
 
     def __init__(self, path: str | Path, resume_step: int | None = None):
         import json
@@ -165,7 +166,7 @@ class SampleLedger:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in keep))
             tmp.replace(self.path)
-        self._file = open(self.path, "a", buffering=1)
+        self._file = open(self.path, "a" if resume_step is not None else "w", buffering=1)
 
     def accepted(self, ids: list[str]) -> None:
         if ids:
