@@ -26,6 +26,7 @@ from megatron_opd.errors import ProcessDied, Terminated
 from megatron_opd.launch.fleet import FLEETS
 from megatron_opd.launch.rundir import prepare_run_dir, run_secret
 from megatron_opd.launch.sites import Site, place_fleets
+from megatron_opd.logs import event
 from megatron_opd.metrics import plot_curves, read_metrics
 from megatron_opd.procs import free_port as _free_port, log_tail, spawn_group, stop_group
 from megatron_opd.wiring import RunWiring
@@ -82,6 +83,8 @@ def run(cfg: Config, site: Site, *, preempt_signal: int | None = None) -> dict:
     # of non-interactive shells inherit SIG_IGN, and Python then installs no handler).
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     t_start = time.time()
+    event("launcher", "start", run_dir=run_dir, steps=cfg.train.steps,
+          resume_from_step=_checkpoint_step(run_dir) if cfg.train.resume else 0)
     try:
         for s in servers:
             s.start()
@@ -90,6 +93,8 @@ def run(cfg: Config, site: Site, *, preempt_signal: int | None = None) -> dict:
             s.wait_ready(timeout=cfg.server.start_timeout_s)
         rollout_urls = [s.url for s in fleets["rollout"]]
         teacher_urls = [s.url for s in fleets["teacher"]]
+        event("launcher", "servers ready", teacher=",".join(teacher_urls),
+              rollout=",".join(rollout_urls))
         offline_store = ""
         if cfg.teacher.mode == "offline":  # made here if missing, with the fresh servers
             from megatron_opd.offline_build import build_store
@@ -116,6 +121,8 @@ def run(cfg: Config, site: Site, *, preempt_signal: int | None = None) -> dict:
         t_train = time.time()
         _supervise(cfg, run_dir, servers, children)
         train_seconds = time.time() - t_train
+    except ProcessDied as e:  # end the message with the command that continues the run
+        raise ProcessDied(f"{e}\n{_rerun_hint(cfg, run_dir, site)}") from None
     finally:
         signal.signal(signal.SIGTERM, previous_term)
         signal.signal(signal.SIGINT, previous_int)
@@ -129,13 +136,25 @@ def run(cfg: Config, site: Site, *, preempt_signal: int | None = None) -> dict:
     plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     preempted = preemption.was_preempted(run_dir)
     if preempted is not None:  # stopped early with a checkpoint: no final evaluation
+        event("launcher", "preempted", step=preempted.get("step"))
         return {"preempted": preempted, "train_seconds": train_seconds,
                 "total_seconds": time.time() - t_start}
     summary = _summary(records, train_seconds, time.time() - t_start, models.meta)
     if (run_dir / RESTARTS_FILE).exists():
         summary["server_restarts"] = json.loads((run_dir / RESTARTS_FILE).read_text())
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    event("launcher", "finished", steps=summary["steps"], seconds=f"{time.time() - t_start:.0f}")
     return summary
+
+
+def _rerun_hint(cfg: Config, run_dir: Path, site: Site) -> str:
+    """The command that continues a failed run: resume from its newest checkpoint, or (none
+    yet, or `train.resume=false`) start it again."""
+    command = site.rerun_command(run_dir)
+    step = _checkpoint_step(run_dir)
+    if step and cfg.train.resume:
+        return f"resume it from its checkpoint at step {step} with: {command} run.overwrite=false"
+    return f"no checkpoint to resume from; start it again with: {command} run.overwrite=true"
 
 
 def _raise_terminated(signum, frame):
@@ -153,8 +172,14 @@ def _supervise(cfg: Config, run_dir: Path, servers, children: list[Child]) -> No
                                   run_dir / RESTARTS_FILE)
 
     learner = children[0]
-    bar = tqdm(total=cfg.train.steps, desc="train", unit="step", disable=not cfg.logging.progress)
     metrics_path = run_dir / "metrics.jsonl"
+    # A resumed run: the bar starts at the checkpoint's step, so its rate counts only the steps
+    # of this launch; until the learner has cut the killed run's records after the checkpoint
+    # (MetricsWriter replaces the file) or written to it, the file is not read.
+    done = _checkpoint_step(run_dir) if cfg.train.resume else 0
+    stale = _identity(metrics_path) if done else None
+    bar = tqdm(total=cfg.train.steps, initial=done, desc="train", unit="step",
+               disable=not cfg.logging.progress)
     try:
         while True:
             code = learner.proc.poll()
@@ -171,24 +196,47 @@ def _supervise(cfg: Config, run_dir: Path, servers, children: list[Child]) -> No
                 supervisor.check()
             except ServerRestartLimit as e:
                 raise ProcessDied(str(e)) from None
-            _update_bar(bar, metrics_path)
+            _update_bar(bar, metrics_path, stale)
             time.sleep(0.5)
-        _update_bar(bar, metrics_path)
+        _update_bar(bar, metrics_path, stale)
     finally:
         bar.close()
 
 
-def _update_bar(bar, metrics_path: Path) -> None:
-    if not metrics_path.exists():
+def _checkpoint_step(run_dir: Path) -> int:
+    """Steps done by the checkpoint a resumed run starts from (`checkpoints/latest`); 0 if none."""
+        return int((run_dir / "checkpoints" / "latest").read_text().strip().rsplit("_", 1)[1])
+    except (FileNotFoundError, IndexError, ValueError):
+        return 0
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size
+
+
+def _update_bar(bar, metrics_path: Path, stale: tuple[int, int] | None = None) -> None:
+    """Steps done and the latest figures. Evaluation figures are labelled with the version they
+    evaluated (`eval_kl@v350`): they are as old as the last evaluation, unlike the loss.
+    `stale`: (inode, size) of a killed run's file, not read until the learner changed it."""
+    if not metrics_path.exists() or (stale is not None and _identity(metrics_path) == stale):
         return
     records = [r for r in read_metrics(metrics_path) if "train/loss" in r]
+    if len(records) < bar.n:  # resumed from an older checkpoint than `latest` (fallback)
+        bar.n = bar.initial = bar.last_print_n = len(records)
+        bar.refresh()
     if len(records) > bar.n:
         last = records[-1]
         bar.update(len(records) - bar.n)
-        shown = {"loss": f"{last['train/loss']:.3f}", "kl": f"{last['eval/reverse_kl']:.3f}"}
-        if "eval/accuracy" in last:
-            shown["acc"] = f"{last['eval/accuracy']:.2f}"
-        bar.set_postfix(**shown, v=last["weights/version"])
+        shown = {"loss": f"{last['train/loss']:.3f}", "v": last["weights/version"]}
+        at = f"@v{last.get('eval/version', '?')}"
+        if last.get("eval/reverse_kl") is not None:
+            shown[f"eval_kl{at}"] = f"{last['eval/reverse_kl']:.3f}"
+        if last.get("eval/accuracy") is not None:
+            shown[f"eval_acc{at}"] = f"{last['eval/accuracy']:.2f}"
+        bar.set_postfix(shown)  # in this order (keyword arguments would be sorted)
 
 
 def _summary(records: list[dict], train_seconds: float, total_seconds: float, prepared: dict) -> dict:

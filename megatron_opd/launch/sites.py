@@ -11,6 +11,7 @@ A new launcher is a new site.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Protocol
@@ -31,6 +32,9 @@ class Site(Protocol):
 
     def learner_command(self, cfg: Config, run_dir: Path) -> list[str]:
         """The command that starts every learner rank."""
+
+    def rerun_command(self, run_dir: Path) -> str:
+        """The shell command that runs this run again (with the config it was saved with)."""
 
 
 def place_fleets(cfg: Config, models, logs: Path, site: Site
@@ -62,6 +66,10 @@ class LocalSite:
                             extra_args=spec.extra_args,
                             enable_return_routed_experts=spec.routed_experts, **options)
 
+    def rerun_command(self, run_dir: Path) -> str:
+        return shlex.join(["megatron-opd", "train", "--config", str(run_dir / "config.yaml"),
+                           f"run.dir={run_dir}"])
+
     def learner_command(self, cfg: Config, run_dir: Path) -> list[str]:
         if cfg.parallel.world_size == 1:
             return single_process_learner(run_dir)
@@ -82,6 +90,10 @@ class SlurmSite:
         self.address = advertised_address()  # this node: the learner's global rank 0 runs here
         self.nodes = {role: len(hosts) for role, hosts in self.hosts.items()}
         self.gpus_per_node = cfg.cluster.gpus_per_node
+
+    def rerun_command(self, run_dir: Path) -> str:
+        return shlex.join(["megatron-opd", "submit", "--config", str(run_dir / "config.yaml"),
+                           f"run.dir={run_dir}"])
 
     def srun(self, role: str, hosts: list[str]) -> list[str]:
         from megatron_opd.slurm.script import ROLES

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_opd.logs import event
+
 REQUEST_FILE = "preempt.request"  # written by the job driver
 DONE_FILE = "preempted.json"  # written by rank 0 once the preemption checkpoint is saved
 
@@ -27,6 +29,7 @@ class PreemptionWatch:
         self.request = Path(run_dir) / REQUEST_FILE
         self.done = Path(run_dir) / DONE_FILE
         self._signalled = False
+        self._announced = False  # the request was logged
         signal.signal(signal.SIGUSR1, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
@@ -37,12 +40,18 @@ class PreemptionWatch:
         flag = torch.tensor([int(self._signalled or self.request.exists())], dtype=torch.int64)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        asked = bool(flag.item())
+        if asked and not self._announced and (not dist.is_initialized() or dist.get_rank() == 0):
+            event("learner", "preemption requested",
+                  by="signal" if self._signalled else str(self.request))
+            self._announced = True
+        return asked
 
     def mark_done(self, step: int) -> None:
         tmp = self.done.with_suffix(".tmp")
         tmp.write_text(json.dumps({"step": step, "time": time.time()}))
         tmp.replace(self.done)
+        event("learner", "preempted: checkpoint saved, exiting", step=step)
 
 
 def clear(run_dir: str | Path) -> None:
