@@ -18,6 +18,7 @@ disk publisher keeps the written directory and simply asks the restarted server 
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -111,9 +112,15 @@ class DistributedWeightPublisher:
                                      1 + i * self.server_world_size, self.world_size,
                                      self.group_name, self.backend)
                    for i, c in enumerate(self.clients)]
+        from megatron_opd.listeners import loopback_socket_env, tcp_store
+
+        # gloo/NCCL of this group listen on `lo` too when the rendezvous is on loopback
+        os.environ.update(loopback_socket_env(self.master_addr))
         timeout = timedelta(seconds=self.timeout_s)
-        store = torch.distributed.TCPStore(self.master_addr, self.master_port, self.world_size,
-                                           is_master=True, timeout=timeout)
+        # The rendezvous listens on master_addr only (loopback on one machine, the node's
+        # address in a job), never on every interface as a plain TCPStore would.
+        store = tcp_store(self.master_addr, self.master_port, self.world_size, is_master=True,
+                          timeout=timeout)
         # Servers wrap the rendezvous store in PrefixStore(group_name); match it exactly.
         store = PrefixStore(self.group_name, store)
         self.group, _ = _new_process_group_helper(

@@ -73,7 +73,7 @@ def test_cluster_fit_and_slurm_keys_are_checked_by_name():
 
 def test_node_launch_gives_each_node_its_rank_under_a_static_rendezvous():
     cmd = torchrun_command(4, 8, 2, "10.0.0.1", 29500, "/runs/x")
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[:3] == [sys.executable, "-m", "megatron_opd.compat.torchrun"]  # torchrun, store on master-addr
     for arg in ("--nnodes=4", "--nproc-per-node=8", "--node-rank=2", "--master-addr=10.0.0.1",
                 "--master-port=29500"):
         assert arg in cmd

@@ -11,6 +11,10 @@ Gaps on CPU (measured, see docs/sglang-on-cpu.md):
 2. `torchvision`: PyPI wheels link CUDA torch; SGLang imports it for multimodal models only.
 3. `--enable-return-routed-experts`: the host buffer of routed expert ids is registered as pinned
    memory through CUDA (`cudaHostRegister`), which raises on a CPU-only torch.
+
+Two more patches are applied on every device (`install_sglang_run_patches`, from the same
+sitecustomize): the scheduler's torch.distributed store listens on the host it was given, not
+on every interface; the ~20 kB `server_args=` log line becomes a short, wrapped one.
 """
 
 from __future__ import annotations
@@ -217,6 +221,99 @@ def patch_cuda_host_register_no_op() -> bool:
     would drag in much of `sglang.srt`; so a post-import hook on sys.meta_path replaces the
     function right after the module's first import (or at once if it is already imported)."""
     return _patch_when_imported(_HOST_REGISTER_MODULE, _no_op_host_register_without_cuda)
+
+
+_RENDEZVOUS_MODULE = "torch.distributed.rendezvous"
+_CREATE_STORE_FUNCTION = "_create_c10d_store"
+
+
+def _store_listens_on_its_host(module) -> bool:
+    original = getattr(module, _CREATE_STORE_FUNCTION)
+    if getattr(original, "__megatron_opd_patch__", False):
+        return False
+
+    def _create_c10d_store(hostname, port, rank, world_size, timeout, use_libuv=True):
+        if rank != 0 or module._torchelastic_use_agent_store():  # clients: nothing listens
+            return original(hostname, port, rank, world_size, timeout, use_libuv)
+        if not 0 <= port < 2**16:
+            raise ValueError(f"port must have value from 0 to 65535 but was {port}.")
+        from megatron_opd.listeners import tcp_store
+
+        # upstream's server arguments, but listening on `hostname` only
+        return tcp_store(hostname, port, world_size, is_master=True, timeout=timeout,
+                         multi_tenant=True, use_libuv=use_libuv)
+
+    _create_c10d_store.__megatron_opd_patch__ = True
+    _create_c10d_store.__wrapped__ = original
+    setattr(module, _CREATE_STORE_FUNCTION, _create_c10d_store)
+    return True
+
+
+def patch_rendezvous_store_binds_its_host() -> bool:
+    """Target: `torch.distributed.rendezvous._create_c10d_store` (torch 2.13.0), through which
+    SGLang's scheduler (sglang 0.5.23 `distributed/bootstrap.py`: `init_process_group` with
+    `tcp://<--host>:<dist port>`) creates its TCPStore. Why: a TCPStore server listens on every
+    interface whatever host it is given, so each server exposed an unauthenticated store port
+    beyond loopback. The patched function makes rank 0's store listen on that host only
+    (`megatron_opd.listeners.tcp_store`); clients and agent stores are upstream's.
+    A post-import hook, like the patch above: nothing is imported early."""
+    return _patch_when_imported(_RENDEZVOUS_MODULE, _store_listens_on_its_host)
+
+
+_ENGINE_MODULE = "sglang.srt.entrypoints.engine"
+_SERVER_ARGS_LOG_FUNCTION = "_server_args_for_logging"
+LOG_LINE_WIDTH = 100
+
+
+class _ServerArgsForLog:
+    """What SGLang's `server_args=...` log line prints: how the server was launched, wrapped,
+    instead of its ~20 kB one-line dict of every resolved field."""
+
+    def __init__(self, server_args, resolved: dict):
+        self.fields = len(resolved)
+        self.launch_command = getattr(server_args, "launch_command", None) or ""
+
+    def __str__(self) -> str:
+        import textwrap
+
+        text = (f"<{self.fields} resolved fields: GET /server_info lists them> launched with: "
+                f"{self.launch_command or '(unknown)'}")
+        return "\n    ".join(textwrap.wrap(text, LOG_LINE_WIDTH, break_long_words=False,
+                                           break_on_hyphens=False))
+
+    __repr__ = __str__
+
+
+def _short_server_args_log(module) -> bool:
+    original = getattr(module, _SERVER_ARGS_LOG_FUNCTION)
+    if getattr(original, "__megatron_opd_patch__", False):
+        return False
+
+    def _server_args_for_logging(server_args):
+        return _ServerArgsForLog(server_args, original(server_args))
+
+    _server_args_for_logging.__megatron_opd_patch__ = True
+    _server_args_for_logging.__wrapped__ = original
+    setattr(module, _SERVER_ARGS_LOG_FUNCTION, _server_args_for_logging)
+    return True
+
+
+def patch_server_args_log_line_short() -> bool:
+    """Target: `sglang.srt.entrypoints.engine._server_args_for_logging` (sglang 0.5.23), whose
+    result the engine logs as `server_args={...}` (its only use). Why: that line is ~20 kB, the
+    first thing in every server log. The patched function returns an object that prints the
+    field count and the launch command (the arguments we gave), wrapped at 100 columns; the full
+    resolved set stays one request away (`GET /server_info`)."""
+    return _patch_when_imported(_ENGINE_MODULE, _short_server_args_log)
+
+
+def install_sglang_run_patches() -> list[str]:
+    """Patches every SGLang server of a run gets, on any device (they are about where sockets
+    listen and what the log says, not about the hardware); returns the names applied."""
+    applied = [p.__name__ for p in (patch_rendezvous_store_binds_its_host,
+                                    patch_server_args_log_line_short) if p()]
+    _applied.extend(applied)
+    return applied
 
 
 def install_sglang_cpu_compat() -> list[str]:

@@ -74,8 +74,9 @@ def torchrun_command(nnodes: int, nproc: int, node_rank: int, master_addr: str,
                      master_port: int, run_dir: str | Path) -> list[str]:
     """The learner's torchrun on one node: a static rendezvous on `master_addr` (global rank 0
     runs on node rank 0, where the run's sockets were announced; c10d's rendezvous would hand out
-    node ranks by arrival). torchrun forwards SIGTERM to its ranks."""
-    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
+    node ranks by arrival). torchrun forwards SIGTERM to its ranks. Its entry point is
+    compat/torchrun.py: the rendezvous store listens on `master_addr`, not on every interface."""
+    return [sys.executable, "-m", "megatron_opd.compat.torchrun", f"--nnodes={nnodes}",
             f"--nproc-per-node={nproc}", f"--node-rank={node_rank}",
             f"--master-addr={master_addr}", f"--master-port={master_port}",
             "-m", LEARNER_MODULE, "--run-dir", str(run_dir)]

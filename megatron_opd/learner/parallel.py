@@ -8,13 +8,14 @@ groups and returns a `ParallelGroups`, which everything below the driver receive
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from megatron_opd.config import ParallelConfig
+from megatron_opd.listeners import loopback_socket_env, tcp_store
+from megatron_opd.logs import event
 
 
 class LayoutError(ValueError):
@@ -70,12 +71,6 @@ def check_world_size(layout: ParallelConfig, world_size: int) -> int:
     return world_size // dense
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(layout: ParallelConfig, seed: int = 1234,
                      backend: str | None = None) -> ParallelGroups:
     """torch.distributed from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT) or a
@@ -94,11 +89,13 @@ def init_distributed(layout: ParallelConfig, seed: int = 1234,
     if not dist.is_initialized():
         if "nccl" in backend:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # gloo/NCCL listen on `lo` when the world's rendezvous is on loopback (one machine)
+        os.environ.update(loopback_socket_env(os.environ.get("MASTER_ADDR", "127.0.0.1")))
         if "RANK" in os.environ:
             dist.init_process_group(backend=backend)
-        else:
+        else:  # a world of one: its store listens on loopback (a plain TCPStore binds `*`)
             dist.init_process_group(backend=backend, rank=0, world_size=1,
-                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
+                                    store=tcp_store("127.0.0.1", 0, 1, is_master=True))
     vpp = layout.virtual_pipeline_parallel
     ps.initialize_model_parallel(
         tensor_model_parallel_size=layout.tensor_parallel,
@@ -110,6 +107,11 @@ def init_distributed(layout: ParallelConfig, seed: int = 1234,
     # use_cpu_initialization draws master weights from torch's generator: same seed on all ranks.
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    if dist.get_rank() == 0:
+        event("learner", "layout", world=dist.get_world_size(), tp=layout.tensor_parallel,
+              pp=layout.pipeline_parallel, vpp=vpp, cp=layout.context_parallel,
+              ep=layout.expert_parallel, etp=layout.expert_tensor_parallel,
+              dp=ps.get_data_parallel_world_size(with_context_parallel=True), backend=backend)
     return ParallelGroups(
         layout=layout, world_size=dist.get_world_size(), rank=dist.get_rank(),
         tp=ps.get_tensor_model_parallel_group(), pp=ps.get_pipeline_model_parallel_group(),

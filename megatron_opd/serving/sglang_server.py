@@ -1,8 +1,9 @@
 """Start, watch and stop one SGLang server process (teacher or rollout).
 
 Each server runs in its own process group (SGLang forks a scheduler and a detokenizer), so stop()
-can take down the whole group and leave no orphans. On a CPU-only machine the CPU compat is put on
-the server's PYTHONPATH (see megatron_opd/compat/sglang_cpu.py); on GPUs nothing is patched.
+can take down the whole group and leave no orphans. The run patches of
+megatron_opd/compat/sglang_cpu.py (where the scheduler's store listens, a short server_args log
+line) are put on the server's PYTHONPATH, with the CPU compat, which applies only without CUDA.
 """
 
 from __future__ import annotations
@@ -83,9 +84,18 @@ class SGLangServer:
             env["OMP_NUM_THREADS"] = str(self.threads)
         if not _cuda_available():
             env["SGLANG_USE_CPU_ENGINE"] = "1"
-            env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (str(_SITE_DIR), env.get("PYTHONPATH", "")) if p)
+        # compat/sglang_site: the run patches on every device (the scheduler's store listens on
+        # --host only, a short server_args log line), the CPU compat where there is no CUDA
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(_SITE_DIR), env.get("PYTHONPATH", "")) if p)
+        env.update(self.socket_env(env))
         return env
+
+    def socket_env(self, env: dict) -> dict[str, str]:
+        """gloo/NCCL interfaces (the weight-update group): `lo` for a server on loopback."""
+        from megatron_opd.listeners import loopback_socket_env
+
+        return loopback_socket_env(self.host, env)
 
     def start(self) -> None:
         self.proc = spawn_group(self.command(), self.log_path, self.environment())
@@ -151,6 +161,9 @@ class RemoteSGLangServer(SGLangServer):
                 return None
             self._url, self.port = endpoint["url"], int(endpoint["port"])
         return self._url
+
+    def socket_env(self, env: dict) -> dict[str, str]:
+        return {}  # listens on its node's address (serve.py); the job's environment decides
 
     def command(self) -> list[str]:
         return [*self.launch_prefix, sys.executable, "-m", "megatron_opd.serving.serve",

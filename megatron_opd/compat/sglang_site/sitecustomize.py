@@ -1,7 +1,12 @@
 # Put on PYTHONPATH only for the SGLang server processes megatron-opd launches (and so inherited
-# by the children SGLang spawns): applies the CPU compat before SGLang is imported. Import
+# by the children SGLang spawns): applies the patches before SGLang is imported. Import
 # stand-ins go on sys.meta_path; patches of SGLang functions (the `_cuda_host_register` no-op)
 # are post-import hooks that act when SGLang first imports the module, so nothing is imported here.
-from megatron_opd.compat.sglang_cpu import install_sglang_cpu_compat
+# On every device: the run patches (the scheduler's store listens on its host, a short
+# server_args log line); on a CPU-only machine also the CPU compat.
+from megatron_opd.compat.sglang_cpu import install_sglang_cpu_compat, install_sglang_run_patches
+from megatron_opd.logs import quiet_known_warnings
 
-install_sglang_cpu_compat()
+quiet_known_warnings()  # the known third-party warnings (megatron_opd/logs.py says why each)
+install_sglang_run_patches()
+install_sglang_cpu_compat()  # a no-op where CUDA is available

@@ -1,0 +1,75 @@
+"""Where a run's sockets listen (docs/security.md lists every one).
+
+A run on one machine binds every listener to loopback; a multi-node run binds to the address its
+site names (the Slurm job's `MEGATRON_OPD_ADDR` or what the node's hostname resolves to), never
+to all interfaces by default. Two things in torch listen on all interfaces unless told otherwise:
+
+- a `TCPStore` server (torch.distributed rendezvous: the learner's own `init_process_group`, the
+  weight-sync group's store, SGLang's `init_process_group`) binds `*` whatever host name it is
+  given; `tcp_store` binds a socket to that host first and hands it over (`master_listen_fd`);
+- gloo and NCCL listen on the interface `GLOO_SOCKET_IFNAME` / `NCCL_SOCKET_IFNAME` names (else
+  gloo takes the hostname's address, NCCL the first non-loopback interface);
+  `loopback_socket_env` names `lo` for a run on one machine.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from datetime import timedelta
+
+ALL_INTERFACES = ("", "*", "0.0.0.0", "::")
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and `localhost`."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def listening_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A TCP socket bound to `host:port` (port 0: any free one), listening."""
+    family, _, _, _, addr = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's own server does
+        sock.bind(addr)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def tcp_store(host: str, port: int, world_size: int | None = None, is_master: bool = False,
+              timeout: timedelta = timedelta(seconds=300), wait_for_workers: bool = True,
+              multi_tenant: bool = False, use_libuv: bool = True):
+    """`torch.distributed.TCPStore`, whose server (`is_master`) listens on `host` only (upstream
+    binds every interface whatever `host` says). `host` naming all interfaces keeps upstream's
+    behaviour. Same arguments as TCPStore (positional order too)."""
+    import torch.distributed as dist
+
+    kwargs = dict(wait_for_workers=wait_for_workers, multi_tenant=multi_tenant,
+                  use_libuv=use_libuv)
+    if not is_master or host in ALL_INTERFACES:
+        return dist.TCPStore(host, port, world_size, is_master, timeout, **kwargs)
+    fd = listening_socket(host, port).detach()  # the store owns (and closes) the socket
+    try:
+        return dist.TCPStore(host, port, world_size, True, timeout, master_listen_fd=fd, **kwargs)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def loopback_socket_env(host: str, env: dict | None = None) -> dict[str, str]:
+    """`GLOO_SOCKET_IFNAME=lo` and `NCCL_SOCKET_IFNAME=lo` when `host` is loopback (a run on one
+    machine), unless `env` (default: this process's) already names an interface."""
+    env = os.environ if env is None else env
+    if not is_loopback(host):
+        return {}
+    return {k: "lo" for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if not env.get(k)}
