@@ -1003,10 +1003,19 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read YAML (or start from defaults), apply overrides, build typed config, validate."""
     data: dict = {}
     if path is not None:
+        example = "e.g. configs/quickstart.yaml"
         try:
             loaded = yaml.safe_load(Path(path).read_text())
         except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
+            raise ConfigError(f"config file not found: {path}, give a YAML config ({example})") \
+                from None
+        except IsADirectoryError:
+            raise ConfigError(f"--config: {path} is a directory, give a YAML config file in it "
+                              f"({example})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else "not a text file"
+            raise ConfigError(f"--config: cannot read {path} ({why}), give a readable YAML "
+                              f"config ({example})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):

@@ -1,12 +1,14 @@
 """One error style and one set of exit statuses for every entry point (`megatron-opd train |
 prepare | precompute-teacher | plan | keygen | submit`, the Slurm job driver).
 
-An error the user can act on ends in one line on stderr, `megatron-opd: error: <what>` (the
-tail of a dead process's log follows it), and the exit status says its kind:
+An error the user can act on ends in one line on stderr, `megatron-opd: error: <what>, <fix>`
+(the tail of a dead process's log follows it), and the exit status says its kind:
 
-- 2 `BAD_INPUT`: a config, file or machine refused before anything starts (`config error: <key>:
-  ...` for the config; a precision this machine cannot run; a run directory that holds another
-  run; a bad checkpoint file);
+- 2 `BAD_INPUT`: a command line, config, file or machine refused before anything starts
+  (`config error: <key>: ...` for the config and the paths it names, checked by
+  `launch.checks.preflight`; a precision this machine cannot run; a run directory that holds
+  another run; a bad checkpoint file; a run secret readable by others; a missing `--config` or
+  an unknown option: `Parser`);
 - 1 `FAILED`: a run (or a step toward it: a server, `sbatch`, the offline store) failed; a
   process that died is named, with the last lines of its log;
 - 130 `INTERRUPTED`: Ctrl-C or SIGTERM (scancel, preemption without warning); every process of
@@ -18,6 +20,7 @@ module that was never imported cannot have been raised, so kinds are looked up i
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
@@ -41,6 +44,19 @@ class RunDirTaken(FileExistsError):
     """`run.dir` holds another run and nothing to resume: refused before anything starts."""
 
 
+class BadInput(ValueError):
+    """The command line or a file it names is refused (not a config key): the message says
+    what and how to fix it."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse in the one error style: a bad command line is `megatron-opd: error: <what>, see
+    `<prog> --help`` and exit status 2 (sub-commands' parsers inherit it)."""
+
+    def error(self, message: str):  # argparse's hook; never returns
+        self.exit(BAD_INPUT, f"{PREFIX}{message}, see `{self.prog} --help`\n")
+
+
 # (module, class name, kind, shown as a config error): looked up only if the module is loaded.
 _KINDS = (
     ("megatron_opd.config", "ConfigError", BAD_INPUT, True),
@@ -58,6 +74,8 @@ def classify(e: BaseException) -> tuple[int, str] | None:
         return INTERRUPTED, "interrupted; all processes stopped"
     if isinstance(e, RunDirTaken):
         return BAD_INPUT, f"config error: {e}"
+    if isinstance(e, BadInput):
+        return BAD_INPUT, str(e)
     if isinstance(e, RunFailed):
         return FAILED, str(e)
     for module, name, code, config in _KINDS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -124,20 +125,47 @@ def test_roles_take_their_nodes_in_order(tmp_path):
     assert t1[t1.index("--tp-size") + 1] == "4" and t1[t1.index("--base-gpu-id") + 1] == "4"
 
 
-def test_submit_dry_run_prepares_the_run_dir_and_renders(tmp_path):
-    run_dir = tmp_path / "run"
-    out = subprocess.run([sys.executable, "-m", "megatron_opd.cli", "submit", "--config",
-                          str(ROOT / "configs/quickstart.yaml"), f"run.dir={run_dir}",
-                          "run.overwrite=true", "--dry-run"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+def _tree(path):
+    return {str(p.relative_to(path)): (p.stat().st_mode, p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(path.rglob("*"))}
+
+
+def test_submit_dry_run_writes_nothing_in_the_run_dir(tmp_path):
+    """`submit --dry-run` prints the script rendered for run.dir and touches nothing there (no
+    config, script or secret); its copy of the job's files goes to a temporary directory it
+    names (under $TMPDIR)."""
+    run_dir, tmp = tmp_path / "run", tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+
+    def dry(*overrides):
+        return subprocess.run([sys.executable, "-m", "megatron_opd.cli", "submit", "--config",
+                               str(ROOT / "configs/quickstart.yaml"), f"run.dir={run_dir}",
+                               *overrides, "--dry-run"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+
+    out = dry("run.overwrite=true")
     assert out.returncode == 0, out.stderr
-    assert "#SBATCH hetjob" in out.stdout and (run_dir / "job.sbatch").read_text() == out.stdout.rstrip("\n") + "\n"
-    saved = load_config(run_dir / "config.yaml")
+    assert not run_dir.exists()
+    (named,) = tmp.iterdir()
+    assert out.stderr == (f"megatron-opd: dry run: nothing written in {run_dir} and nothing "
+                          f"submitted; the job's config.yaml and job.sbatch are in {named}\n")
+    assert sorted(p.name for p in named.iterdir()) == ["config.yaml", "job.sbatch"]
+    assert "#SBATCH hetjob" in out.stdout
+    assert (named / "job.sbatch").read_text() == out.stdout.rstrip("\n") + "\n"
+    assert f"--run-dir {run_dir}" in out.stdout and str(named) not in out.stdout
+    saved = load_config(named / "config.yaml")
     assert saved.run.overwrite is False  # a requeued job must never wipe what it resumes from
-    assert (run_dir / "transport.key").stat().st_mode & 0o077 == 0
+    # a run directory that exists (a run to resume, even with another config) stays as it was
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("old: config\n")
+    (run_dir / "metrics.jsonl").write_text('{"step": 0}\n')
+    before = _tree(run_dir)
+    assert dry("train.steps=3").returncode == 0
+    assert _tree(run_dir) == before
     bad = subprocess.run([sys.executable, "-m", "megatron_opd.cli", "submit", "--config",
                           str(ROOT / "configs/quickstart.yaml"), f"run.dir={tmp_path / 'x'}",
                           "cluster.gpus_per_node=8", "--dry-run"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 2 and "parallel.world_size" in bad.stderr
-    assert not (tmp_path / "x").exists()
+    assert not (tmp_path / "x").exists() and len(list(tmp.iterdir())) == 2

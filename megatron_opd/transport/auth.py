@@ -76,7 +76,12 @@ class AuthRequired(ValueError):
 
 
 class SecretFileError(ValueError):
-    """The secret file is missing, has the wrong size, or is readable by group/others."""
+    """The secret file is missing, has the wrong size, or is readable by group/others; or
+    `write_secret` was given a path it must not or cannot write."""
+
+
+class SecretFileExists(SecretFileError, FileExistsError):
+    """`write_secret` without force onto a file that exists."""
 
 
 # ------------------------------------------------------------------------------- secrets
@@ -86,19 +91,43 @@ def generate_secret() -> bytes:
 
 def write_secret(path: str | os.PathLike, *, force: bool = False) -> Path:
     """Create PATH with 32 random bytes, mode 0600 from the start (never world-readable, not even
-    briefly). Refuses to overwrite an existing file unless force."""
+    briefly). Refuses to overwrite an existing file unless force, and never replaces anything
+    but a regular file; a path it cannot write raises SecretFileError saying why, and leaves no
+    temporary file behind."""
     path = Path(path)
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} exists (pass --force to replace it)")
+    if path.is_dir():
+        raise SecretFileError(f"{path} is a directory, give a file path (e.g. {path / 'run.key'})")
+    if path.exists() or path.is_symlink():
+        if not force:
+            raise SecretFileExists(f"{path} exists, pass --force to replace it")
+        if path.is_symlink() or not path.is_file():
+            raise SecretFileError(f"{path} is not a regular file, give a file path")
+    if not path.parent.is_dir():
+        raise SecretFileError(f"{path.parent} is not a directory, create it first (or give "
+                              "another path)")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise SecretFileError(f"{path.parent} is not writable, give a path in a directory you "
+                              "can write")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.fchmod(fd, 0o600)  # whatever the umask
-        os.write(fd, generate_secret())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise SecretFileError(f"cannot write {path}: {e.strerror}, give a path in a directory "
+                              "you can write") from None
+    try:
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+            os.write(fd, generate_secret())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise SecretFileError(f"cannot write {path}: {e.strerror or e}, give a path you "
+                                  "can write") from None
+        raise
     return path
 
 
@@ -107,18 +136,19 @@ def load_secret(path: str | os.PathLike) -> bytes:
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise SecretFileError(f"run secret {path} does not exist (make one with "
-                              f"`megatron-opd keygen --out {path}`)") from None
+        raise SecretFileError(f"run secret {path} does not exist, make one with "
+                              f"`megatron-opd keygen --out {path}`") from None
     if not stat.S_ISREG(st.st_mode):
-        raise SecretFileError(f"run secret {path} is not a regular file")
+        raise SecretFileError(f"run secret {path} is not a regular file, give the file "
+                              "`megatron-opd keygen` made")
     if st.st_mode & 0o077:
         raise SecretFileError(
             f"run secret {path} has mode {stat.S_IMODE(st.st_mode):04o}: group/other users can "
-            f"read it; run `chmod 600 {path}` (and consider making a new secret)")
+            f"read it, run `chmod 600 {path}` (and consider making a new secret)")
     data = path.read_bytes()
     if len(data) != SECRET_BYTES:
-        raise SecretFileError(f"run secret {path} holds {len(data)} bytes, expected "
-                              f"{SECRET_BYTES} (make one with `megatron-opd keygen`)")
+        raise SecretFileError(f"run secret {path} holds {len(data)} bytes, not "
+                              f"{SECRET_BYTES}, make one with `megatron-opd keygen`")
     return data
 
 
