@@ -2,14 +2,16 @@
 
 - `event(source, what, **fields)`: one timestamped lifecycle line (start, layout, checkpoint
   saved/loaded, preemption, finish, crash with the command that resumes it);
-- `KNOWN_WARNINGS` / `quiet_known_warnings()`: the third-party warnings every run prints and no
-  one can act on, listed once here with why each is harmless, filtered by each process at its
-  start (the learner, the SGLang servers through compat/sglang_site). A warning not listed
-  here still shows.
+- `KNOWN_WARNINGS`, `KNOWN_LOG_RECORDS` / `quiet_known_warnings()`: the third-party warnings
+  (and log records) every run prints and no one can act on, listed once here with why each is
+  harmless, filtered by each process at its start (the learner, the SGLang servers through
+  compat/sglang_site). A warning not listed here still shows.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import sys
 import time
 import warnings
@@ -55,10 +57,48 @@ KNOWN_WARNINGS: tuple[KnownWarning, ...] = (
                  "as for AWQ: imported, never used"),
     KnownWarning(UserWarning, r"Triton is not supported on current platform",
                  "CPU servers run torch_native attention; SGLang's Triton kernels are not used"),
+    # FastAPI (a FastAPIDeprecationWarning: matched as any Warning, fastapi is not imported here)
+    KnownWarning(Warning, r"ORJSONResponse is deprecated",
+                 "SGLang's HTTP server answers with ORJSONResponse; FastAPI still serves it"),
 )
 
 
+@dataclass(frozen=True)
+class KnownLogRecord:
+    logger: str  # the logger that emits it
+    message: str  # regular expression matched at the start of its message
+    why: str  # why its traceback may be dropped (the one line stays)
+
+
+KNOWN_LOG_RECORDS: tuple[KnownLogRecord, ...] = (
+    KnownLogRecord("sglang.srt.entrypoints.http_server", r"post-warmup freeze_gc failed",
+                   "with --skip-server-warmup SGLang 0.5.23 asks its own HTTP server to freeze "
+                   "the garbage collector before that server accepts connections; the request "
+                   "is refused (a ~70-line traceback) and the server serves normally"),
+)
+
+
+class _WithoutTraceback(logging.Filter):
+    """Keeps a known record as one line: its traceback dropped, a note of why."""
+
+    def __init__(self, known: KnownLogRecord):
+        super().__init__()
+        self.known = known
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and re.match(self.known.message, record.getMessage()):
+            record.exc_info, record.exc_text = None, None
+            record.msg = f"{record.getMessage()} (known, harmless: megatron_opd/logs.py)"
+            record.args = ()
+        return True
+
+
 def quiet_known_warnings() -> None:
-    """Hide the warnings of KNOWN_WARNINGS in this process (call once, at its start)."""
+    """Hide the warnings of KNOWN_WARNINGS and the tracebacks of KNOWN_LOG_RECORDS in this
+    process (call once, at its start)."""
     for w in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=w.message, category=w.category)
+    for r in KNOWN_LOG_RECORDS:
+        logger = logging.getLogger(r.logger)
+        if not any(isinstance(f, _WithoutTraceback) and f.known == r for f in logger.filters):
+            logger.addFilter(_WithoutTraceback(r))

@@ -9,10 +9,11 @@ import os
 import re
 import warnings
 
+from fastapi.exceptions import FastAPIDeprecationWarning
 from tqdm import tqdm
 
 from megatron_opd.launch.runner import _update_bar
-from megatron_opd.logs import KNOWN_WARNINGS, event, quiet_known_warnings
+from megatron_opd.logs import KNOWN_LOG_RECORDS, KNOWN_WARNINGS, event, quiet_known_warnings
 
 # The warnings as the pinned versions print them (megatron-core 0.16.1, torch 2.13.0, SGLang
 # 0.5.23), copied from a quickstart's logs.
@@ -33,6 +34,8 @@ SEEN = [
     (UserWarning, "Only CUDA, HIP and XPU support AWQ currently."),
     (UserWarning, "Only CUDA, MUSA and NPU support GGUF quantization currently."),
     (UserWarning, "Triton is not supported on current platform, roll back to CPU."),
+    (FastAPIDeprecationWarning, "ORJSONResponse is deprecated, FastAPI now serializes data "
+                                "directly to JSON bytes via Pydantic"),
 ]
 
 
@@ -51,6 +54,32 @@ def test_known_warnings_are_hidden_and_nothing_else():
     assert len(caught) == 3
     for w in KNOWN_WARNINGS:  # every entry matches something seen (no dead entries)
         assert any(re.match(w.message, m, re.I) and issubclass(c, w.category) for c, m in SEEN), w
+
+
+def test_known_log_record_keeps_one_line_without_its_traceback():
+    import logging
+
+    (known,) = KNOWN_LOG_RECORDS
+    logger = logging.getLogger(known.logger)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    saved = list(logger.filters)
+    try:
+        quiet_known_warnings()
+        quiet_known_warnings()  # once is enough: no second filter
+        assert sum(type(f).__name__ == "_WithoutTraceback" for f in logger.filters) == 1
+        for message in ("post-warmup freeze_gc failed", "another failure"):
+            try:
+                raise ConnectionRefusedError(111, "Connection refused")
+            except OSError:
+                logger.warning(message, exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+        logger.filters[:] = saved
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "post-warmup freeze_gc failed (known, harmless: megatron_opd/logs.py)"
+    assert lines[1] == "another failure" and "Traceback" in lines[2]  # others keep theirs
 
 
 def test_event_is_one_timestamped_line(capsys):
