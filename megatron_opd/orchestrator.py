@@ -28,9 +28,15 @@ import numpy as np
 
 from megatron_opd.config import Config, load_config
 from megatron_opd.envs import Environment, EnvPrompt
-from megatron_opd.transport import (ControlSubscriber, Sample, SampleClient, Shutdown,
-                                    WeightsPublished)
+from megatron_opd.interrupt_sync import InterruptGate, generate_continuing
+from megatron_opd.transport import (ControlSubscriber, Interrupt, PartialRollouts, Sample,
+                                    SampleClient, Shutdown, WeightsPublished)
 from megatron_opd.wiring import RunWiring
+
+
+# After the servers' abort-mode pause returned, how long the running /generate calls may take to
+# come back before the partial rollouts are sent without them (counted as late_calls).
+INTERRUPT_GRACE_S = 5.0
 
 
 class Admission:
@@ -127,19 +133,38 @@ def make_groups(cfg: Config, env: Environment, examples: list[EnvPrompt], result
     return out
 
 
+def sample_ids(group_ids: list[str], group_size: int) -> list[str]:
+    """The sample id of each sequence of a request (laid out as `request_prompts`)."""
+    return [gid if group_size == 1 else f"{gid}-{j}" for gid in group_ids for j in range(group_size)]
+
+
 def rollout_and_score(cfg: Config, env: Environment, rollout, teacher, examples: list[EnvPrompt],
-                      group_ids: list[str]) -> list[list[Sample]]:
+                      group_ids: list[str], gate: InterruptGate | None = None
+                      ) -> list[list[Sample]]:
     """One request: group_size responses per prompt from the rollout fleet, every one scored by
-    the teacher (sampled-token log-prob, and top-K when teacher.top_k > 0)."""
+    the teacher (sampled-token log-prob, and top-K when teacher.top_k > 0). With an interrupt
+    gate the responses survive interrupts (continued from their partial output)."""
     prompts = request_prompts(examples, cfg.rollout.group_size)
-    results = rollout.generate(
-        prompts, sampling_params(cfg, env), return_logprob=True,
-        return_routed_experts=cfg.train.routing_replay == "r3",
-        routed_experts_shape=(cfg.model.num_layers, cfg.model.moe_router_topk))
+    if gate is not None:
+        keys = sample_ids(group_ids, cfg.rollout.group_size)
+        results = generate_continuing(rollout, prompts, sampling_params(cfg, env), keys, gate)
+        if results is None:
+            return []
+    else:
+        results = rollout.generate(
+            prompts, sampling_params(cfg, env), return_logprob=True,
+            return_routed_experts=cfg.train.routing_replay == "r3",
+            routed_experts_shape=(cfg.model.num_layers, cfg.model.moe_router_topk))
     scores = teacher.score([p + list(r.output_ids) for p, r in zip(prompts, results)],
                            start=[len(p) for p in prompts], top_k=cfg.teacher.top_k,
                            temperature=cfg.teacher.temperature)
-    return make_groups(cfg, env, examples, results, scores, group_ids)
+    groups = make_groups(cfg, env, examples, results, scores, group_ids)
+    if gate is not None:  # a dropped group's rows are never sent: forget them now
+        kept = {x.sample_id for g in groups for x in g}
+        for key in keys:
+            if key not in kept:
+                gate.sent(key)
+    return groups
 
 
 def accepted_in_checkpoint(run_dir: Path):
@@ -175,6 +200,11 @@ def run_orchestrator(cfg: Config, wiring: RunWiring) -> None:
     k, g = cfg.rollout.prompts_per_request, cfg.rollout.group_size
     accepted = accepted_in_checkpoint(Path(wiring.run_dir))
     skipped = 0
+    # interrupt sync (correction.proximal=interrupt): the gate, and one client per rollout
+    # server to pause them (interrupt_sync.py)
+    gate = InterruptGate() if cfg.correction.proximal == "interrupt" else None
+    servers = [fleet_client([u], cfg.server) for u in wiring.rollout_urls] if gate else []
+    answered: set[int] = set()
 
     def group_id(position: int) -> str:  # a prompt's id is its stream position: restart-stable
         return f"{cfg.run.name}-{position:09d}"
@@ -211,11 +241,13 @@ def run_orchestrator(cfg: Config, wiring: RunWiring) -> None:
                             continue
                         examples.append(ex)
                         ids.append(gid)
-                for group in rollout_and_score(cfg, env, rollout, teacher, examples, ids):
+                for group in rollout_and_score(cfg, env, rollout, teacher, examples, ids, gate):
                     ready.put(group)
         except BaseException as e:  # surface in the main thread: the process must die loudly
             errors.append(e)
             admission.stop()
+            if gate:
+                gate.stop()
 
     def offline_feeder() -> None:
         """Offline OPD (ALGORITHMS.md §9): the stored rollouts of the init, scored once by the
@@ -254,10 +286,21 @@ def run_orchestrator(cfg: Config, wiring: RunWiring) -> None:
     def handle_control(timeout_ms: int) -> None:
         for msg in control.poll(timeout_ms=timeout_ms):
             if isinstance(msg, WeightsPublished):
+                if gate and gate.closed:  # the interrupt is over: resume, continue the partials
+                    for c in servers:
+                        c.continue_generation()
+                    gate.reopen()
                 admission.set_version(msg.version)
+            elif isinstance(msg, Interrupt) and gate and msg.seq not in answered:
+                answered.add(msg.seq)  # the learner repeats it until answered (slow joiner)
+                rows = gate.interrupt(lambda: [c.pause_generation("abort") for c in servers],
+                                      grace_s=INTERRUPT_GRACE_S)
+                sender.send_outside_credit(PartialRollouts.pack(msg.seq, msg.version, rows))
             elif isinstance(msg, Shutdown):
                 print(f"[orchestrator] shutdown: {msg.reason}", flush=True)
                 admission.stop()
+                if gate:
+                    gate.stop()
 
     try:
         while not admission.stopped:
@@ -269,18 +312,24 @@ def run_orchestrator(cfg: Config, wiring: RunWiring) -> None:
                         handle_control(timeout_ms=0)
                         if admission.stopped:
                             break
+                    if gate:
+                        gate.sent(sample.sample_id)
                     sent += 1
                     if sent % 100 == 0:
                         st = sender.stats
                         print(f"[orchestrator] sent {sent} samples ({st['resent']} re-sent, "
                               f"{st['unacked']} unacked), version {admission.version}, started "
                               f"{admission.started}, skipped {skipped} accepted prompts"
-                              + "".join(f", {k} {v:g}" for k, v in env.stats().items()),
+                              + "".join(f", {k} {v:g}" for k, v in env.stats().items())
+                              + "".join(f", {k} {v}" for k, v in (gate.stats if gate else {})
+                                        .items()),
                               flush=True)
         if errors:
             raise errors[0]
     finally:
         admission.stop()
+        if gate:
+            gate.stop()
         sender.close()
         control.close()
 

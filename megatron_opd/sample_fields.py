@@ -114,6 +114,10 @@ FIELDS: tuple[SampleField, ...] = (
     F("teacher_temperature", SCALAR, "temperature the teacher's log-probs are of "
       "(teacher.temperature); the distillation terms score the student at it", batch="float32",
       batch_shape="B", store="float64", reads="always"),
+    F("interrupt_logprobs", COLLATE, "log pi_old(y_t) scored by interrupt sync with the weights "
+      "of the token's version before they were replaced (correction.proximal=interrupt; NaN: "
+      "none; the learner fills it from its store after collate)", batch="float32",
+      batch_shape="BT", pad=float("nan")),
     F("routed_experts", TENSOR, "the rollout engine's experts per input position (R3)",
       wire=("uint8", "int16", "int32"), shape="SNR", batch="int64", batch_shape="BLNR",
       optional=True),

@@ -40,6 +40,8 @@ class TrainBatch:
     temperature: torch.Tensor  # [B] float32: sampling temperature that produced the sample
     top_p: torch.Tensor  # [B] float32: its top-p (behaviour_logprobs are not renormalised for it)
     teacher_temperature: torch.Tensor  # [B] float32: temperature of the teacher's log-probs
+    # [B, T] float32: log pi_old from interrupt sync (learner/interrupt.py), NaN where none
+    interrupt_logprobs: torch.Tensor
     # [B, L, layers, top_k] int64: the rollout engine's experts per input position (R3), or None
     routed_experts: torch.Tensor | None = None
 

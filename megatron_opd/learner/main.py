@@ -27,6 +27,7 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
     from megatron_opd.learner.checkpoint import (TrainerState, latest_checkpoint,
                                                  load_checkpoint, save_checkpoint)
     from megatron_opd.learner.evaluate import evaluate
+    from megatron_opd.learner.interrupt import interrupt_sync
     from megatron_opd.learner.io import broadcast_batch
     from megatron_opd.learner.losses import objective_fields, objective_loss_fn
     from megatron_opd.learner.parallel import destroy_distributed, init_distributed
@@ -73,6 +74,13 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
                                 masked_token_ids(cfg.objective.masked_tokens, wiring.student_dir),
                                 cfg.correction)
     eval_set = env.eval_prompts() if rank0 else []  # rank 0 asks the servers
+
+    interrupt = cfg.correction.proximal == "interrupt"
+
+    def next_published(state) -> int:  # what the fleet gets after this step (if it steps)
+        final = state.step + 1 == cfg.train.steps
+        lag = 0 if final else cfg.async_.publish_lag
+        return max(state.version + 1 - lag, 0) if lag else state.version + 1
 
     def publish(newest: bool = False) -> float:  # every rank gathers; rank 0 streams
         from megatron_opd.weight_sync import publish_with_retries
@@ -139,10 +147,11 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
             raise RuntimeError("train.routing_replay=r3: samples arrived without routed_experts "
                                "(is the rollout server started with --enable-return-routed-experts?)")
         fields = objective_fields(cfg.objective) + ("token_versions", "revision_changed") + \
-            (("routed_experts",) if r3 else ())
+            (("routed_experts",) if r3 else ()) + (("interrupt_logprobs",) if interrupt else ())
         micro = split_microbatches(batch, fields, groups, cfg.parallel.micro_batch_size)
-        offpolicy = proximal.fill_old_logprobs(micro, batch.token_versions, batch.loss_mask,
-                                               score_old, version=state.version)
+        offpolicy = proximal.fill_old_logprobs(
+            micro, batch.token_versions, batch.loss_mask, score_old, version=state.version,
+            batch_stored=batch.interrupt_logprobs if interrupt else None)
         for mb in micro:  # the supervision drift of freshness control (§7)
             mb.data["context_lag"] = context_lag(mb.data["token_versions"], mb.data["loss_mask"],
                                                  state.version, mb.data["revision_changed"])
@@ -151,6 +160,9 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
             pre_forward=(lambda mb, _: replay.force(mb.data["routed_experts"])) if r3 else None)
         if r3:
             replay.off()
+        if interrupt and next_published(state) != proximal.fleet_version:
+            offpolicy |= interrupt_sync(io, proximal, score_old, groups, cfg, special.pad,
+                                        objective_fields(cfg.objective), seq=time.time_ns())
         stepped, grad_norm = optimizer_step(optimizer, scheduler, loss)
         state.step += 1
         t_sync = 0.0
@@ -240,6 +252,9 @@ class _RankZeroIO:
         self.control = ControlPublisher(wiring.control_endpoint, secret=secret, mac=tr.mac)
         self.publisher = _make_publisher(cfg, wiring)
         self.announced = state.version  # the fleet's version, as last announced
+        from megatron_opd.learner.interrupt import InterruptStore
+
+        self.interrupts = InterruptStore()  # correction.proximal=interrupt: log pi_old per id
         from megatron_opd.learner.spool import SampleLedger
 
         self.metrics = MetricsWriter(Path(wiring.run_dir), tensorboard=cfg.logging.tensorboard,
@@ -313,6 +328,7 @@ class _RankZeroIO:
         # Offline OPD data is fixed off-policy data by design (version 0): no staleness bound.
         bound = None if cfg.teacher.mode == "offline" else cfg.async_.max_staleness
         batch, stale = collate(samples, pad_id, state.version, bound, cfg.teacher.revision)
+        batch.interrupt_logprobs = self.interrupts.take(samples, batch.response_ids.shape[1])
         return samples, batch, stale
 
     def log(self, state, samples, stale, last_eval: dict, train: dict) -> None:
@@ -326,6 +342,9 @@ class _RankZeroIO:
             "samples/staleness_max": stale.staleness_max,
             "samples/version_min": min(int(x.token_versions.min()) for x in samples),
             "samples/version_max": max(int(x.token_versions.max()) for x in samples),
+            # responses continued across a weight update (retract / interrupt sync)
+            "samples/multi_version_fraction": sum(x.min_version != x.max_version
+                                                  for x in samples) / len(samples),
             "samples/dropped_stale_tokens": state.counters["dropped_stale_tokens"],
             "samples/rejected_messages": self.receiver.stats["rejected_total"],
             "samples/duplicates_dropped": self.receiver.stats["duplicates"],

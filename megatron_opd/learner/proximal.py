@@ -23,6 +23,10 @@ Strategies:
   forward pass per distinct version in the batch.
 - `replica`: a second model on the learner ranks holding the version the rollout fleet serves
   (refreshed at each publication); exact for the tokens of that version, mu for the rest.
+- `interrupt`: before each weight update, the tokens of the version being replaced are scored
+  with its weights and kept per sample (`learner/interrupt.py`, filled into the batch as
+  `interrupt_logprobs`); tokens of the fleet's current version are scored here, like `replica`
+  but with the live weights (or the lag's snapshot). No parameter copies at publish_lag 0.
 - `ewma`: PPO-EWMA proximal policy: a bias-corrected EWMA of the parameters after every step
   (fp32, CPU), reset to the live weights when the step's active fraction falls below tau.
 - `loglinear` / `linear`: no pass at all; the loss interpolates mu and pi_theta by version
@@ -236,11 +240,12 @@ class ProximalPolicy:
 
     # -- per step -------------------------------------------------------------------------
     def fill_old_logprobs(self, micro: list[MicroBatch], batch_versions: torch.Tensor,
-                          batch_mask: torch.Tensor, score: Scorer, *, version: int
-                          ) -> dict[str, float]:
+                          batch_mask: torch.Tensor, score: Scorer, *, version: int,
+                          batch_stored: torch.Tensor | None = None) -> dict[str, float]:
         """Sets `mb.data["old_logprobs"]` [b, T] on every micro-batch this rank scores (from
         `mb.data["token_versions"]` and `behaviour_logprobs`); `batch_versions` / `batch_mask`
-        are the *global* batch's, identical on every rank. The interpolations set
+        are the *global* batch's, identical on every rank, and so is `batch_stored` (interrupt:
+        the batch's `interrupt_logprobs`, also in each `mb.data`). The interpolations set
         `mb.data["proximal_alpha"]` instead (the loss mixes mu and pi_theta with it). Returns
         this step's metrics."""
         if self.kind in ("loglinear", "linear"):
@@ -257,6 +262,13 @@ class ProximalPolicy:
         elif self.kind == "replica":
             passes = {self.replica_version: score(self.replica, micro)} \
                 if self.replica_version in wanted else {}
+        elif self.kind == "interrupt":  # the fleet's version: its interrupt is still to come
+            v = self.fleet_version
+            held = v == self.version or (self.snapshots is not None and v in self.snapshots.store)
+            passes = {}
+            if v in wanted and held:
+                with self.holding(v):
+                    passes[v] = score(self.ddp, micro)
         else:  # snapshot: one pass per held version the batch needs
             passes = {}
             for v in wanted:
@@ -266,6 +278,9 @@ class ProximalPolicy:
         for i, mb in enumerate(micro):  # forward_backward numbers micro-batches by position
             d = mb.data
             old = d["behaviour_logprobs"].to(torch.float32).clone()
+            if "interrupt_logprobs" in d:
+                stored = d["interrupt_logprobs"].to(torch.float32)
+                old = torch.where(stored.isnan(), old, stored)
             for v, rows in passes.items():
                 if i in rows:
                     take = torch.ones_like(old, dtype=torch.bool) if v is None \
@@ -273,6 +288,8 @@ class ProximalPolicy:
                     old = torch.where(take, rows[i].to(old.dtype), old)
             d["old_logprobs"] = old
         covered = torch.zeros_like(trainable)
+        if batch_stored is not None:
+            covered |= trainable & ~batch_stored.isnan()
         for v in passes:
             covered |= trainable if v is None else trainable & (batch_versions == v)
         tokens = int(trainable.sum())

@@ -59,7 +59,7 @@ import zmq
 
 from megatron_opd.transport.dedup import SeenIds
 from megatron_opd.transport.schema import (
-    MAX_IDS_PER_MESSAGE, Ack, Credit, Hello, ProtocolError, Sample,
+    MAX_IDS_PER_MESSAGE, Ack, Credit, Hello, PartialRollouts, ProtocolError, Sample,
 )
 from megatron_opd.transport.zmq_link import DEFAULT_MAX_MESSAGE_BYTES, _Socket
 
@@ -99,8 +99,8 @@ class SampleServer(_Socket):
             raise ValueError("credit must be >= 1")
         super().__init__(zmq.ROUTER, context, endpoint, secret=secret, mac=mac,
                          allow_insecure=allow_insecure, max_age_s=max_age_s,
-                         max_message_bytes=max_message_bytes, kinds=(Hello, Sample),
-                         role="SampleServer")
+                         max_message_bytes=max_message_bytes,
+                         kinds=(Hello, Sample, PartialRollouts), role="SampleServer")
         self.run_id, self.credit = run_id, credit
         self.session = os.urandom(8).hex()
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting client keeps its identity
@@ -116,7 +116,9 @@ class SampleServer(_Socket):
         self._pending: dict[str, str] = {}  # returned by recv, not acked yet: id -> client name
         self._owed: set[bytes] = set()  # peers with freed credit not announced yet
         self._counts = {"received": 0, "duplicates": 0, "acked": 0, "reacked": 0,
-                        "handshakes": 0}
+                        "handshakes": 0, "partial_rollouts": 0}
+        # interrupt-sync answers (outside credit: a handful per run, each after an Interrupt)
+        self.partial_rollouts: deque[PartialRollouts] = deque(maxlen=8)
 
     # ------------------------------------------------------------------------ learner API
     def recv(self, timeout_ms: int = 1000) -> Sample | None:
@@ -167,6 +169,10 @@ class SampleServer(_Socket):
             self.flush_credit()
         return len(self._queue)
 
+    def queued_samples(self) -> list[Sample]:
+        """Samples received and queued, not yet returned by `recv` (in arrival order)."""
+        return [s for _, _, s in self._queue]
+
     def ack(self, ids: Iterable[str]) -> int:
         """The outcome of these ids is durable: tell their clients (they forget them). Ids never
         returned by recv or already acked are ignored. Returns how many were acked."""
@@ -215,6 +221,13 @@ class SampleServer(_Socket):
             return
         if isinstance(msg, Hello):
             self._hello(identity, peer, msg)
+            return
+        if isinstance(msg, PartialRollouts):  # no credit: it answers the learner's Interrupt
+            if peer is None:
+                self._reject(ProtocolError("no_handshake", "partial rollouts without Hello"))
+            else:
+                self._counts["partial_rollouts"] += 1
+                self.partial_rollouts.append(msg)
             return
         if peer is None:  # e.g. this server restarted: the client must say Hello first
             self._reject(ProtocolError("no_handshake", "sample from a client without Hello"))
@@ -356,6 +369,15 @@ class SampleClient(_Socket):
                 self._counts["send_timeouts"] += 1
                 return False
             self._wait(min(left, 0.05))
+
+    def send_outside_credit(self, msg: PartialRollouts, timeout_ms: int = 10_000) -> bool:
+        """Send an interrupt-sync answer now: no credit, never held or re-sent (a lost one only
+        costs exactness, which the learner counts). False without a handshake or on timeout."""
+        self._service()
+        if self._handshaking or not self.sock.poll(timeout_ms, zmq.POLLOUT):
+            return False
+        self.sock.send_multipart(self._outgoing(msg), copy=False)
+        return True
 
     def poll(self, timeout_ms: int = 0) -> int:
         """Handle Credit / Ack messages arriving within timeout_ms, repeat the handshake if due,

@@ -1,0 +1,132 @@
+"""Interrupt sync, the orchestrator's half (`correction.proximal=interrupt`; ALGORITHMS.md §6,
+docs/off-policy.md). The learner's half is `learner/interrupt.py`.
+
+Before the learner replaces the fleet's weights (version v), it sends `Interrupt(seq, v)`. Here:
+1. the gate closes: no worker starts a new /generate call;
+2. every rollout server is paused in `abort` mode: running requests return what they generated
+   so far (finish_reason "abort");
+3. once those calls are back, every response generated and not yet sent to the learner (partial,
+   being scored by the teacher, or waiting to be sent) goes to the learner in one
+   `PartialRollouts`; the learner scores their tokens of version v with the weights of v, which it
+   still holds, and keeps log pi_old per sample id until the finished sample arrives;
+4. the next `WeightsPublished` reopens the gate (and resumes the servers); aborted requests
+   continue from their partial output (prompt + partial in, the rest out), so a response may
+   span versions, and its per-token versions say which.
+
+Invariants:
+- A row is registered (under the gate's lock) before its generate call is counted as returned,
+  and removed only once its sample was handed to the sample channel; so after step 3's wait
+  every token of version v that the learner has not received is in the answer, except in calls
+  still running when the grace period ends, which are counted (`late_calls`): calls that reached
+  a paused server are held there with no tokens, so the grace only guards against slow replies.
+- A continued response is the exact token sequence: earlier tokens are never re-sampled or
+  re-tokenised; each continuation asks for the tokens left of `max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from megatron_opd.serving.sglang_client import GenerateResult
+
+
+class InterruptGate:
+    """Shared by the generation workers and the orchestrator's main thread."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self.closed = False
+        self.stopped = False
+        self.inflight = 0  # generate calls running
+        # sample id -> (prompt ids, response ids so far, their versions): generated, not sent
+        self.rows: dict[str, tuple[list[int], list[int], np.ndarray]] = {}
+        self.stats = {"interrupts": 0, "late_calls": 0, "continued_requests": 0}
+
+    def begin_generate(self) -> bool:
+        """Wait while an interrupt is on; False once stopped."""
+        with self._cv:
+            while self.closed and not self.stopped:
+                self._cv.wait(timeout=0.5)
+            if self.stopped:
+                return False
+            self.inflight += 1
+            return True
+
+    def end_generate(self, rows: dict) -> None:
+        with self._cv:
+            self.rows.update(rows)
+            self.inflight -= 1
+            self._cv.notify_all()
+
+    def sent(self, sample_id: str) -> None:
+        with self._cv:
+            self.rows.pop(sample_id, None)
+
+    def interrupt(self, pause, grace_s: float) -> list[tuple]:
+        """Close, pause the servers (`pause()`), wait for the running calls (up to grace_s
+        after the pause returned), and return the rows to send."""
+        with self._cv:
+            self.closed = True
+            self.stats["interrupts"] += 1
+        pause()
+        deadline = time.monotonic() + grace_s
+        with self._cv:
+            while self.inflight and time.monotonic() < deadline:
+                self._cv.wait(timeout=max(0.0, deadline - time.monotonic()))
+            self.stats["late_calls"] += self.inflight
+            return [(k, p, r, v) for k, (p, r, v) in self.rows.items()]
+
+    def reopen(self) -> None:
+        with self._cv:
+            self.closed = False
+            self._cv.notify_all()
+
+    def stop(self) -> None:
+        with self._cv:
+            self.stopped = True
+            self._cv.notify_all()
+
+
+def merge_continuation(first: GenerateResult, more: GenerateResult) -> GenerateResult:
+    """`first`'s partial output followed by the continuation's output (its tokens were generated
+    with prompt + first.output_ids as input)."""
+    return GenerateResult(
+        output_ids=list(first.output_ids) + list(more.output_ids),
+        output_logprobs=np.concatenate([first.output_logprobs, more.output_logprobs]),
+        token_versions=np.concatenate([first.token_versions, more.token_versions]),
+        weight_version=more.weight_version, finish_reason=more.finish_reason,
+        meta_info=more.meta_info)
+
+
+def generate_continuing(rollout, prompts: list[list[int]], sampling_params: dict,
+                        keys: list[str], gate: InterruptGate) -> list[GenerateResult] | None:
+    """One batch of requests that survives interrupts: aborted rows are re-submitted from their
+    partial output until each finishes. Every call's rows are registered with the gate. None
+    once the gate stopped."""
+    results: list[GenerateResult | None] = [None] * len(prompts)
+    todo = list(range(len(prompts)))
+    limit = int(sampling_params["max_new_tokens"])
+    while todo:
+        if not gate.begin_generate():
+            return None
+        rows = {}
+        try:
+            inputs = [prompts[i] + (list(results[i].output_ids) if results[i] else []) for i in todo]
+            params = [{**sampling_params, "max_new_tokens": limit - (len(results[i].output_ids)
+                                                                    if results[i] else 0)}
+                      for i in todo]
+            out = rollout.generate(inputs, params, return_logprob=True)
+            for i, res in zip(todo, out):
+                results[i] = res if results[i] is None else merge_continuation(results[i], res)
+                rows[keys[i]] = (prompts[i], list(results[i].output_ids),
+                                 results[i].token_versions)
+        finally:
+            gate.end_generate(rows)
+        again = [i for i in todo if results[i].finish_reason == "abort"
+                 and len(results[i].output_ids) < limit]
+        gate.stats["continued_requests"] += len(again)
+        todo = again
+    return results
