@@ -480,7 +480,6 @@ RANGES: dict[str, str | tuple[str, str]] = {
     "CorrectionConfig.interrupt_timeout_s": "> 0",
     "CorrectionConfig.ewma_beta": ("[0, 1)", "0: from the window"),
     "CorrectionConfig.ewma_reset_tau": ("[0, 1]", "0: never"),
-    "CorrectionConfig.interrupt_timeout_s": ("> 0", "seconds"),
     "CorrectionConfig.freshness_alpha": ">= 0",
     "CorrectionConfig.freshness_beta": ">= 0",
     "CorrectionConfig.freshness_min": "[0, 1]",
@@ -581,13 +580,6 @@ def in_range(value: float, text: str) -> bool:
                for lo, lo_in, hi, hi_in in _parse_range(text))
 
 
-def range_rule(owner: str, name: str) -> tuple[str, str] | None:
-    rule = RANGES.get(f"{owner}.{name}")
-    if rule is None:
-        return None
-    return (rule, "") if isinstance(rule, str) else rule
-
-
 def _numbers_of(tp: Any) -> type | None:
     """int / float for a numeric field (also optional, or a list of numbers), else None."""
     if tp in (int, float):
@@ -599,25 +591,38 @@ def _numbers_of(tp: Any) -> type | None:
     return None
 
 
+def iter_fields(obj: Any, prefix: str = ""):
+    """(dotted key, "Section.field", value, type) of every leaf field below `obj` (sections set
+    to null, such as an absent teacher.model, have no leaves)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{_YAML_NAMES.get(f.name, f.name)}"
+        if dataclasses.is_dataclass(value):
+            yield from iter_fields(value, key + ".")
+        elif not dataclasses.is_dataclass(_section_of(hints[f.name])):
+            yield key, f"{type(obj).__name__}.{f.name}", value, hints[f.name]
+
+
+def _section_of(tp: Any) -> Any:
+    """The section class of an optional section (`MoEModelSpec | None`), else `tp`."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if typing.get_origin(tp) in (types.UnionType, typing.Union) and len(args) == 1 \
+        else tp
+
+
 def check_field_rules(obj: Any, prefix: str = "") -> None:
     """Every numeric field within its range, and no "" where a path or text field refuses it,
     in this section and every section below it (the message names the dotted key)."""
     import math
 
-    hints = typing.get_type_hints(type(obj))
-    owner = type(obj).__name__
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        key = f"{prefix}{_YAML_NAMES.get(f.name, f.name)}"
-        if dataclasses.is_dataclass(value):
-            check_field_rules(value, key + ".")
-            continue
-        number = _numbers_of(hints[f.name])
+    for key, name, value, tp in iter_fields(obj, prefix):
+        number = _numbers_of(tp)
         if number is not None:
-            rule = range_rule(owner, f.name)
+            rule = RANGES.get(name)
             if rule is None:  # a field added without a rule: tests/test_config_rules.py fails
                 continue
-            text, note = rule
+            text, note = (rule, "") if isinstance(rule, str) else rule
             items = value if isinstance(value, list) else [value]
             for i, v in enumerate(items):
                 k = f"{key}[{i}]" if isinstance(value, list) else key
@@ -630,12 +635,11 @@ def check_field_rules(obj: Any, prefix: str = "") -> None:
                     raise ConfigError(f"{k}: must be {shown}{f' ({note})' if note else ''}, "
                                       f"got {v!r}")
             continue
-        path = PATHS.get(f"{owner}.{f.name}")
+        path = PATHS.get(name)
         if path is not None and path.empty is None and not value.strip():
             what = "a directory" if path.kind == "output" else "a path"
             raise ConfigError(f"{key}: must not be empty, give {what}")
-        if TEXT.get(f"{owner}.{f.name}") == "nonempty" and isinstance(value, str) \
-                and not value.strip():
+        if TEXT.get(name) == "nonempty" and isinstance(value, str) and not value.strip():
             raise ConfigError(f"{key}: must not be empty")
 
 
@@ -922,6 +926,7 @@ def validate_objective(cfg: Config) -> None:
 
     o = cfg.objective
     if o.name:  # the shorthand resolves into terms; the saved config shows the terms
+        need(o.name in TERMS, "name", f"unknown term {o.name!r}; known: {list(TERMS)}")
         need(o.terms in (["sampled_token_opd"], [o.name]), "name",
              f"give either name or terms, not both (name={o.name!r}, terms={o.terms})")
         o.terms, o.name = [o.name], ""
@@ -1003,10 +1008,19 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read YAML (or start from defaults), apply overrides, build typed config, validate."""
     data: dict = {}
     if path is not None:
+        example = "e.g. configs/quickstart.yaml"
         try:
             loaded = yaml.safe_load(Path(path).read_text())
         except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
+            raise ConfigError(f"config file not found: {path}, give a YAML config ({example})") \
+                from None
+        except IsADirectoryError:
+            raise ConfigError(f"--config: {path} is a directory, give a YAML config file in it "
+                              f"({example})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else "not a text file"
+            raise ConfigError(f"--config: cannot read {path} ({why}), give a readable YAML "
+                              f"config ({example})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):
