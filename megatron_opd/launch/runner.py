@@ -205,12 +205,14 @@ def _supervise(cfg: Config, run_dir: Path, servers, children: list[Child]) -> No
 
 def _checkpoint_step(run_dir: Path) -> int:
     """Steps done by the checkpoint a resumed run starts from (`checkpoints/latest`); 0 if none."""
+    try:
         return int((run_dir / "checkpoints" / "latest").read_text().strip().rsplit("_", 1)[1])
     except (FileNotFoundError, IndexError, ValueError):
         return 0
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
+    try:
         st = path.stat()
     except FileNotFoundError:
         return None
