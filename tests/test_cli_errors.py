@@ -175,3 +175,12 @@ def test_bad_config_values_are_refused_at_the_command_line(tmp_path):
         refused(cli("train", "--config", QUICKSTART, f"run.dir={tmp_path / 'run'}", override),
                 f"config error: {message}")
     assert not (tmp_path / "run").exists()
+
+
+def test_prepare_refuses_a_cache_dir_it_cannot_make(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    refused(cli("prepare", "--config", QUICKSTART, f"run.cache_dir={a_file}"),
+            f"config error: run.cache_dir: {a_file} is a file, not a directory, give a directory "
+            "path")
+    assert sorted(os.listdir(tmp_path)) == ["a-file"]
