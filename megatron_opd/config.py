@@ -724,14 +724,20 @@ def to_dict(obj: Any) -> Any:
 
 
 # ---------------------------------------------------------------- overrides and validation
+def _one_line(e: Exception) -> str:
+    """An exception's message on one line (YAML's span several, with a caret)."""
+    return " ".join(str(e).replace("^", "").split())
+
+
 def apply_override(data: dict, item: str) -> None:
     """Apply one `a.b.c=value` override (value parsed as YAML) to nested plain data."""
     if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key=value")
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=20")
     dotted, raw = item.split("=", 1)
     parts = dotted.strip().split(".")
     if not all(parts):
-        raise ConfigError(f"override {item!r}: empty key segment")
+        raise ConfigError(f"override {item!r}: empty key segment, give a dotted key such as "
+                          "train.steps")
     node = data
     for part in parts[:-1]:
         node = node.setdefault(part, {})
@@ -740,7 +746,8 @@ def apply_override(data: dict, item: str) -> None:
     try:
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"{dotted}: cannot parse value {raw!r}: {e}") from None
+        raise ConfigError(f"{dotted}: cannot parse value {raw!r} as YAML ({_one_line(e)}), "
+                          "quote it") from None
 
 
 def validate(cfg: Config, stand_in_specs: frozenset[str] = frozenset()) -> None:
@@ -1022,7 +1029,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"--config: cannot read {path} ({why}), give a readable YAML "
                               f"config ({example})") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            raise ConfigError(f"{path}: not valid YAML ({_one_line(e)}), fix the file") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         data = loaded or {}

@@ -184,3 +184,18 @@ def test_prepare_refuses_a_cache_dir_it_cannot_make(tmp_path):
             f"config error: run.cache_dir: {a_file} is a file, not a directory, give a directory "
             "path")
     assert sorted(os.listdir(tmp_path)) == ["a-file"]
+
+
+def test_bad_yaml_and_bad_overrides_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {steps: [\n")
+    out = cli("plan", "--config", bad)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith(f"megatron-opd: error: config error: {bad}: not valid YAML (")
+    assert out.stderr.endswith("), fix the file\n")
+    refused(cli("plan", "--config", QUICKSTART, "steps"),
+            "config error: override 'steps': expected key=value, e.g. train.steps=20")
+    out = cli("plan", "--config", QUICKSTART, "train.steps=[")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert out.stderr.startswith("megatron-opd: error: config error: train.steps: cannot parse "
+                                 "value '[' as YAML (") and out.stderr.endswith("), quote it\n")
