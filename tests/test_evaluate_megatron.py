@@ -68,8 +68,8 @@ class _Rollout:
         self.version, self.responses, self.calls = version, responses, []
 
     def generate(self, ids, params, return_logprob=True):
-        self.calls.append(params)
-        if params["temperature"] == 0.0:
+        self.calls.append(params)  # one dict for the batch, or one per prompt
+        if (params if isinstance(params, dict) else params[0])["temperature"] == 0.0:
             outs = [[p[0], STOP] for p in ids]
         else:
             outs = self.responses
@@ -132,7 +132,7 @@ def _reference(chunks, prompts, responses):
 
 @pytest.mark.parametrize("exact", [True, False])
 def test_evaluate_matches_reference(world, tmp_path, exact):
-    from megatron_opd.learner.evaluate import evaluate
+    from megatron_opd.learner.evaluate import evaluate, prompt_seed
 
     groups, ddp, chunks = world
     env = _Env()
@@ -148,7 +148,8 @@ def test_evaluate_matches_reference(world, tmp_path, exact):
     ref = _reference(chunks, [list(p.token_ids) for p in prompts], responses)
     n = sum(r[3] for r in ref)
     assert teacher.top_k == [VOCAB if exact else 0]
-    assert rollout.calls[1]["temperature"] == 1.0 and rollout.calls[1]["sampling_seed"] == 11
+    assert [c["temperature"] for c in rollout.calls[1]] == [1.0] * 3  # one per prompt, seeded
+    assert [c["sampling_seed"] for c in rollout.calls[1]] == [prompt_seed(11, i) for i in range(3)]
     assert rollout.calls[0]["stop_token_ids"] == [STOP]
     assert m["eval/kl_tokens"] == n
     assert m["eval/reverse_kl_k1"] == pytest.approx(sum(r[0] for r in ref) / n, rel=1e-4)

@@ -11,6 +11,10 @@ Gaps on CPU (measured, see docs/sglang-on-cpu.md):
 2. `torchvision`: PyPI wheels link CUDA torch; SGLang imports it for multimodal models only.
 3. `--enable-return-routed-experts`: the host buffer of routed expert ids is registered as pinned
    memory through CUDA (`cudaHostRegister`), which raises on a CPU-only torch.
+4. `sampling_seed`: read only under `--enable-deterministic-inference`, which refuses the one CPU
+   attention backend (torch_native), so a seed was silently ignored; and seeded sampling hashes
+   with sgl_kernel's `murmur_hash32_cpu`, absent here. Two patches make a CPU server honour
+   per-request seeds (reproducible evaluation, learner/evaluate.py).
 
 Two more patches are applied on every device (`install_sglang_run_patches`, from the same
 sitecustomize): the scheduler's torch.distributed store listens on the host it was given, not
@@ -316,6 +320,125 @@ def install_sglang_run_patches() -> list[str]:
     return applied
 
 
+_SAMPLING_INFO_MODULE = "sglang.srt.sampling.sampling_batch_info"
+_SAMPLER_MODULE = "sglang.srt.layers.sampler"
+
+
+def _random_seeds(n: int, device):
+    import random
+
+    import torch
+
+    return torch.tensor([random.getrandbits(62) for _ in range(n)], dtype=torch.int64,
+                        device=device)
+
+
+def _seeded_batches(module) -> bool:
+    cls = module.SamplingBatchInfo
+    if getattr(cls.from_schedule_batch, "__megatron_opd_patch__", False):
+        return False
+    build, merge = cls.from_schedule_batch.__func__, cls.merge_batch
+
+    def from_schedule_batch(klass, batch, vocab_size):
+        info = build(klass, batch, vocab_size)
+        seeds = [r.sampling_params.sampling_seed for r in batch.reqs]
+        if info.sampling_seed is None and any(x is not None for x in seeds):
+            import torch
+
+            fill = _random_seeds(len(seeds), info.temperatures.device).tolist()
+            info.sampling_seed = torch.tensor(
+                [x if x is not None else f for x, f in zip(seeds, fill)], dtype=torch.int64,
+                device=info.temperatures.device)
+        return info
+
+    def merge_batch(self, other):
+        if (self.sampling_seed is None) != (other.sampling_seed is None):
+            for info in (self, other):  # upstream concatenates only when both have seeds
+                if info.sampling_seed is None:
+                    info.sampling_seed = _random_seeds(len(info), info.temperatures.device)
+        return merge(self, other)
+
+    from_schedule_batch.__megatron_opd_patch__ = True
+    merge_batch.__wrapped__ = merge
+    cls.from_schedule_batch = classmethod(from_schedule_batch)
+    cls.merge_batch = merge_batch
+    return True
+
+
+def patch_sampling_seed_honoured() -> bool:
+    """Target: `SamplingBatchInfo.from_schedule_batch` and `.merge_batch` (sglang 0.5.23
+    `srt/sampling/sampling_batch_info.py`). Why: upstream fills the batch's `sampling_seed` only
+    under `--enable-deterministic-inference` (and then gives unseeded requests seed 42), a mode
+    that refuses torch_native attention; so on CPU a request's seed was ignored. Patched: a
+    batch with a seeded request gets one seed per row, the request's own or a fresh random one
+    for an unseeded request (whose sampling stays random); a seeded and an unseeded batch merge
+    the same way. Batches without seeded requests are upstream's (torch.multinomial)."""
+    return _patch_when_imported(_SAMPLING_INFO_MODULE, _seeded_batches)
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(a, c: int):
+    """(a * c) mod 2**32 for int64 tensors 0 <= a < 2**32 and a 32-bit constant (no product
+    exceeds 2**49, so nothing overflows int64)."""
+    return (a * (c & 0xFFFF) + (((a * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _rotl32(x, r: int):
+    return ((x << r) | (x >> (32 - r))) & _M32
+
+
+def _murmur_mix(h, k):
+    k = _rotl32(_mul32(k, 0xCC9E2D51), 15)
+    h = _rotl32(h ^ _mul32(k, 0x1B873593), 13)
+    return (_mul32(h, 5) + 0xE6546B64) & _M32
+
+
+def murmur_hash32_torch(seed, positions, col_indices):
+    """MurmurHash3 (x86, 32 bit, hash seed 0) of the 16-byte key (seed low word, seed high word,
+    position, column) for every row and column, as int64 [rows, columns]: the function SGLang's
+    Triton kernel `murmur_hash32_kernel` computes (sglang 0.5.23 kernels/ops/sampling/
+    murmur_hash.py), in torch integer ops."""
+    import torch
+
+    s = seed.to(torch.int64)  # the seeds' bits (upstream casts int64 seeds to uint64)
+    n, m = s.shape[0], col_indices.shape[0]
+    h = torch.zeros(n, 1, dtype=torch.int64, device=s.device)
+    for word in (s & _M32, (s >> 32) & _M32, positions.to(torch.int64) & _M32):
+        h = _murmur_mix(h, word.view(n, 1))
+    h = _murmur_mix(h.expand(n, m), (col_indices.to(torch.int64) & _M32).view(1, m)) ^ 16
+    h = _mul32(h ^ (h >> 16), 0x85EBCA6B)
+    h = _mul32(h ^ (h >> 13), 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _torch_murmur_on_cpu(module) -> bool:
+    original = module.murmur_hash32
+    if getattr(original, "__megatron_opd_patch__", False):
+        return False
+
+    def murmur_hash32(seed, positions, col_indices):
+        if seed.device.type == "cpu":
+            return murmur_hash32_torch(seed, positions, col_indices)
+        return original(seed, positions, col_indices)
+
+    murmur_hash32.__megatron_opd_patch__ = True
+    murmur_hash32.__wrapped__ = original
+    module.murmur_hash32 = murmur_hash32
+    return True
+
+
+def patch_murmur_hash_on_cpu() -> bool:
+    """Target: `sglang.srt.layers.sampler.murmur_hash32` (sglang 0.5.23; the name
+    `multinomial_with_seed` looks up), which on CPU calls `torch.ops.sgl_kernel.murmur_hash32_cpu`
+    from sgl-kernel's CPU build (not on PyPI; our stand-in has no ops). Why: seeded sampling
+    (patch_sampling_seed_honoured) hashes (seed, position, token) into its Gumbel noise. Patched:
+    on CPU tensors, `murmur_hash32_torch`, the same hash in torch ops (tests/test_sglang_compat.py
+    checks it against the published algorithm); elsewhere upstream's."""
+    return _patch_when_imported(_SAMPLER_MODULE, _torch_murmur_on_cpu)
+
+
 def install_sglang_cpu_compat() -> list[str]:
     """Apply every patch needed on a CPU-only machine; returns the names applied this call."""
     import torch
@@ -325,7 +448,8 @@ def install_sglang_cpu_compat() -> list[str]:
     warn_if_untested("sglang", TESTED_SGLANG, "megatron_opd.compat.sglang_cpu")
     applied = []
     for patch in (patch_sgl_kernel_stand_in, patch_torchvision_stand_in,
-                  patch_cuda_host_register_no_op):
+                  patch_cuda_host_register_no_op, patch_sampling_seed_honoured,
+                  patch_murmur_hash_on_cpu):
         if patch():
             applied.append(patch.__name__)
     _applied.extend(applied)

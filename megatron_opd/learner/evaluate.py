@@ -5,6 +5,12 @@ Generation (global rank 0, the rollout server: it serves exactly the learner's l
 one greedy completion per held-out prompt (what accuracy scores, where the environment has a
 verifier) and one sampled at temperature 1, top-p 1 (the student's own distribution pi).
 
+Reproducible: prompt i is sampled with its own seed, `prompt_seed(seed, i)` (`seed` =
+run.seed + version), so the same weights evaluated again give the same completions and the same
+figures, and prompts do not share noise. The server must honour `sampling_seed`: the CPU compat
+makes SGLang 0.5.23 do so (megatron_opd/compat/sglang_cpu.py); on GPUs SGLang reads it only
+under --enable-deterministic-inference (docs/fault-tolerance.md, "Evaluation is reproducible").
+
 Reverse KL(pi || q) on the sampled responses, token mean over all their tokens. Every rank runs
 the learner's forward pass (any layout, vocab-sharded logits); per response token:
 - k1 = log pi(y) - log q(y) and k3 = (r - 1) - log r, r = q(y)/pi(y): unbiased estimators of the
@@ -31,6 +37,7 @@ Completions go to `<samples_dir>/eval-<version>.jsonl`, one object per prompt, w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -90,18 +97,28 @@ def evaluate(ddp, groups, env, prompts, rollout, teacher, version: int, vocab_si
     return out
 
 
+def prompt_seed(seed: int, index: int) -> int:
+    """The sampling seed of held-out prompt `index` in the evaluation seeded `seed`: 62 bits of a
+    hash of both (distinct prompts and evaluations get unrelated seeds)."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
 def generate_eval(env, prompts, rollout, max_new_tokens: int, seed: int) -> dict:
     """(Rank 0.) Greedy and temperature-1 completions of every prompt, with the verifier's
-    rewards where the environment has one."""
+    rewards where the environment has one. The sampled ones are seeded per prompt
+    (`prompt_seed`): the same weights and `seed` give the same completions."""
     ids = [list(p.token_ids) for p in prompts]
     stop = [int(s) for s in env.special.stop_ids]
     if not ids:
         return {"greedy": [], "sampled": [], "greedy_reward": [], "sampled_reward": []}
     greedy = rollout.generate(ids, {"temperature": 0.0, "max_new_tokens": max_new_tokens,
                                     "stop_token_ids": stop}, return_logprob=False)
-    sampled = rollout.generate(ids, {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
-                                     "max_new_tokens": max_new_tokens, "stop_token_ids": stop,
-                                     "sampling_seed": seed}, return_logprob=False)
+    sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
+                "max_new_tokens": max_new_tokens, "stop_token_ids": stop}
+    # one sampling_params per prompt: SGLang takes a list for a batch
+    sampled = rollout.generate(ids, [{**sampling, "sampling_seed": prompt_seed(seed, i)}
+                                     for i in range(len(ids))], return_logprob=False)
     gen = {"greedy": greedy, "sampled": sampled, "greedy_reward": None, "sampled_reward": None}
     if env.has_verifier:
         gen["greedy_reward"] = [float(env.reward(p, g.output_ids)) for p, g in zip(prompts, greedy)]
