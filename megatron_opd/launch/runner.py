@@ -24,7 +24,7 @@ from pathlib import Path
 from megatron_opd.config import Config
 from megatron_opd.errors import ProcessDied, Terminated
 from megatron_opd.launch.fleet import FLEETS
-from megatron_opd.launch.rundir import prepare_run_dir, run_secret
+from megatron_opd.launch.rundir import RunFinished, prepare_run_dir, run_secret
 from megatron_opd.launch.sites import Site, place_fleets
 from megatron_opd.logs import event
 from megatron_opd.metrics import plot_curves, read_metrics
@@ -58,7 +58,11 @@ def run(cfg: Config, site: Site, *, preempt_signal: int | None = None) -> dict:
     from megatron_opd.envs import prepare_models
     from megatron_opd.learner import preemption
 
-    run_dir = prepare_run_dir(cfg)
+    try:
+        run_dir = prepare_run_dir(cfg)
+    except RunFinished as e:  # nothing to do, and nothing touched: its summary, exit 0
+        print(f"[megatron-opd] {e}", flush=True)
+        return e.summary
     preemption.clear(run_dir)
     if preempt_signal is not None:  # from now on: a warning during `prepare` is not lost
         def _ask_learner_to_checkpoint(signum, frame):
