@@ -191,6 +191,9 @@ class CorrectionConfig:
     interrupt_timeout_s: float = 60.0
     ewma_beta: float = 0.0  # EWMA decay; 0: W / (W + 2) with W = async.max_staleness
     ewma_reset_tau: float = 0.9  # reset theta_prox <- theta when active fraction < tau (0: never)
+    # Steps after an EWMA reset in which no other reset happens (0: none, the paper's rule). At
+    # staleness 8 resets cascaded (one every other step) and training diverged: docs/fidelity.md.
+    ewma_reset_cooldown: int = 0
     # Freshness control (§7): per-sample f_i = exp(-alpha * D_roll - beta * D_sup); "accept"
     # trains every sample as it is, "downweight" by f_i / mean f, "drop" those with f_i < min.
     freshness: Literal["accept", "downweight", "drop"] = "accept"
@@ -480,6 +483,7 @@ RANGES: dict[str, str | tuple[str, str]] = {
     "CorrectionConfig.interrupt_timeout_s": "> 0",
     "CorrectionConfig.ewma_beta": ("[0, 1)", "0: from the window"),
     "CorrectionConfig.ewma_reset_tau": ("[0, 1]", "0: never"),
+    "CorrectionConfig.ewma_reset_cooldown": (">= 0", "steps; 0: none"),
     "CorrectionConfig.freshness_alpha": ">= 0",
     "CorrectionConfig.freshness_beta": ">= 0",
     "CorrectionConfig.freshness_min": "[0, 1]",

@@ -126,3 +126,26 @@ def test_interpolated_proximal_baselines():
     torch.testing.assert_close(ll, mu + alpha * (cur - mu))
     lin = interpolated_logprobs("linear", mu, cur, alpha)
     torch.testing.assert_close(lin.exp(), (1 - alpha) * mu.exp() + alpha * cur.exp())
+
+
+def test_ewma_reset_cooldown_spaces_resets_out():
+    """Resets fire when the active fraction is below tau, at most once per cooldown + 1 steps;
+    cooldown 0 is the paper's rule (every low step resets)."""
+    from megatron_opd.learner.proximal import ProximalPolicy
+
+    active = [0.5, 0.5, 0.5, 0.95, 0.5, 0.5, 0.5, 0.5]
+    resets = {}
+    for cooldown in (0, 2):
+        model = torch.nn.Linear(2, 2)
+        p = ProximalPolicy("ewma", [model], [model], max_staleness=2, publish_lag=0,
+                           ewma_tau=0.9, ewma_cooldown=cooldown)
+        p.start(0)
+        at = []
+        for step, a in enumerate(active, start=1):
+            before = p.ewma.resets
+            p.after_step(step, a)
+            if p.ewma.resets > before:
+                at.append(step)
+        resets[cooldown] = at
+    assert resets[0] == [1, 2, 3, 5, 6, 7, 8]
+    assert resets[2] == [3, 6]  # 3 steps since start, then 3 since the reset at step 3

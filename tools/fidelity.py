@@ -78,6 +78,9 @@ GRIDS: dict[str, dict[str, list[str]]] = {
         "ewma-k2": proximal("ewma", 2),
         "ewma-k4": proximal("ewma", 4),
         "ewma-k8": proximal("ewma", 8),
+        # why EWMA diverged at k = 8 (docs/fidelity.md): without resets, and with a cooldown
+        "ewma-k8-noreset": proximal("ewma", 8) + ["correction.ewma_reset_tau=0"],
+        "ewma-k8-cooldown": proximal("ewma", 8) + ["correction.ewma_reset_cooldown=8"],
         "fopd-k4": proximal("behaviour", 4) + ["correction.freshness=downweight"],
         "lsm-sync": staleness(0) + LSM,
         "weak-opd-sync": staleness(0) + WEAK,

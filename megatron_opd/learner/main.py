@@ -18,6 +18,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megatron_opd.config import Config, load_config
+from megatron_opd.logs import event, quiet_known_warnings
 from megatron_opd.wiring import RunWiring
 
 
@@ -193,6 +194,7 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
             source=wiring.student_dir))  # the init's config.json, generation config, tokenizer
     if rank0:
         io.close(state, last_eval)
+        event("learner", "finished", step=state.step, version=state.version)
     destroy_distributed()
     return last_eval
 
@@ -213,7 +215,8 @@ def _proximal_policy(cfg: Config, spec, config, chunks, ddp, groups, replay, te_
                                              config.sequence_parallel)
     policy = ProximalPolicy(corr.proximal, chunks, ddp, max_staleness=cfg.async_.max_staleness,
                             publish_lag=cfg.async_.publish_lag, ewma_beta_=corr.ewma_beta,
-                            ewma_tau=corr.ewma_reset_tau, replica_chunks=replica)
+                            ewma_tau=corr.ewma_reset_tau,
+                            ewma_cooldown=corr.ewma_reset_cooldown, replica_chunks=replica)
     return policy, make_scorer(cfg.objective, groups, lambda models: replays.get(id(models)))
 
 
@@ -393,8 +396,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megatron_opd.learner.main")
     parser.add_argument("--run-dir", required=True)
     args = parser.parse_args(argv)
+    quiet_known_warnings()  # before megatron-core is imported (megatron_opd/logs.py: which, why)
     run_dir = Path(args.run_dir)
     cfg = load_config(run_dir / "config.yaml")
+    event("learner", "start", run_dir=run_dir, steps=cfg.train.steps)
     run_learner(cfg, RunWiring.load(run_dir / "wiring.json"))
     return 0
 

@@ -28,7 +28,8 @@ Strategies:
   `interrupt_logprobs`); tokens of the fleet's current version are scored here, like `replica`
   but with the live weights (or the lag's snapshot). No parameter copies at publish_lag 0.
 - `ewma`: PPO-EWMA proximal policy: a bias-corrected EWMA of the parameters after every step
-  (fp32, CPU), reset to the live weights when the step's active fraction falls below tau.
+  (fp32, CPU), reset to the live weights when the step's active fraction falls below tau (at
+  most once per `ewma_cooldown` + 1 steps).
 - `loglinear` / `linear`: no pass at all; the loss interpolates mu and pi_theta by version
   (`interpolation_alpha`; a baseline).
 """
@@ -174,8 +175,11 @@ class ProximalPolicy:
 
     def __init__(self, kind: str, chunks: list, ddp: list, *, max_staleness: int,
                  publish_lag: int, ewma_beta_: float = 0.0, ewma_tau: float = 0.9,
+                 ewma_cooldown: int = 0,
                  replica_chunks: list | None = None):
         self.kind, self.ddp, self.tau = kind, ddp, ewma_tau
+        # steps after a reset during which no other reset happens (0: none)
+        self.cooldown, self.since_reset = ewma_cooldown, 0
         self.params = local_params(chunks)
         self.version = 0  # the live weights' version
         keep = (max_staleness + 1) if kind == "snapshot" else (publish_lag + 1 if publish_lag else 0)
@@ -197,7 +201,7 @@ class ProximalPolicy:
             self.snapshots.capture(version)
         if self.ewma is not None:
             self.ewma.reset()
-            self.ewma.resets = 0
+            self.ewma.resets, self.since_reset = 0, 0
 
     def after_step(self, version: int, active_fraction: float | None) -> None:
         t0 = time.perf_counter()
@@ -205,8 +209,11 @@ class ProximalPolicy:
         if self.snapshots is not None:
             self.snapshots.capture(version)
         if self.ewma is not None:
-            if active_fraction is not None and active_fraction < self.tau:
+            self.since_reset += 1
+            if active_fraction is not None and active_fraction < self.tau \
+                    and self.since_reset > self.cooldown:
                 self.ewma.reset()
+                self.since_reset = 0
             else:
                 self.ewma.update()
         self.stats["time_s"] += time.perf_counter() - t0
