@@ -170,8 +170,9 @@ def test_a_bad_command_line_is_refused_in_the_one_style(args, message):
 
 
 def test_bad_config_values_are_refused_at_the_command_line(tmp_path):
-    for override, message in [("train.weight_decay=-1", "train.weight_decay: must be >= 0, got -1.0"),
-                              ("train.warmup_steps=-1", "train.warmup_steps: must be >= 0, got -1")]:
+    for override, message in [
+            ("train.weight_decay=-1", "train.weight_decay: must be >= 0, got -1.0"),
+            ("train.warmup_steps=-1", "train.warmup_steps: must be >= 0, got -1")]:
         refused(cli("train", "--config", QUICKSTART, f"run.dir={tmp_path / 'run'}", override),
                 f"config error: {message}")
     assert not (tmp_path / "run").exists()
