@@ -1,4 +1,5 @@
-"""pi_old of each `correction.proximal` strategy against a brute-force recomputation with the
+"""pi_old of each `correction.proximal` strategy (snapshot, replica, interrupt, EWMA) against a
+brute-force recomputation with the
 true historical weights (the probe scored with the live weights of every version while they
 were live), on one rank, TP2 and EP2 (real megatron-core, torchrun, gloo); the EWMA parameters
 against the closed form, a reset included; and no token beyond `async.max_staleness` trained
@@ -91,6 +92,15 @@ def test_replica_is_exact_for_the_fleets_version(results):
         for i, old in res["replica"].items():
             torch.testing.assert_close(old, _expected(res, i, lambda v: v == STEPS - 1),
                                        atol=2e-5, rtol=0)
+
+
+def test_interrupt_is_exact_for_every_version(results):
+    """Each version's tokens scored just before its weights moved on, gathered across the
+    layout's ranks, and the fleet's current version in the step: no fallback anywhere."""
+    for res in results:
+        for i, old in res["interrupt"].items():
+            torch.testing.assert_close(old, _expected(res, i, lambda v: True), atol=2e-5, rtol=0)
+        assert res["interrupt_metrics"]["offpolicy/proximal_fallback_fraction"] == 0.0
 
 
 def test_ewma_parameters_equal_the_closed_form_with_a_reset(results):

@@ -4,7 +4,9 @@ tests/test_proximal.py; every rank writes `<out>.rank<r>.pt`).
 A real megatron learner (any layout) trains a few OPD steps with a high learning rate, so every
 version's policy differs. After each step the probe batch is scored with the *live* weights:
 `ref[v]`, the brute-force reference for version v. Snapshot, replica (held one version behind by
-async.publish_lag=1) and EWMA policies run beside the training, and at the end each fills
+async.publish_lag=1), interrupt (before every optimizer step the probe's tokens of the fleet's
+version are scored by the collective scoring pass and kept per row) and EWMA policies run beside
+the training, and at the end each fills
 pi_old for a probe whose tokens carry mixed versions. Also records the parameters of every
 version (for the closed-form EWMA) and, per strategy, the gradient of a batch whose over-stale
 tokens hold junk, twice with different junk (a token beyond the bound must not be trained).
@@ -101,6 +103,13 @@ def main() -> None:
         "ewma": ProximalPolicy("ewma", chunks, ddp, max_staleness=STALENESS, publish_lag=0,
                                ewma_beta_=BETA, ewma_tau=0.9),
     }
+    # interrupt sync: before each optimizer step the probe's tokens of the fleet's version (the
+    # live one: publish_lag 0) are scored by the collective scoring pass and stored per row
+    from megatron_opd.learner.interrupt import InterruptStore, score_batch
+
+    policies["interrupt"] = ProximalPolicy("interrupt", chunks, ddp, max_staleness=STEPS,
+                                           publish_lag=0)
+    store = InterruptStore()
     for p in policies.values():
         p.start(0)
         p.on_publish(p.published_version(1 if p.kind == "replica" else 0))
@@ -119,6 +128,11 @@ def main() -> None:
         batch, _ = collate(make_samples(2 * mbs * groups.dp_size, spec.vocab_size, 100 + step,
                                         [step]), 0, step=step, max_staleness=STALENESS)
         loss, _, _ = forward_backward(ddp, micro_of(batch), loss_fn, groups)
+        it = policies["interrupt"]
+        with it.holding(it.fleet_version):
+            rows = score_batch(probe, objective_fields(objective), groups, mbs, score, ddp)
+        for b in range(rows.shape[0]):
+            store.put(f"row{b}", rows[b].numpy(), probe.token_versions[b].numpy(), it.fleet_version)
         stepped, _ = optimizer_step(optimizer, scheduler, loss)
         assert stepped
         v = step + 1
@@ -133,10 +147,20 @@ def main() -> None:
               "token_versions": {i: mb.data["token_versions"] for i, mb in enumerate(probe_micro)},
               "behaviour": {i: mb.data["behaviour_logprobs"] for i, mb in enumerate(probe_micro)},
               "replica_version": policies["replica"].replica_version}
+    probe.interrupt_logprobs = store.take(
+        [Sample(sample_id=f"row{b}", group_id="", prompt_ids=np.zeros(1, np.int32),
+                response_ids=np.zeros(probe.response_ids.shape[1], np.int32),
+                loss_mask=np.zeros(0, np.uint8), behaviour_logprobs=np.zeros(0, np.float32),
+                token_versions=np.zeros(0, np.int64), teacher_logprobs=np.zeros(0, np.float32),
+                teacher_topk_ids=np.zeros((0, 0), np.int32),
+                teacher_topk_logprobs=np.zeros((0, 0), np.float32))
+         for b in range(probe.response_ids.shape[0])], probe.response_ids.shape[1])
     for name, p in policies.items():
-        micro = micro_of(probe)
+        micro = split_microbatches(probe, fields + (("interrupt_logprobs",) if name == "interrupt"
+                                                    else ()), groups, mbs)
         metrics = p.fill_old_logprobs(micro, probe.token_versions, probe.loss_mask, score,
-                                      version=STEPS)
+                                      version=STEPS, batch_stored=probe.interrupt_logprobs
+                                      if name == "interrupt" else None)
         result[name] = {i: mb.data["old_logprobs"] for i, mb in enumerate(micro)}
         result[f"{name}_metrics"] = metrics
     ew = policies["ewma"].ewma
