@@ -1,7 +1,6 @@
 """pi_old of each `correction.proximal` strategy (snapshot, replica, interrupt, EWMA) against a
-brute-force recomputation with the
-true historical weights (the probe scored with the live weights of every version while they
-were live), on one rank, TP2 and EP2 (real megatron-core, torchrun, gloo); the EWMA parameters
+brute-force recomputation with the true historical weights (the probe scored with the live
+weights of every version while they were live), on one rank, TP2 and EP2 (real megatron-core, torchrun, gloo); the EWMA parameters
 against the closed form, a reset included; and no token beyond `async.max_staleness` trained
 under any strategy. The worker is tests/workers/proximal_worker.py."""
 
