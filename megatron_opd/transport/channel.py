@@ -25,6 +25,10 @@ Protocol (messages in `schema.py`):
    process restarted), the client re-sends *every* unacked sample, consumed or not, to the new
    server, with fresh credit.
 
+5. `PartialRollouts` (the answer to the learner's `Interrupt`, interrupt sync) travel outside
+   credit: `send_outside_credit` sends one at once, never holds or re-sends it; the server
+   keeps the last few in `partial_rollouts` (only from a client that said Hello) and counts them.
+
 Guarantees: delivery client → server is at-least-once for every sample the client still holds
 (it holds it until acked, across reconnects and server restarts); with server-side dedup this
 gives exactly-once *acceptance* by the learner as long as the dedup state and the training state
