@@ -3,6 +3,7 @@ concrete environment, and a config that loads without torch."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -75,15 +76,19 @@ def _real_configs():
 def test_submit_dry_run_renders_every_chat_config(name, tmp_path):
     """hf-example and the real-scale configs (their checkpoints and prompt files live on a
     cluster): `submit --dry-run` renders the job here; `train` would refuse the missing files."""
-    run_dir = tmp_path / "run"
+    run_dir, tmp = tmp_path / "run", tmp_path / "tmp"
+    tmp.mkdir()
     out = subprocess.run([sys.executable, "-m", "megatron_opd.cli", "submit", "--dry-run",
                           "--config", str(ROOT / "configs" / name), f"run.dir={run_dir}"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+                         capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={**os.environ, "TMPDIR": str(tmp)})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert (run_dir / "job.sbatch").is_file()
+    assert not run_dir.exists()  # a dry run writes nothing in run.dir ...
+    (named,) = tmp.iterdir()  # ... but the job's files go to the temporary directory it names
+    assert str(named) in out.stderr and (named / "job.sbatch").read_text() in out.stdout
     import yaml
 
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())  # what the job will load
+    saved = yaml.safe_load((named / "config.yaml").read_text())  # what the job will load
     assert saved["env"]["name"] == "chat" and saved["data"]["train"] and saved["init"]["student"]
 
 

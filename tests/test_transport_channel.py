@@ -318,7 +318,7 @@ def test_keygen_cli_writes_a_0600_secret(tmp_path, capsys):
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     key = load_secret(out)
     assert len(key) == 32 and key != load_secret(write_secret(tmp_path / "other.key"))
-    assert cli_main(["keygen", "--out", str(out)]) == 1  # refuses to overwrite
+    assert cli_main(["keygen", "--out", str(out)]) == 2  # refuses to overwrite: bad input
     assert "exists" in capsys.readouterr().err
     assert cli_main(["keygen", "--out", str(out), "--force"]) == 0 and load_secret(out) != key
     # the secret file drives a working authenticated channel
