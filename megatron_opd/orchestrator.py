@@ -35,8 +35,10 @@ from megatron_opd.wiring import RunWiring
 
 
 # After the servers' abort-mode pause returned, how long the running /generate calls may take to
-# come back before the partial rollouts are sent without them (counted as late_calls).
-INTERRUPT_GRACE_S = 5.0
+# come back before the partial rollouts are sent without them (counted as late_calls). Calls that
+# reach a paused server are held there with no tokens, so in practice this only bounds the wait
+# for such a held call (it never returns before the update).
+INTERRUPT_GRACE_S = 2.0
 
 
 class Admission:
@@ -293,8 +295,7 @@ def run_orchestrator(cfg: Config, wiring: RunWiring) -> None:
                 admission.set_version(msg.version)
             elif isinstance(msg, Interrupt) and gate and msg.seq not in answered:
                 answered.add(msg.seq)  # the learner repeats it until answered (slow joiner)
-                rows = gate.interrupt(lambda: [c.pause_generation("abort") for c in servers],
-                                      grace_s=INTERRUPT_GRACE_S)
+                rows = gate.interrupt(servers, grace_s=INTERRUPT_GRACE_S)
                 sender.send_outside_credit(PartialRollouts.pack(msg.seq, msg.version, rows))
             elif isinstance(msg, Shutdown):
                 print(f"[orchestrator] shutdown: {msg.reason}", flush=True)

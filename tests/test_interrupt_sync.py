@@ -77,7 +77,14 @@ def test_gate_answers_with_every_unsent_row_after_the_running_calls_return():
 
     threading.Thread(target=running_call).start()
     gate.rows["y-0"] = ([1], [4], np.array([2]))  # finished, being scored by the teacher
-    rows = gate.interrupt(pause=returned.set, grace_s=5)
+    class Server:  # the running call returns once the server aborted it
+        def abort_all(self):
+            returned.set()
+
+        def pause_generation(self, mode):
+            assert mode == "abort"
+
+    rows = gate.interrupt([Server()], grace_s=5)
     assert sorted(r[0] for r in rows) == ["x-0", "y-0"] and gate.stats["late_calls"] == 0
     # closed: a worker waits; reopened: it goes on
     started = []

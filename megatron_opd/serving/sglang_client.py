@@ -319,6 +319,10 @@ class SGLangClient:
     def pause_generation(self, mode: str = "retract") -> None:
         self._post("pause_generation", {"mode": mode})
 
+    def abort_all(self) -> None:
+        """Abort every request (running ones return their partial output, finish_reason abort)."""
+        self._post("abort_request", {"abort_all": True})
+
     def continue_generation(self) -> None:
         self._post("continue_generation", {})
 
