@@ -73,3 +73,33 @@ def loopback_socket_env(host: str, env: dict | None = None) -> dict[str, str]:
     if not is_loopback(host):
         return {}
     return {k: "lo" for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if not env.get(k)}
+
+
+LATER_PORTS = (10000, 21999)  # below the kernel's ephemeral range; SGLang picks 22000-29999
+
+
+def port_for_later(host: str = "127.0.0.1", attempts: int = 64) -> int:
+    """A free port for a socket another process binds later (the learner's channels and
+    weight-sync rendezvous, the servers' HTTP ports): below the kernel's ephemeral range, so no
+    process that binds port 0 in between (gloo listens on dozens) is handed it. The kernel's
+    choice if that range is unavailable."""
+    import random
+
+    from megatron_opd.procs import free_port
+
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    low, high = LATER_PORTS[0], min(LATER_PORTS[1], ephemeral_low - 1)
+    if high - low + 1 >= attempts:
+        bind_host = "0.0.0.0" if host in ALL_INTERFACES else host.strip("[]")
+        for port in random.sample(range(low, high + 1), attempts):
+            try:
+                with socket.socket(socket.getaddrinfo(bind_host, port)[0][0]) as s:
+                    s.bind((bind_host, port))
+                return port
+            except OSError:
+                continue
+    return free_port(host)

@@ -1,11 +1,14 @@
 """End to end: a shortened quickstart with real SGLang servers, ZeroMQ and the megatron learner.
 
 Runs `megatron-opd train` as a user would and checks what it produced: the held-out reverse KL
-to the teacher falls, policy versions advance, rollouts carry the new versions, artifacts exist.
+to the teacher falls, policy versions advance, rollouts carry the new versions, artifacts exist;
+while it runs, no process of the run listens beyond loopback; its logs carry the lifecycle lines
+and none of the known third-party warnings.
 A second run kills a process mid-run and checks the launcher names it and leaves no orphans.
 """
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +17,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from tests.net_listeners import is_loopback, listeners, process_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -27,13 +32,21 @@ def _train_cmd(run_dir: Path, *overrides: str) -> list[str]:
             f"run.cache_dir={ROOT / '.cache/megatron-opd'}", "logging.progress=false", *overrides]
 
 
-def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], timeout: float, watch=None,
+         every: float = 2.0) -> subprocess.CompletedProcess:
     """subprocess.run, but a timeout kills every descendant too (SGLang servers run in their own
-    sessions; an orphaned scheduler would spin on a core for the rest of the suite)."""
+    sessions; an orphaned scheduler would spin on a core for the rest of the suite).
+    `watch(pid)` is called every `every` seconds while the command runs."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            out, err = proc.communicate(timeout=every if watch else timeout)
+            break
+        except subprocess.TimeoutExpired:
+            if time.time() < deadline and watch is not None:
+                watch(proc.pid)
+                continue
         for p in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
             try:
                 p.kill()
@@ -44,6 +57,47 @@ def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+class ListenerWatch:
+    """Every TCP listening socket of a process tree, sampled while it runs (/proc/net/tcp{,6}
+    and the processes' fds): (address, port) -> the process's command line."""
+
+    def __init__(self):
+        self.seen: dict[tuple[str, int], str] = {}
+
+    def __call__(self, pid: int) -> None:
+        for addr, port, owner in listeners(process_tree(pid)):
+            if (addr, port) not in self.seen:
+                try:
+                    self.seen[addr, port] = " ".join(psutil.Process(owner).cmdline())[:150]
+                except psutil.NoSuchProcess:
+                    self.seen[addr, port] = str(owner)
+
+
+def _port(endpoint: str) -> int:
+    return int(endpoint.rsplit(":", 1)[1].strip("/"))
+
+
+def _check_logs(run_dir: Path, launcher_out: str) -> None:
+    """The learner's log: its lifecycle lines, timestamped, and none of the known third-party
+    warnings (megatron_opd/logs.py); the servers' logs: neither those warnings nor the ~20 kB
+    server_args line."""
+    from megatron_opd.logs import KNOWN_WARNINGS
+
+    stamp = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ "
+    learner = (run_dir / "logs" / "learner.log").read_text()
+    for what in ("start", "layout", "checkpoint saved step=", "finished step="):
+        assert re.search(stamp + r"\[learner\] " + re.escape(what), learner, re.M), (what, learner[-3000:])
+    for what in ("start", "servers ready", "finished"):
+        assert re.search(stamp + r"\[launcher\] " + what, launcher_out, re.M), (what, launcher_out)
+    for log in ("learner", "rollout", "teacher"):
+        text = (run_dir / "logs" / f"{log}.log").read_text()
+        for w in KNOWN_WARNINGS:
+            hit = re.search(rf"{w.category.__name__}: {w.message}", text, re.I)
+            assert hit is None, (log, w.message, text[max(0, hit.start() - 300):hit.end() + 300])
+        longest = max(text.splitlines(), key=len)
+        assert len(longest) < 1000, (log, longest[:300])
+
+
 def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -51,9 +105,22 @@ def _records(run_dir: Path) -> list[dict]:
 def test_short_async_opd_run_learns(tmp_path):
     run_dir = tmp_path / "run"
     t0 = time.time()
-    out = _run(_train_cmd(run_dir, f"train.steps={STEPS}", "eval.interval=100"), timeout=900)
+    watch = ListenerWatch()
+    out = _run(_train_cmd(run_dir, f"train.steps={STEPS}", "eval.interval=100"), timeout=900,
+               watch=watch)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     print(f"short run took {time.time() - t0:.0f} s")
+    # Nothing of the run listened beyond loopback (issue 14 item 6; docs/security.md), and
+    # what was watched is the run: its servers, sockets and weight-sync rendezvous are there.
+    beyond = {k: v for k, v in watch.seen.items() if not is_loopback(k[0])}
+    assert not beyond, beyond
+    wiring = json.loads((run_dir / "wiring.json").read_text())
+    ports = {port for _, port in watch.seen}
+    for endpoint in (wiring["samples_endpoint"], wiring["control_endpoint"],
+                     *wiring["rollout_urls"], *wiring["teacher_urls"]):
+        assert _port(endpoint) in ports, (endpoint, watch.seen)
+    assert wiring["weight_sync_master_port"] in ports, watch.seen
+    _check_logs(run_dir, out.stdout)
     records = _records(run_dir)
     train = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in train] == list(range(STEPS))
@@ -124,12 +191,16 @@ def test_parallel_learner_in_the_full_pipeline(tmp_path):
     -> broadcast -> micro-batches of both ranks)."""
     run_dir = tmp_path / "run"
     steps = 20
+    watch = ListenerWatch()
     out = _run(_train_cmd(run_dir, f"train.steps={steps}", "eval.interval=10",
                           "parallel.world_size=2", "parallel.expert_parallel=2",
                           "train.checkpoint_interval=10", "train.routing_replay=r3",
                           "teacher.top_k=8", "objective.terms=[sampled_token_opd,lsm]",
-                          "rollout.group_size=2"), timeout=900)
+                          "rollout.group_size=2"), timeout=900, watch=watch)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    # torchrun's rendezvous store (compat/torchrun.py) and both ranks' groups: loopback only
+    assert watch.seen and not {k: v for k, v in watch.seen.items() if not is_loopback(k[0])}
+    assert any("megatron_opd.compat.torchrun" in v for v in watch.seen.values()), watch.seen
     train = [r for r in _records(run_dir) if "train/loss" in r]
     # both terms trained; the total is their sum (weights 1); the top-8 of the sharp teacher
     # holds nearly all its mass (the renormalisation divides by it)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_opd.listeners import is_loopback, loopback_socket_env, tcp_store
+from megatron_opd.listeners import (LATER_PORTS, is_loopback, loopback_socket_env,
+                                     port_for_later, tcp_store)
 from megatron_opd.procs import free_port
 from tests.net_listeners import beyond_loopback, listeners
 
@@ -84,3 +85,16 @@ def test_learner_torchrun_store_listens_on_master_addr(tmp_path):
     assert any(p == port for _, p, _ in found), found  # the agent's store is among them
     assert len(found) >= 3, found  # the store and each rank's gloo listener
     assert all(addr == "127.0.0.1" for addr, _, _ in found), found
+
+
+def test_ports_for_later_are_never_handed_out_by_the_kernel():
+    """The launcher picks the learner's and servers' ports long before they bind them; gloo binds
+    port 0 dozens of times in between: picked ports lie below the kernel's ephemeral range."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {port_for_later() for _ in range(20)}
+    assert all(LATER_PORTS[0] <= p <= min(LATER_PORTS[1], low - 1) for p in ports), ports
+    assert len(ports) > 10  # random, not one port over and over
+    import socket
+
+    with socket.socket() as s:  # free indeed
+        s.bind(("127.0.0.1", ports.pop()))

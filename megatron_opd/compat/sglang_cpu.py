@@ -314,6 +314,7 @@ def patch_server_args_log_line_short() -> bool:
 def install_sglang_run_patches() -> list[str]:
     """Patches every SGLang server of a run gets, on any device (they are about where sockets
     listen and what the log says, not about the hardware); returns the names applied."""
+    warn_if_untested("sglang", TESTED_SGLANG, "megatron_opd.compat.sglang_cpu")
     applied = [p.__name__ for p in (patch_rendezvous_store_binds_its_host,
                                     patch_server_args_log_line_short) if p()]
     _applied.extend(applied)

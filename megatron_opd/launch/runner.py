@@ -28,7 +28,8 @@ from megatron_opd.launch.rundir import RunFinished, prepare_run_dir, run_secret
 from megatron_opd.launch.sites import Site, place_fleets
 from megatron_opd.logs import event
 from megatron_opd.metrics import plot_curves, read_metrics
-from megatron_opd.procs import free_port as _free_port, log_tail, spawn_group, stop_group
+from megatron_opd.listeners import port_for_later
+from megatron_opd.procs import log_tail, spawn_group, stop_group
 from megatron_opd.wiring import RunWiring
 
 
@@ -109,10 +110,10 @@ def run(cfg: Config, site: Site, *, preempt_signal: int | None = None) -> dict:
         addr = site.address
         wiring = RunWiring(
             run_dir=str(run_dir), rollout_urls=rollout_urls, teacher_urls=teacher_urls,
-            samples_endpoint=f"tcp://{addr}:{_free_port(addr)}",
-            control_endpoint=f"tcp://{addr}:{_free_port(addr)}",
+            samples_endpoint=f"tcp://{addr}:{port_for_later(addr)}",
+            control_endpoint=f"tcp://{addr}:{port_for_later(addr)}",
             teacher_dir=str(models.teacher_dir), student_dir=str(models.student_dir),
-            weight_sync_master_addr=addr, weight_sync_master_port=_free_port(addr),
+            weight_sync_master_addr=addr, weight_sync_master_port=port_for_later(addr),
             rollout_server_world_size=specs["rollout"][0].world_size,
             offline_store=offline_store, secret_file=run_secret(cfg, run_dir))
         wiring.save(run_dir / "wiring.json")

@@ -19,7 +19,7 @@ from typing import Protocol
 from megatron_opd.config import Config
 from megatron_opd.launch.fleet import (FLEETS, ServerSpec, fleet_specs, learner_ranks_per_node,
                                        server_options, single_process_learner, torchrun_command)
-from megatron_opd.procs import free_port
+from megatron_opd.listeners import port_for_later
 
 
 class Site(Protocol):
@@ -62,7 +62,8 @@ class LocalSite:
     def server(self, spec: ServerSpec, logs: Path, options: dict):
         from megatron_opd.serving.sglang_server import SGLangServer
 
-        return SGLangServer(spec.name, spec.model_dir, free_port(), str(logs / f"{spec.name}.log"),
+        return SGLangServer(spec.name, spec.model_dir, port_for_later(),
+                            str(logs / f"{spec.name}.log"),
                             extra_args=spec.extra_args,
                             enable_return_routed_experts=spec.routed_experts, **options)
 
@@ -74,7 +75,7 @@ class LocalSite:
         if cfg.parallel.world_size == 1:
             return single_process_learner(run_dir)
         return torchrun_command(1, learner_ranks_per_node(cfg, 1), 0, self.address,
-                                free_port(), run_dir)
+                                port_for_later(), run_dir)
 
 
 class SlurmSite:
@@ -126,5 +127,5 @@ class SlurmSite:
         return self.srun("learner", hosts) + [
             sys.executable, "-m", "megatron_opd.slurm.node_launch", f"--nnodes={len(hosts)}",
             f"--nproc-per-node={learner_ranks_per_node(cfg, len(hosts))}",
-            f"--master-addr={self.address}", f"--master-port={free_port(self.address)}",
+            f"--master-addr={self.address}", f"--master-port={port_for_later(self.address)}",
             "--run-dir", str(run_dir)]

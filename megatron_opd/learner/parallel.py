@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.config import ParallelConfig
-from megatron_opd.listeners import loopback_socket_env, tcp_store
+from megatron_opd.listeners import loopback_socket_env
 from megatron_opd.logs import event
 
 
@@ -93,9 +93,9 @@ def init_distributed(layout: ParallelConfig, seed: int = 1234,
         os.environ.update(loopback_socket_env(os.environ.get("MASTER_ADDR", "127.0.0.1")))
         if "RANK" in os.environ:
             dist.init_process_group(backend=backend)
-        else:  # a world of one: its store listens on loopback (a plain TCPStore binds `*`)
+        else:  # a world of one: an in-process store (a TCPStore would listen, on `*`)
             dist.init_process_group(backend=backend, rank=0, world_size=1,
-                                    store=tcp_store("127.0.0.1", 0, 1, is_master=True))
+                                    store=dist.HashStore())
     vpp = layout.virtual_pipeline_parallel
     ps.initialize_model_parallel(
         tensor_model_parallel_size=layout.tensor_parallel,
