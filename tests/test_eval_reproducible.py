@@ -1,6 +1,7 @@
 """Evaluation of given weights is reproducible: per-prompt sampling seeds honoured by a real
 SGLang server on CPU (through megatron_opd/compat/sglang_cpu.py), so evaluating the same weights
-twice gives the same completions and the same figures, and another seed gives other ones.
+twice gives the same completions and the same figures (to float32 rounding of the teacher's
+scoring), and another seed gives other ones.
 
 The hash behind SGLang's seeded sampling is checked against MurmurHash3 written here from the
 published algorithm (the CPU patch replaces sgl-kernel's op with torch integer ops).
@@ -128,13 +129,23 @@ def _evaluate(setup, out_dir, seed: int):
     return metrics, records
 
 
+def _without_sums(records):
+    return [{**r, "sampled": {k: v for k, v in r["sampled"].items() if not k.endswith("_sum")}}
+            for r in records]
+
+
 def test_evaluating_the_same_weights_twice_gives_identical_figures(setup, tmp_path):
     first, rec1 = _evaluate(setup, tmp_path / "first", seed=5)
     again, rec2 = _evaluate(setup, tmp_path / "again", seed=5)
     other, rec3 = _evaluate(setup, tmp_path / "other", seed=6)
     sampled = [[r["sampled"]["token_ids"] for r in rec] for rec in (rec1, rec2, rec3)]
-    assert sampled[0] == sampled[1]  # the same completions ...
-    assert first == again and rec1 == rec2  # ... so the same figures, to the last bit
+    assert sampled[0] == sampled[1]  # the same completions (and greedy ones, rewards) ...
+    assert _without_sums(rec1) == _without_sums(rec2)
+    # ... so the same figures, up to float32 rounding in the teacher's scoring (a prompt
+    # prefix cached by the first evaluation is not recomputed by the second)
+    assert set(first) == set(again)
+    for key in first:
+        assert again[key] == pytest.approx(first[key], rel=1e-6, abs=1e-9), key
     assert first["eval/kl_tokens"] > 20 and first["eval/reverse_kl_k3"] > 0
     # the seeds are what fixes them: another seed draws other completions and figures
     assert sampled[2] != sampled[0]

@@ -54,7 +54,8 @@ def _finished_run(run_dir, steps=6, checkpoint=True):
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n"
                                                    for s in range(steps + 1)))
     (run_dir / "summary.json").write_text(json.dumps({"steps": steps, "final_version": steps}))
-    (run_dir / "ledger.jsonl").write_text('{"accepted": ["r-0"]}\n{"step": 0, "trained": ["r-0"]}\n')
+    (run_dir / "ledger.jsonl").write_text('{"accepted": ["r-0"]}\n'
+                                          '{"step": 0, "trained": ["r-0"]}\n')
     (run_dir / "logs" / "learner.log").write_text("done\n")
     if checkpoint:
         _checkpoint(run_dir, steps)

@@ -414,30 +414,40 @@ def murmur_hash32_torch(seed, positions, col_indices):
     return h ^ (h >> 16)
 
 
-def _torch_murmur_on_cpu(module) -> bool:
-    original = module.murmur_hash32
-    if getattr(original, "__megatron_opd_patch__", False):
+def _seeded_sampler_on_cpu(module) -> bool:
+    hash_, sampler = module.murmur_hash32, module.multinomial_with_seed
+    if getattr(hash_, "__megatron_opd_patch__", False):
         return False
+    eager = getattr(sampler, "_torchdynamo_orig_callable", None) or sampler  # torch.compile'd
 
     def murmur_hash32(seed, positions, col_indices):
         if seed.device.type == "cpu":
             return murmur_hash32_torch(seed, positions, col_indices)
-        return original(seed, positions, col_indices)
+        return hash_(seed, positions, col_indices)
 
-    murmur_hash32.__megatron_opd_patch__ = True
-    murmur_hash32.__wrapped__ = original
-    module.murmur_hash32 = murmur_hash32
+    def multinomial_with_seed(logprobs, seed, positions):
+        if logprobs.device.type == "cpu":
+            return eager(logprobs, seed, positions)  # its `murmur_hash32` is the one above
+        return sampler(logprobs, seed, positions)
+
+    for name, patched, original in (("murmur_hash32", murmur_hash32, hash_),
+                                    ("multinomial_with_seed", multinomial_with_seed, sampler)):
+        patched.__megatron_opd_patch__ = True
+        patched.__wrapped__ = original
+        setattr(module, name, patched)
     return True
 
 
-def patch_murmur_hash_on_cpu() -> bool:
-    """Target: `sglang.srt.layers.sampler.murmur_hash32` (sglang 0.5.23; the name
-    `multinomial_with_seed` looks up), which on CPU calls `torch.ops.sgl_kernel.murmur_hash32_cpu`
-    from sgl-kernel's CPU build (not on PyPI; our stand-in has no ops). Why: seeded sampling
-    (patch_sampling_seed_honoured) hashes (seed, position, token) into its Gumbel noise. Patched:
-    on CPU tensors, `murmur_hash32_torch`, the same hash in torch ops (tests/test_sglang_compat.py
-    checks it against the published algorithm); elsewhere upstream's."""
-    return _patch_when_imported(_SAMPLER_MODULE, _torch_murmur_on_cpu)
+def patch_seeded_sampler_on_cpu() -> bool:
+    """Target: `murmur_hash32` and `multinomial_with_seed` as named in `sglang.srt.layers.sampler`
+    (sglang 0.5.23; every seeded sampling path calls the latter, which calls the former). Why: on
+    CPU `murmur_hash32` calls `torch.ops.sgl_kernel.murmur_hash32_cpu` from sgl-kernel's CPU
+    build (not on PyPI; our stand-in has no ops), and `multinomial_with_seed` is torch.compile'd,
+    which costs 15-25 s at a server's first seeded request (measured here) for a hash over a
+    vocabulary of a few dozen ids. Patched, on CPU tensors only: the same MurmurHash3 in torch
+    ops (`murmur_hash32_torch`, checked in tests/test_eval_reproducible.py against the published
+    algorithm) and the sampler run eagerly; elsewhere upstream's."""
+    return _patch_when_imported(_SAMPLER_MODULE, _seeded_sampler_on_cpu)
 
 
 def install_sglang_cpu_compat() -> list[str]:
@@ -450,7 +460,7 @@ def install_sglang_cpu_compat() -> list[str]:
     applied = []
     for patch in (patch_sgl_kernel_stand_in, patch_torchvision_stand_in,
                   patch_cuda_host_register_no_op, patch_sampling_seed_honoured,
-                  patch_murmur_hash_on_cpu):
+                  patch_seeded_sampler_on_cpu):
         if patch():
             applied.append(patch.__name__)
     _applied.extend(applied)
