@@ -14,10 +14,13 @@ final run has every step once.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import psutil
 import pytest
@@ -89,7 +92,14 @@ def test_learner_sigkill_then_resume_trains_every_accepted_sample_exactly_once(t
     assert killed_at > CKPT + 2 and (run_dir / "checkpoints" / "latest").read_text().strip() \
         == f"step_{CKPT:08d}"
 
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # the crash ends with the command that resumes it; run that (from another directory)
+    hint = err.strip().splitlines()[-1]
+    assert hint.startswith(f"resume it from its checkpoint at step {CKPT} with: cd "), hint
+    resume = hint.split(" with: ", 1)[1]
+    bindir = str(Path(sys.executable).parent)  # where `megatron-opd` is installed
+    out = subprocess.run(["bash", "-c", resume], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "PATH": bindir + os.pathsep +
+                                           os.environ.get("PATH", "")})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     records = [r for r in _records(run_dir) if "train/loss" in r]
     assert [r["step"] for r in records] == list(range(STEPS))

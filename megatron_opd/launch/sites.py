@@ -11,6 +11,7 @@ A new launcher is a new site.
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -35,6 +36,14 @@ class Site(Protocol):
 
     def rerun_command(self, run_dir: Path) -> str:
         """The shell command that runs this run again (with the config it was saved with)."""
+
+
+def _rerun(verb: str, run_dir: Path) -> str:
+    """`cd <here> && megatron-opd <verb> --config <run>/config.yaml`: the saved config, from
+    the directory the run was started in (its relative paths, run.dir too, are relative to it;
+    an override of run.dir would be a config change, refused on resume)."""
+    return (f"cd {shlex.quote(os.getcwd())} && "
+            + shlex.join(["megatron-opd", verb, "--config", str(run_dir / "config.yaml")]))
 
 
 def place_fleets(cfg: Config, models, logs: Path, site: Site
@@ -68,8 +77,7 @@ class LocalSite:
                             enable_return_routed_experts=spec.routed_experts, **options)
 
     def rerun_command(self, run_dir: Path) -> str:
-        return shlex.join(["megatron-opd", "train", "--config", str(run_dir / "config.yaml"),
-                           f"run.dir={run_dir}"])
+        return _rerun("train", run_dir)
 
     def learner_command(self, cfg: Config, run_dir: Path) -> list[str]:
         if cfg.parallel.world_size == 1:
@@ -93,8 +101,7 @@ class SlurmSite:
         self.gpus_per_node = cfg.cluster.gpus_per_node
 
     def rerun_command(self, run_dir: Path) -> str:
-        return shlex.join(["megatron-opd", "submit", "--config", str(run_dir / "config.yaml"),
-                           f"run.dir={run_dir}"])
+        return _rerun("submit", run_dir)
 
     def srun(self, role: str, hosts: list[str]) -> list[str]:
         from megatron_opd.slurm.script import ROLES
