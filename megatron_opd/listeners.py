@@ -4,12 +4,16 @@ A run on one machine binds every listener to loopback; a multi-node run binds to
 site names (the Slurm job's `MEGATRON_OPD_ADDR` or what the node's hostname resolves to), never
 to all interfaces by default. Two things in torch listen on all interfaces unless told otherwise:
 
-- a `TCPStore` server (torch.distributed rendezvous: the learner's own `init_process_group`, the
-  weight-sync group's store, SGLang's `init_process_group`) binds `*` whatever host name it is
-  given; `tcp_store` binds a socket to that host first and hands it over (`master_listen_fd`);
+- a `TCPStore` server (torch.distributed rendezvous: the weight-sync group's store, the
+  learner's torchrun agent (compat/torchrun.py), SGLang's `init_process_group`
+  (compat/sglang_cpu.py)) binds `*` whatever host name it is given; `tcp_store` binds a socket
+  to that host first and hands it over (`master_listen_fd`). A learner of one rank needs no
+  store port at all (an in-process HashStore, learner/parallel.py);
 - gloo and NCCL listen on the interface `GLOO_SOCKET_IFNAME` / `NCCL_SOCKET_IFNAME` names (else
   gloo takes the hostname's address, NCCL the first non-loopback interface);
   `loopback_socket_env` names `lo` for a run on one machine.
+
+Ports one process picks and another binds later come from `port_for_later`.
 """
 
 from __future__ import annotations
