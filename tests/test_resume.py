@@ -204,8 +204,9 @@ def test_truncated_latest_checkpoint_is_named_and_the_previous_one_resumed(tmp):
         assert got[s]["loss"] == ref[s]["loss"], s
     out = (tmp / "cut.jsonl.out").read_text()
     rel, size = cut[6]
-    assert re.search(rf"\[learner\] checkpoint damaged, not resumed from path=\S*/step_00000006 "
-                     rf"problem='{re.escape(rel)} has {size // 2} bytes, {size} at save'", out), out
+    assert re.search(rf"\[learner\] checkpoint damaged, not resumed from path=(\S*)/step_00000006 "
+                     rf"problem='\1/step_00000006/{re.escape(rel)} truncated: {size // 2} bytes, "
+                     rf"{size} at save'", out), out
     assert re.search(r"\[learner\] resuming from an older checkpoint path=\S*/step_00000003 "
                      r"skipped=step_00000006", out), out
     assert re.search(r"\[learner\] checkpoint loaded step=3 path=\S*/step_00000003", out), out
@@ -232,6 +233,6 @@ def test_no_intact_checkpoint_is_an_error_naming_each(tmp):
     with pytest.raises(CheckpointError) as e:
         latest_checkpoint(ckpt)
     assert str(e.value) == (
-        f"no intact checkpoint to resume from in {ckpt}: step_00000006: rng/rank0.pt missing; "
-        f"step_00000003: {rel} has {size // 2} bytes, {size} at save (delete the directory or "
-        "set run.overwrite=true to start over)")
+        f"no intact checkpoint in {ckpt}: {ckpt}/step_00000006/rng/rank0.pt missing; "
+        f"{ckpt}/step_00000003/{rel} truncated: {size // 2} bytes, {size} at save; put an intact "
+        "one back, or start the run over with run.overwrite=true")

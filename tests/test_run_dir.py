@@ -188,7 +188,7 @@ def test_a_damaged_latest_checkpoint_is_moved_aside_before_anything_starts(tmp_p
     prepare_run_dir(_cfg(run))
     out = capsys.readouterr().out
     assert "checkpoint damaged, not resumed from" in out and "step_00000006" in out
-    assert "megatron/__0_0.distcp has 40 bytes, 100 at save" in out
+    assert "step_00000006/megatron/__0_0.distcp truncated: 40 bytes, 100 at save" in out
     assert (run / "checkpoints" / "latest").read_text() == "step_00000004"
     assert (run / "checkpoints" / "step_00000006.damaged").is_dir()
 
@@ -201,6 +201,8 @@ def test_no_intact_checkpoint_is_refused_as_bad_input_naming_each(tmp_path, caps
             "logging.progress=false"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"megatron-opd: error: no intact checkpoint to resume from in "
-                          f"{run / 'checkpoints'}: step_00000004: megatron/.metadata missing")
+    ckpts = run / "checkpoints"
+    assert err.startswith(f"megatron-opd: error: no intact checkpoint in {ckpts}: "
+                          f"{ckpts / 'step_00000004' / 'megatron' / '.metadata'} missing; put an "
+                          "intact one back, or start the run over with run.overwrite=true")
     assert "Traceback" not in err

@@ -160,16 +160,17 @@ def checkpoint_problem(path: Path) -> str | None:
     try:
         meta = json.loads((path / "meta.json").read_text())
     except FileNotFoundError:
-        return "meta.json missing (not a complete checkpoint)"
+        return f"{path / 'meta.json'} missing (not a complete checkpoint)"
     except (OSError, ValueError) as e:
-        return f"meta.json unreadable ({e})"
+        return f"{path / 'meta.json'} unreadable ({e})"
     for rel, size in (meta.get(FILES) or {}).items():
         try:
             actual = (path / rel).stat().st_size
         except FileNotFoundError:
-            return f"{rel} missing"
+            return f"{path / rel} missing"
         if actual != size:
-            return f"{rel} has {actual} bytes, {size} at save"
+            cut = "truncated: " if actual < size else ""
+            return f"{path / rel} {cut}{actual} bytes, {size} at save"
     return None
 
 
@@ -204,9 +205,9 @@ def latest_checkpoint(root: Path, *, source: str = "learner") -> Path | None:
         damaged.append((path, problem))
         if _is_rank0():
             event(source, "checkpoint damaged, not resumed from", path=path, problem=repr(problem))
-    raise CheckpointError(f"no intact checkpoint to resume from in {root}: " + "; ".join(
-        f"{p.name}: {why}" for p, why in damaged) + " (delete the directory or set "
-        "run.overwrite=true to start over)")
+    raise CheckpointError(f"no intact checkpoint in {root}: " + "; ".join(
+        why for _, why in damaged) + "; put an intact one back, or start the run over with "
+        "run.overwrite=true")
 
 
 def repair_latest(root: Path, *, source: str = "megatron-opd") -> Path | None:
