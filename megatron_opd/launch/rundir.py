@@ -30,9 +30,9 @@ RESUMABLE_CHANGES = ("train.steps", "run.overwrite", "logging.progress", "loggin
 
 # What a run writes in its directory (deleted by run.overwrite=true; logs/ is emptied but for
 # Slurm's job logs). The temporary files are those of an interrupted rewrite.
-RUN_FILES = ("config.yaml", "wiring.json", "metrics.jsonl", "metrics.tmp", "ledger.jsonl",
-             "ledger.tmp", "summary.json", "curves.png", "server_restarts.json",
-             "preempt.request", "preempted.json", "preempted.tmp")
+RUN_FILES = ("config.yaml", "wiring.json", "wiring.json.tmp", "metrics.jsonl", "metrics.tmp",
+             "ledger.jsonl", "ledger.tmp", "summary.json", "curves.png", "server_restarts.json",
+             "server_restarts.tmp", "preempt.request", "preempted.json", "preempted.tmp")
 RUN_DIRS = ("checkpoints", "spool", "samples", "tensorboard", "weights", "endpoints")
 SLURM_LOG_PREFIX = "slurm-"  # logs/slurm-<job id>.out: the Slurm job's own output
 
