@@ -47,6 +47,13 @@ KNOWN_WARNINGS: tuple[KnownWarning, ...] = (
                  r"deprecated",
                  "megatron-core's distributed optimizer calls the collectives torch 2.13 renamed; "
                  "they still work, nothing here calls them"),
+    KnownWarning(FutureWarning, r"`load_state_dict` is deprecated and will be removed in future "
+                                r"versions\. Please use `load` instead",
+                 "megatron-core's dist_checkpointing loads with torch's older name on resume; "
+                 "torch 2.13 still provides it (the resume tests check the loaded state)"),
+    KnownWarning(FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor",
+                 "megatron-core's checkpoint format is built on ShardedTensor; torch 2.13 still "
+                 "reads and writes it"),
     # SGLang 0.5.23 (server logs)
     KnownWarning(UserWarning, r"'python -m sglang\.launch_server' is still supported",
                  "the launcher starts servers with `python -m sglang.launch_server` on purpose: "

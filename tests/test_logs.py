@@ -29,6 +29,9 @@ SEEN = [
                     "`torch.distributed.reduce_scatter_single` instead."),
     (FutureWarning, "`torch.distributed.all_gather_into_tensor` is deprecated. Please use "
                     "`torch.distributed.all_gather_single` instead."),
+    (FutureWarning, "`load_state_dict` is deprecated and will be removed in future versions. "
+                    "Please use `load` instead."),
+    (FutureWarning, "Please use DTensor instead and we are deprecating ShardedTensor."),
     (UserWarning, "'python -m sglang.launch_server' is still supported, but 'sglang serve' is "
                   "the recommended entrypoint.\n  Example: sglang serve --model-path <model>"),
     (UserWarning, "Only CUDA, HIP and XPU support AWQ currently."),
