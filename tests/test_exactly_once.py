@@ -26,7 +26,7 @@ import psutil
 import pytest
 
 from megatron_opd.learner.spool import SampleSpool
-from tests.test_e2e_quickstart import ROOT, _records, _train_cmd
+from tests.test_e2e_quickstart import ROOT, _check_logs, _records, _train_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -101,6 +101,9 @@ def test_learner_sigkill_then_resume_trains_every_accepted_sample_exactly_once(t
                          timeout=600, env={**os.environ, "PATH": bindir + os.pathsep +
                                            os.environ.get("PATH", "")})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    _check_logs(run_dir, out.stdout)  # lifecycle lines; no known warning, resume's included
+    assert f"[learner] checkpoint loaded step={CKPT} " in \
+        (run_dir / "logs" / "learner.log").read_text()
     records = [r for r in _records(run_dir) if "train/loss" in r]
     assert [r["step"] for r in records] == list(range(STEPS))
     assert [r["weights/version"] for r in records] == list(range(1, STEPS + 1))
@@ -113,7 +116,18 @@ def test_learner_sigkill_then_resume_trains_every_accepted_sample_exactly_once(t
     # 0 lost, 0 trained twice, counted by id over the whole run
     counts = Counter(i for ids in trained.values() for i in ids)
     assert max(counts.values()) == 1
-    leftover = {s.sample_id for _, s in SampleSpool(run_dir / "spool").pending(after=-1)}
+    # the spool keeps what the older kept checkpoint had not consumed (a fallback replays it):
+    # untrained is what comes after the final checkpoint's cursor
+    final = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    through = json.loads((final / "meta.json").read_text())["data_cursor"]["consumed_through"]
+    leftover = {s.sample_id for _, s in SampleSpool(run_dir / "spool").pending(after=through)}
+    kept = sorted((run_dir / "checkpoints").glob("step_????????"))
+    if len(kept) > 1:  # what a fallback to the older checkpoint would replay is still there
+        oldest = json.loads((kept[0] / "meta.json").read_text())["data_cursor"]
+        held = {s.sample_id for _, s in
+                SampleSpool(run_dir / "spool").pending(after=oldest["consumed_through"])}
+        since = int(kept[0].name.split("_")[1])
+        assert {i for step, ids in trained.items() if step >= since for i in ids} <= held
     assert not leftover & set(counts)
     assert set(accepted) == set(counts) | leftover
     assert len(accepted) == len(set(accepted))  # no sample was accepted twice either
