@@ -117,7 +117,7 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
         save_checkpoint(ckpt_root, chunks, optimizer, scheduler, state,
                         keep=cfg.train.keep_checkpoints, hf_export=hf_export)
         if rank0:
-            io.release_spool(state)  # trained and committed: the spool may forget it
+            io.release_spool(state, ckpt_root)  # trained and in every kept checkpoint
 
     preemption = PreemptionWatch(run_dir)
     saved_step = state.step if resume_from is not None else -1  # of the newest checkpoint
@@ -308,8 +308,19 @@ class _RankZeroIO:
     def record_cursor(self, state) -> None:
         state.data_cursor["accepted"] = self.receiver.seen_state()
 
-    def release_spool(self, state) -> None:
-        self.spool.release_through(int(state.data_cursor.get("consumed_through", -1)))
+    def release_spool(self, state, checkpoints: Path) -> None:
+        """Forget samples only once every kept checkpoint has consumed them: a resume that falls
+        back past a damaged newest checkpoint (learner/checkpoint.py) replays them from here."""
+        import json
+
+        cursors = [int(state.data_cursor.get("consumed_through", -1))]
+        for meta in checkpoints.glob("step_????????/meta.json"):
+            try:
+                cursors.append(int(json.loads(meta.read_text())["data_cursor"]
+                                   .get("consumed_through", -1)))
+            except (OSError, ValueError, KeyError, TypeError):
+                return  # unreadable: release nothing this time
+        self.spool.release_through(min(cursors))
 
     def next_batch(self, cfg: Config, state, pad_id: int):
         from megatron_opd.learner.batch import collate

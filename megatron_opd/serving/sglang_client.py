@@ -172,7 +172,7 @@ class SGLangClient:
             time.sleep(0.5)
 
     # ------------------------------------------------------------------ generation / scoring
-    def generate(self, input_ids: list[list[int]], sampling_params: dict, *,
+    def generate(self, input_ids: list[list[int]], sampling_params: dict | list[dict], *,
                  return_logprob: bool = True, return_routed_experts: bool = False,
                  rid: list[str] | None = None,
                  routed_experts_shape: tuple[int, int] | None = None,
