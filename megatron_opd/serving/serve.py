@@ -5,8 +5,8 @@
 The job driver cannot know a free port on another node, so this wrapper picks one there (the
 previous port when it is free again: a restarted server keeps its address, so clients and the
 weight publisher find it where it was), writes `{"url", "host", "port", "pid"}` to the endpoint
-file on the shared filesystem, then replaces itself with `sglang.launch_server` listening on all
-interfaces (the pid, and so the Slurm step, stay the same).
+file on the shared filesystem, then replaces itself with `sglang.launch_server` listening on that
+address only (the pid, and so the Slurm step, stay the same; docs/security.md).
 """
 
 from __future__ import annotations
@@ -27,15 +27,16 @@ def advertised_address() -> str:
     return os.environ.get("MEGATRON_OPD_ADDR") or socket.gethostbyname(socket.gethostname())
 
 
-def pick_port(prefer: int = 0) -> int:
+def pick_port(host: str, prefer: int = 0) -> int:
+    """`prefer` when it is free on `host`, else any free port there."""
     if prefer:
         with socket.socket() as s:
             try:
-                s.bind(("0.0.0.0", prefer))
+                s.bind((host, prefer))
                 return prefer
             except OSError:
                 pass
-    return free_port("0.0.0.0")
+    return free_port(host)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,13 +48,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--endpoint-file", required=True, type=Path)
     p.add_argument("--prefer-port", type=int, default=0)
     args = p.parse_args(argv[:split])
-    host, port = advertised_address(), pick_port(args.prefer_port)
+    host = advertised_address()
+    port = pick_port(host, args.prefer_port)
     tmp = args.endpoint_file.with_suffix(".tmp")
     tmp.write_text(json.dumps({"url": f"http://{host}:{port}", "host": host, "port": port,
                                "pid": os.getpid(), "node": socket.gethostname()}))
     tmp.replace(args.endpoint_file)
     command = [sys.executable, "-m", "sglang.launch_server", *argv[split + 1:],
-               "--host", "0.0.0.0", "--port", str(port)]
+               "--host", host, "--port", str(port)]
     os.execv(sys.executable, command)
 
 
