@@ -192,7 +192,8 @@ class CorrectionConfig:
     ewma_beta: float = 0.0  # EWMA decay; 0: W / (W + 2) with W = async.max_staleness
     ewma_reset_tau: float = 0.9  # reset theta_prox <- theta when active fraction < tau (0: never)
     # Steps after an EWMA reset in which no other reset happens (0: none, the paper's rule). At
-    # staleness 8 resets cascaded (one every other step) and training diverged: docs/fidelity.md.
+    # staleness 8 resets cascaded (one every other step) and training diverged on 2 of 3 seeds;
+    # a cooldown of 8 held it, ewma_reset_tau=0 (no reset) did best: docs/fidelity.md.
     ewma_reset_cooldown: int = 0
     # Freshness control (§7): per-sample f_i = exp(-alpha * D_roll - beta * D_sup); "accept"
     # trains every sample as it is, "downweight" by f_i / mean f, "drop" those with f_i < min.
