@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from megatron_opd.serving.sglang_client import GenerateResult
+from megatron_opd.serving.sglang_client import GenerateResult, SGLangError
 
 
 class InterruptGate:
@@ -43,7 +43,8 @@ class InterruptGate:
         self.inflight = 0  # generate calls running
         # sample id -> (prompt ids, response ids so far, their versions): generated, not sent
         self.rows: dict[str, tuple[list[int], list[int], np.ndarray]] = {}
-        self.stats = {"interrupts": 0, "late_calls": 0, "continued_requests": 0}
+        self.stats = {"interrupts": 0, "late_calls": 0, "continued_requests": 0,
+                      "server_errors": 0}
 
     def begin_generate(self) -> bool:
         """Wait while an interrupt is on; False once stopped."""
@@ -76,15 +77,23 @@ class InterruptGate:
         with self._cv:
             self.closed = True
             self.stats["interrupts"] += 1
-        for c in servers:
-            c.abort_all()
+        self.each(servers, lambda c: c.abort_all())
         self.wait_idle(0.5)
-        for c in servers:
-            c.pause_generation("abort")
+        self.each(servers, lambda c: c.pause_generation("abort"))
         self.wait_idle(grace_s)
         with self._cv:
             self.stats["late_calls"] += self.inflight
             return [(k, p, r, v) for k, (p, r, v) in self.rows.items()]
+
+    def each(self, servers, call) -> None:
+        """`call(server)` on every server; one that is down (being restarted: its requests are
+        re-issued by the client) is counted, not fatal."""
+        for c in servers:
+            try:
+                call(c)
+            except SGLangError as e:
+                self.stats["server_errors"] += 1
+                print(f"[orchestrator] interrupt sync: {e}", flush=True)
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Until no generate call runs (True) or timeout_s passed (False)."""

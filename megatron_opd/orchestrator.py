@@ -289,8 +289,7 @@ def run_orchestrator(cfg: Config, wiring: RunWiring) -> None:
         for msg in control.poll(timeout_ms=timeout_ms):
             if isinstance(msg, WeightsPublished):
                 if gate and gate.closed:  # the interrupt is over: resume, continue the partials
-                    for c in servers:
-                        c.continue_generation()
+                    gate.each(servers, lambda c: c.continue_generation())
                     gate.reopen()
                 admission.set_version(msg.version)
             elif isinstance(msg, Interrupt) and gate and msg.seq not in answered:

@@ -22,7 +22,7 @@ import pytest
 
 from megatron_opd.interrupt_sync import InterruptGate, merge_continuation
 from megatron_opd.learner.interrupt import InterruptStore, rows_to_score
-from megatron_opd.serving.sglang_client import GenerateResult
+from megatron_opd.serving.sglang_client import GenerateResult, ServerUnavailable
 from megatron_opd.transport import PartialRollouts, ProtocolError, decode, encode
 from test_transport import make_sample
 from test_transport_channel import pair, pump  # noqa: F401 (fixture)
@@ -84,8 +84,16 @@ def test_gate_answers_with_every_unsent_row_after_the_running_calls_return():
         def pause_generation(self, mode):
             assert mode == "abort"
 
-    rows = gate.interrupt([Server()], grace_s=5)
+    class Down:  # a server being restarted: counted, the interrupt goes on
+        def abort_all(self):
+            raise ServerUnavailable("down")
+
+        def pause_generation(self, mode):
+            raise ServerUnavailable("down")
+
+    rows = gate.interrupt([Down(), Server()], grace_s=5)
     assert sorted(r[0] for r in rows) == ["x-0", "y-0"] and gate.stats["late_calls"] == 0
+    assert gate.stats["server_errors"] == 2
     # closed: a worker waits; reopened: it goes on
     started = []
     t = threading.Thread(target=lambda: started.append(gate.begin_generate()))
