@@ -137,6 +137,19 @@ def commit_checkpoint(root: Path, tmp: Path, final: Path, meta: dict, keep: int 
             shutil.rmtree(old, ignore_errors=True)
 
 
+def kept_consumed_through(root: Path) -> list[int] | None:
+    """`data_cursor["consumed_through"]` of every kept checkpoint under `root` (-1 where
+    absent); None when a meta.json cannot be read (the caller then releases nothing)."""
+    out = []
+    for meta in root.glob("step_????????/meta.json"):
+        try:
+            out.append(int(json.loads(meta.read_text())["data_cursor"]
+                           .get("consumed_through", -1)))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return out
+
+
 def _materialize_optimizer_state(optimizer) -> None:
     """A fresh torch Adam has no state (not even `step`), and megatron's DistributedOptimizer
     cannot describe what it will load then (0.16.1 asserts on the missing step without apex/TE).

@@ -311,16 +311,12 @@ class _RankZeroIO:
     def release_spool(self, state, checkpoints: Path) -> None:
         """Forget samples only once every kept checkpoint has consumed them: a resume that falls
         back past a damaged newest checkpoint (learner/checkpoint.py) replays them from here."""
-        import json
+        from megatron_opd.learner.checkpoint import kept_consumed_through
 
-        cursors = [int(state.data_cursor.get("consumed_through", -1))]
-        for meta in checkpoints.glob("step_????????/meta.json"):
-            try:
-                cursors.append(int(json.loads(meta.read_text())["data_cursor"]
-                                   .get("consumed_through", -1)))
-            except (OSError, ValueError, KeyError, TypeError):
-                return  # unreadable: release nothing this time
-        self.spool.release_through(min(cursors))
+        kept = kept_consumed_through(checkpoints)
+        if kept is not None:  # unreadable: release nothing this time
+            self.spool.release_through(min([int(state.data_cursor.get("consumed_through", -1)),
+                                            *kept]))
 
     def next_batch(self, cfg: Config, state, pad_id: int):
         from megatron_opd.learner.batch import collate
