@@ -99,6 +99,13 @@ class ServerConfig:
     # A server that dies is restarted on its port at most this many times (0: a death stops the
     # run); see docs/fault-tolerance.md.
     max_restarts: int = 3
+    # How requests reach a fleet of more than one server (rollout.num_servers, teacher.num_servers):
+    # "smg", SGLang's model gateway (a router process in front of the fleet, `router_policy`), or
+    # "client", our own client's round robin (the fallback where smg cannot run). One server: no
+    # router either way.
+    router: Literal["smg", "client"] = "smg"
+    router_policy: Literal["cache_aware", "least_load", "round_robin", "power_of_two",
+                           "random"] = "cache_aware"
 
 
 @dataclass
@@ -113,11 +120,13 @@ class RolloutConfig:
     # GRPO groups: responses sampled per prompt (one group_id, sent back to back; 1 = no groups).
     # A request then carries prompts_per_request x group_size sequences.
     group_size: int = 1
+    num_servers: int = 1  # rollout SGLang servers of the embedded launcher (behind server.router)
 
 
 @dataclass
 class TeacherConfig:
     top_k: int = 0  # teacher top-K log-probs per token (0 = sampled token only)
+    num_servers: int = 1  # teacher SGLang servers of the embedded launcher (behind server.router)
     revision: str = "teacher-v0"
     # The temperature the teacher's log-probs are of (carried on every sample as
     # teacher_temperature; the distillation terms score the student at it: docs/temperatures.md).
@@ -316,6 +325,11 @@ class WeightSyncConfig:
     method: Literal["distributed", "disk"] = "distributed"
     backend: Literal["gloo", "nccl"] = "gloo"
     bucket_mb: float = 64.0
+    # How the rollout servers hold their running requests while weights change: "retract" (KV
+    # freed, requests resume on the new weights), "abort" (requests return their partial output;
+    # the orchestrator re-queues them), "in_place" (requests stay with their KV cache, computed by
+    # the old weights: such samples are flagged).
+    pause_mode: Literal["abort", "retract", "in_place"] = "retract"
 
 
 @dataclass
@@ -490,6 +504,8 @@ RANGES: dict[str, str | tuple[str, str]] = {
     "CorrectionConfig.freshness_min": "[0, 1]",
     "CorrectionConfig.drift_budget": (">= 0", "0: off"),
     "WeightSyncConfig.bucket_mb": "> 0",
+    "RolloutConfig.num_servers": ">= 1",
+    "TeacherConfig.num_servers": ">= 1",
     "TransportConfig.credit": ">= 1",
     "TransportConfig.resend_after_s": "> 0",
     "TransportConfig.max_unacked": (">= 0", "0: unbounded"),
