@@ -107,3 +107,104 @@ def test_server_args_log_line_is_short_and_wrapped():
     assert len(line) < 600 and all(len(r) <= sglang_cpu.LOG_LINE_WIDTH + 12 for r in rows), rows
     assert "546 resolved fields" in rows[0] and "/server_info" in rows[0]
     assert " ".join(r.strip() for r in rows).endswith(_ServerArgs.launch_command)
+
+
+@pytest.fixture(scope="module")
+def input_logprob_processor():
+    """SGLang's real input log-prob pass (imported once: its Triton bindings do not survive a
+    second import in one process, so not under clean_meta_path)."""
+    from sglang.srt.layers.logprob_processor import InputLogprobProcessor
+
+    return InputLogprobProcessor
+
+
+def _input_logprob_module(InputLogprobProcessor):
+    """A module shaped like sglang's logits_processor for the temperature patch: the real
+    `InputLogprobProcessor` (subclassed, so patching it leaves SGLang's class alone) and a
+    `LogitsMetadata` whose builder records what it was given."""
+    import types
+
+    class LogitsMetadata(types.SimpleNamespace):
+        @classmethod
+        def from_forward_batch(cls, forward_batch):
+            return cls(extend_return_logprob=forward_batch.return_logprob, temperature=None)
+
+    return types.SimpleNamespace(LogitsMetadata=LogitsMetadata,
+                                 InputLogprobProcessor=type("P", (InputLogprobProcessor,), {}))
+
+
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_input_logprobs_are_at_each_requests_temperature(monkeypatch, input_logprob_processor,
+                                                         chunk):
+    """SGLang 0.5.23's prompt-token log-probs ignore the request's temperature; patched, the real
+    input log-prob pass (chunked or not) returns log_softmax(z / T) of each row's own request,
+    top-K included, and hands the sampler the raw logits."""
+    import types
+
+    import torch
+
+    monkeypatch.setenv("SGLANG_ENABLE_LOGPROB_CHUNK", "1" if chunk else "0")
+    monkeypatch.setenv("SGLANG_LOGPROB_CHUNK_SIZE", str(max(chunk, 1)))
+    mod = _input_logprob_module(input_logprob_processor)
+    assert sglang_cpu._tempered_input_logprobs(mod) is True
+    assert sglang_cpu._tempered_input_logprobs(mod) is False  # once
+    fb = types.SimpleNamespace(return_logprob=True, sampling_info=types.SimpleNamespace(
+        temperatures=torch.tensor([[0.5], [2.0], [1.0]])))
+    temps = [0.5, 2.0, 1.0]
+    meta = mod.LogitsMetadata.from_forward_batch(fb)
+    assert meta.temperature is fb.sampling_info.temperatures
+    gen = torch.Generator().manual_seed(0)
+    vocab, lens = 11, [4, 3, 2]  # pruned rows per request; each one's last row is its sample row
+    weight = torch.randn(vocab, 6, generator=gen)
+    states = torch.randn(sum(lens), 6, generator=gen)
+    ids = torch.randint(0, vocab, (sum(lens),), generator=gen)
+    seq_of_row = [i for i, n in enumerate(lens) for _ in range(n)]
+    sample_rows = [sum(lens[:i + 1]) - 1 for i in range(len(lens))]
+    meta.__dict__.update(
+        sample_indices_cpu=sample_rows, input_logprob_indices_cpu=list(range(sum(lens))),
+        extend_return_top_logprob=True, extend_token_ids_logprob=False,
+        top_logprobs_nums=[3, 3, 3], extend_logprob_pruned_lens_cpu=lens,
+        extend_input_logprob_token_ids_gpu=ids)
+    calls = []
+
+    def get_logits(h, lm_head, md, use_logits_buffer=True):
+        calls.append(h @ weight.T)
+        return calls[-1]
+
+    proc = mod.InputLogprobProcessor(vocab)
+    result, sampled = proc.forward(
+        pruned_states=states, sample_indices=torch.tensor(sample_rows),
+        input_logprob_indices=torch.arange(sum(lens)), token_to_seq_idx=seq_of_row + [2],
+        lm_head=None, get_logits_fn=get_logits, logits_metadata=meta)
+    assert [len(c) for c in calls] == ([9] if chunk == 0 else [2, 2, 2, 2, 1])  # or chunks of 2
+    z = states.double() @ weight.double().T
+    ref = torch.log_softmax(z / torch.tensor(temps, dtype=torch.float64)[seq_of_row, None], -1)
+    got = torch.cat([torch.as_tensor(t).reshape(-1) for t in result.token_logprobs])
+    assert (got.double() - ref[torch.arange(len(ids)), ids]).abs().max() < 1e-5
+    rows = [r for per_seq in result.top_logprobs_val for r in per_seq]
+    idx = [r for per_seq in result.top_logprobs_idx for r in per_seq]
+    for j, (vals, top) in enumerate(zip(rows, idx)):
+        assert list(top) == ref[j].topk(3).indices.tolist()
+        assert max(abs(v - ref[j, i].item()) for v, i in zip(vals, top)) < 1e-5
+    # the sampler gets the raw logits back (exactly: T = 0.5, 2, 1 are powers of two)
+    assert torch.equal(sampled, torch.cat(calls)[sample_rows])
+
+
+def test_input_logprobs_at_temperature_one_take_upstreams_path(input_logprob_processor):
+    import types
+
+    import torch
+
+    mod = _input_logprob_module(input_logprob_processor)
+    upstream = mod.InputLogprobProcessor.forward
+    seen = []
+    mod.InputLogprobProcessor.forward = lambda self, **kw: seen.append(kw) or ("r", "s")
+    sglang_cpu._tempered_input_logprobs(mod)
+    for temps in (None, torch.ones(2, 1)):
+        meta = types.SimpleNamespace(temperature=temps)
+        fn = object()
+        assert mod.InputLogprobProcessor.forward(
+            None, pruned_states=None, sample_indices=None, input_logprob_indices=None,
+            token_to_seq_idx=[], lm_head=None, get_logits_fn=fn, logits_metadata=meta) == ("r", "s")
+        assert seen[-1]["get_logits_fn"] is fn  # untouched
+    assert upstream is not mod.InputLogprobProcessor.forward

@@ -15,6 +15,9 @@ Gaps on CPU (measured, see docs/sglang-on-cpu.md):
    attention backend (torch_native), so a seed was silently ignored; and seeded sampling hashes
    with sgl_kernel's `murmur_hash32_cpu`, absent here. Two patches make a CPU server honour
    per-request seeds (reproducible evaluation, learner/evaluate.py).
+5. Prompt-token log-probs (teacher scoring) ignore the request's temperature: one patch scores
+   them at it (`patch_input_logprobs_at_request_temperature`; device-independent code, applied
+   here with the CPU compat: docs/temperatures.md says what a GPU teacher needs).
 
 Two more patches are applied on every device (`install_sglang_run_patches`, from the same
 sitecustomize): the scheduler's torch.distributed store listens on the host it was given, not
@@ -450,6 +453,82 @@ def patch_seeded_sampler_on_cpu() -> bool:
     return _patch_when_imported(_SAMPLER_MODULE, _seeded_sampler_on_cpu)
 
 
+_LOGITS_MODULE = "sglang.srt.layers.logits_processor"
+
+
+def _tempered_input_logprobs(module) -> bool:
+    meta_cls, proc_cls = module.LogitsMetadata, module.InputLogprobProcessor
+    if getattr(proc_cls.forward, "__megatron_opd_patch__", False):
+        return False
+    build, forward = meta_cls.from_forward_batch.__func__, proc_cls.forward
+
+    def from_forward_batch(klass, forward_batch):
+        meta = build(klass, forward_batch)
+        info = getattr(forward_batch, "sampling_info", None)
+        if meta.extend_return_logprob and info is not None:  # the field upstream never fills
+            meta.temperature = info.temperatures  # [requests, 1], the requests' own temperatures
+        return meta
+
+    def tempered_forward(self, pruned_states, sample_indices, input_logprob_indices,
+                         token_to_seq_idx, lm_head, get_logits_fn, logits_metadata,
+                         skip_chunking_for_dp_attn=False):
+        import torch
+
+        from sglang.srt.environ import envs
+
+        args = dict(pruned_states=pruned_states, sample_indices=sample_indices,
+                    input_logprob_indices=input_logprob_indices,
+                    token_to_seq_idx=token_to_seq_idx, lm_head=lm_head,
+                    logits_metadata=logits_metadata,
+                    skip_chunking_for_dp_attn=skip_chunking_for_dp_attn)
+        temps = getattr(logits_metadata, "temperature", None)
+        if (temps is None or envs.SGLANG_RETURN_ORIGINAL_LOGPROB.get()
+                or bool(torch.all(temps == 1.0))):  # raw logits already are temperature 1
+            return forward(self, get_logits_fn=get_logits_fn, **args)
+        rows = pruned_states.shape[0]
+        seq = torch.as_tensor(token_to_seq_idx[:rows], dtype=torch.long, device=temps.device)
+        row_t = temps.reshape(-1)[seq].unsqueeze(1)  # each pruned row's request temperature
+        done = [0]  # rows already handed out: chunks come in order
+
+        def tempered_logits(states, *a, **kw):
+            logits = get_logits_fn(states, *a, **kw)
+            t = row_t[done[0]:done[0] + states.shape[0]]
+            done[0] += states.shape[0]
+            return logits / t.to(logits.dtype)
+
+        result, sampled = forward(self, get_logits_fn=tempered_logits, **args)
+        if done[0] != rows:
+            raise RuntimeError(f"tempered input log-probs: {done[0]} logit rows for {rows} states")
+        if sampled is not None and sample_indices is not None:
+            # the sampler divides by the temperature itself: hand it the raw logits back
+            sampled = sampled * row_t[sample_indices].to(sampled.dtype)
+        return result, sampled
+
+    from_forward_batch.__megatron_opd_patch__ = True
+    tempered_forward.__megatron_opd_patch__ = True
+    tempered_forward.__wrapped__ = forward
+    meta_cls.from_forward_batch = classmethod(from_forward_batch)
+    proc_cls.forward = tempered_forward
+    return True
+
+
+def patch_input_logprobs_at_request_temperature() -> bool:
+    """Target: `LogitsMetadata.from_forward_batch` and `InputLogprobProcessor.forward` (sglang
+    0.5.23 `srt/layers/logits_processor.py`, `srt/layers/logprob_processor.py`). Why: prompt-token
+    log-probs (`input_token_logprobs`, `input_top_logprobs`: what teacher scoring reads) are
+    log_softmax of the raw logits whatever the request's temperature (`LogitsMetadata.temperature`
+    exists but nothing fills it; only output tokens are scored at the sampler's temperature), so a
+    teacher could not be scored at the temperature the objective assumes. Patched: the metadata
+    carries the batch's per-request temperatures, and the input log-prob pass divides each logit
+    row by its request's temperature, so every input log-prob (sampled-token, top-K, token-ids)
+    is log_softmax(z / T); requests at T = 1 (and greedy ones, which SGLang sets to 1) and
+    SGLANG_RETURN_ORIGINAL_LOGPROB=1 take upstream's path unchanged. The rows handed to the
+    sampler are multiplied back by T (it divides by T itself; exact for powers of two, within
+    one float rounding otherwise). Device-independent code, tested on CPU: a GPU server needs
+    the same patch (install it with the run patches there) for teacher.temperature != 1."""
+    return _patch_when_imported(_LOGITS_MODULE, _tempered_input_logprobs)
+
+
 def install_sglang_cpu_compat() -> list[str]:
     """Apply every patch needed on a CPU-only machine; returns the names applied this call."""
     import torch
@@ -460,7 +539,7 @@ def install_sglang_cpu_compat() -> list[str]:
     applied = []
     for patch in (patch_sgl_kernel_stand_in, patch_torchvision_stand_in,
                   patch_cuda_host_register_no_op, patch_sampling_seed_honoured,
-                  patch_seeded_sampler_on_cpu):
+                  patch_seeded_sampler_on_cpu, patch_input_logprobs_at_request_temperature):
         if patch():
             applied.append(patch.__name__)
     _applied.extend(applied)
