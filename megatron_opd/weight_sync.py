@@ -5,7 +5,22 @@ Distributed (default): the learner (rank 0) and every server rank join one extra
 learner asks the servers to receive (`update_weights_from_distributed`, which blocks until the
 broadcasts arrive) and broadcasts the tensors in the announced order. Disk (fallback): write a
 complete HF model directory for the version and ask the servers to load it.
-Both wrap the update in begin/end_weight_update and tag it with `weight_version = str(v)`.
+Both wrap the update in begin/end_weight_update and tag it with `weight_version = str(v)`,
+and reach every rollout server of the fleet.
+
+Pause modes (`weight_sync.pause_mode`): around the update every server is paused with the mode,
+then resumed. retract: running requests' KV is freed and recomputed with the new weights (the
+cache is flushed with the update). abort: running requests return their partial output
+(serving/resume.py continues them). in_place: running requests keep their KV cache from the old
+weights, so the update cannot flush it (SGLang refuses a flush while requests run): it is sent
+with flush_cache=False, and the servers must run without a prefix cache (checked: a finished
+request's cached prefix would otherwise serve new requests with KV of older weights).
+
+Overlap: the distributed publisher remembers the (name, dtype, shape) of every tensor of its
+first publish (the stream's order is fixed by the model and layout). Later publishes announce
+each bucket to the servers before its tensors exist and broadcast every tensor asynchronously
+as soon as it is produced, so producing (on a parallel learner: gathering) tensor i+1 overlaps
+the broadcast of tensor i; a stream that departs from the remembered one is an error.
 
 A server that dies and is restarted by the launcher (docs/fault-tolerance.md) comes back with the
 student init at version 0 and outside the update group. The next publish then fails (HTTP
@@ -30,6 +45,40 @@ from typing import Iterable
 import torch
 
 from megatron_opd.serving.sglang_client import SGLangClient, SGLangError, ServerUnavailable
+
+
+PAUSE_MODES = ("abort", "retract", "in_place")
+
+
+def pause_servers(clients, mode: str | None, paused: list | None = None) -> None:
+    """Pause every server with `mode` (None: no pause; then an update waits for the running
+    requests to finish). Abort mode aborts first: SGLang's abort-mode pause re-checks for
+    running requests only once a second."""
+    if mode is not None and mode not in PAUSE_MODES:
+        raise ValueError(f"weight_sync.pause_mode: {mode!r} is not one of {PAUSE_MODES}")
+    for c in clients if mode else ():
+        if mode == "abort":
+            c.abort_all()
+        c.pause_generation(mode)
+        if paused is not None:
+            paused.append(c)
+
+
+def update_flushes_cache(mode: str | None, flush_cache: bool = True) -> bool:
+    """in_place keeps running requests (and their KV): SGLang cannot flush then."""
+    return flush_cache and mode != "in_place"
+
+
+def check_servers_for_mode(clients, mode: str | None) -> None:
+    """in_place needs servers without a prefix cache (see the module docstring)."""
+    if mode != "in_place":
+        return
+    for c in clients:
+        if not c.server_info().get("disable_radix_cache"):
+            raise ValueError(
+                f"weight_sync.pause_mode=in_place: rollout server {c.url} runs with a prefix "
+                "(radix) cache, which would serve new requests KV computed by older weights; "
+                "start it with --disable-radix-cache or choose pause_mode retract or abort")
 
 
 class PublishInterrupted(RuntimeError):
@@ -60,11 +109,29 @@ class _Source:
             pass
 
 
-def _buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int):
+def _tensor_nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _meta_nbytes(shape_dtype) -> int:
+    shape, dtype = shape_dtype
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * getattr(torch, dtype).itemsize
+
+
+def _describe(got) -> str:
+    return "the end of the stream" if got is None else \
+        f"{got[0]} {_dtype_name(got[1])}{list(got[1].shape)}"
+
+
+def _buckets(named: Iterable[tuple[str, object]], bucket_bytes: int, nbytes=_tensor_nbytes):
+    """Consecutive groups of at least bucket_bytes (the last one smaller)."""
     bucket, size = [], 0
     for name, t in named:
         bucket.append((name, t))
-        size += t.numel() * t.element_size()
+        size += nbytes(t)
         if size >= bucket_bytes:
             yield bucket
             bucket, size = [], 0
@@ -96,7 +163,11 @@ class DistributedWeightPublisher:
         # SGLang holds a reader lock for every running request, so an update would wait for
         # in-flight generations to finish. Pausing with "retract" frees their KV cache and lets
         # them continue on the new weights (per-token versions record the switch); None waits.
+        if pause_mode is not None and pause_mode not in PAUSE_MODES:
+            raise ValueError(f"weight_sync.pause_mode: {pause_mode!r} is not one of {PAUSE_MODES}")
         self.pause_mode = pause_mode
+        # [(name, dtype, shape)] of the stream, learnt on the first publish (see module doc)
+        self.manifest: list[tuple[str, str, list[int]]] | None = None
         self.group = None
         self._pool = ThreadPoolExecutor(max_workers=max(2, len(clients)))
 
@@ -107,6 +178,8 @@ class DistributedWeightPublisher:
     def connect(self) -> None:
         """Form the update group: servers join in threads while this process hosts the store."""
         from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
+
+        check_servers_for_mode(self.clients, self.pause_mode)
 
         futures = [self._pool.submit(c.init_weights_update_group, self.master_addr, self.master_port,
                                      1 + i * self.server_world_size, self.world_size,
@@ -178,20 +251,13 @@ class DistributedWeightPublisher:
     def _send(self, named_tensors, version: int, flush_cache: bool) -> None:
         paused, opened = [], []
         opening = self._pool.submit(self._open_update, paused, opened)
+        flush = update_flushes_cache(self.pause_mode, flush_cache)
         sent = False
         try:
-            for bucket in _buckets(named_tensors, self.bucket_bytes):
-                opening.result(timeout=self.timeout_s)  # raises if pausing or beginning failed
-                names = [n for n, _ in bucket]
-                dtypes = [_dtype_name(t) for _, t in bucket]
-                shapes = [list(t.shape) for _, t in bucket]
-                futures = [self._pool.submit(c.update_weights_from_distributed, names, dtypes,
-                                             shapes, self.group_name, str(version), flush_cache)
-                           for c in self.clients]
-                for _, t in bucket:
-                    torch.distributed.broadcast(t.detach().contiguous(), src=0, group=self.group)
-                for f in futures:
-                    f.result(timeout=self.timeout_s)
+            if self.manifest is None:
+                self._send_learning(named_tensors, version, flush, opening)
+            else:
+                self._send_overlapped(named_tensors, version, flush, opening)
             opening.result(timeout=self.timeout_s)  # (nothing to send: still report its error)
             sent = True
         finally:
@@ -210,11 +276,61 @@ class DistributedWeightPublisher:
             if sent and errors:  # (after a failure, the first error is the one that matters)
                 raise errors[0]
 
+    def _announce(self, bucket_meta, version: int, flush: bool) -> list:
+        """Every server starts receiving one bucket (its HTTP call returns once it is loaded)."""
+        names, dtypes, shapes = (list(x) for x in zip(*bucket_meta))
+        return [self._pool.submit(c.update_weights_from_distributed, names, dtypes, shapes,
+                                  self.group_name, str(version), flush) for c in self.clients]
+
+    def _send_learning(self, named_tensors, version: int, flush: bool, opening) -> None:
+        """Bucket by bucket, each produced whole before it is announced; records the manifest."""
+        manifest = []
+        for bucket in _buckets(named_tensors, self.bucket_bytes):
+            opening.result(timeout=self.timeout_s)  # raises if pausing or beginning failed
+            meta = [(n, _dtype_name(t), list(t.shape)) for n, t in bucket]
+            futures = self._announce(meta, version, flush)
+            for _, t in bucket:
+                torch.distributed.broadcast(t.detach().contiguous(), src=0, group=self.group)
+            for f in futures:
+                f.result(timeout=self.timeout_s)
+            manifest += meta
+        self.manifest = manifest
+
+    def _send_overlapped(self, named_tensors, version: int, flush: bool, opening) -> None:
+        """Each bucket is announced from the manifest, then every tensor is broadcast
+        asynchronously as soon as the stream yields it (the next one is produced meanwhile)."""
+        it = iter(named_tensors)
+        for bucket in _buckets(((m, (m[2], m[1])) for m in self.manifest), self.bucket_bytes,
+                               nbytes=_meta_nbytes):
+            meta = [m for m, _ in bucket]
+            opening.result(timeout=self.timeout_s)
+            futures = self._announce(meta, version, flush)
+            pending = []  # (work, tensor): the tensor must live until its broadcast is done
+            try:
+                for name, dtype, shape in meta:
+                    got = next(it, None)
+                    if got is None or got[0] != name or _dtype_name(got[1]) != dtype \
+                            or list(got[1].shape) != shape:
+                        self.manifest = None
+                        raise RuntimeError(
+                            f"weight stream departs from the first publish's at {name} "
+                            f"{dtype}{shape}: got {_describe(got)}")
+                    t = got[1].detach().contiguous()
+                    pending.append((torch.distributed.broadcast(t, src=0, group=self.group,
+                                                                async_op=True), t))
+            finally:
+                for work, _ in pending:
+                    work.wait()
+            for f in futures:
+                f.result(timeout=self.timeout_s)
+        extra = next(it, None)
+        if extra is not None:
+            self.manifest = None
+            raise RuntimeError(f"weight stream has more tensors than the first publish's: "
+                               f"{_describe(extra)}")
+
     def _open_update(self, paused: list, opened: list) -> None:
-        if self.pause_mode:
-            for c in self.clients:
-                c.pause_generation(self.pause_mode)
-                paused.append(c)
+        pause_servers(self.clients, self.pause_mode, paused)
         for c in self.clients:
             c.begin_weight_update()
             opened.append(c)
@@ -267,8 +383,12 @@ class DiskWeightPublisher:
     """Fallback: a complete HF model dir per version (written aside, then renamed into place)."""
 
     def __init__(self, clients: list[SGLangClient], directory: str | Path, base_model_dir: str | Path,
-                 keep: int = 2, reconnect_timeout_s: float = 0.0):
+                 keep: int = 2, reconnect_timeout_s: float = 0.0,
+                 pause_mode: str | None = "retract"):
+        if pause_mode is not None and pause_mode not in PAUSE_MODES:
+            raise ValueError(f"weight_sync.pause_mode: {pause_mode!r} is not one of {PAUSE_MODES}")
         self.clients, self.directory = clients, Path(directory)
+        self.pause_mode, self._checked = pause_mode, False
         # A server that does not answer (restarting) is waited for this long, then asked again
         # to load the version's directory; 0: its error raises at once.
         self.reconnect_timeout_s = reconnect_timeout_s
@@ -290,8 +410,28 @@ class DiskWeightPublisher:
         save_file({n: t.detach().contiguous() for n, t in named_tensors}, str(tmp / "model.safetensors"))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        for c in self.clients:
-            self._load(c, final, version, flush_cache)
+        if not self._checked:
+            check_servers_for_mode(self.clients, self.pause_mode)
+            self._checked = True
+        paused = []
+        try:
+            for c in self.clients:
+                try:
+                    pause_servers([c], self.pause_mode, paused)
+                except ServerUnavailable:  # restarting: nothing runs there; _load waits for it
+                    if self.reconnect_timeout_s <= 0:
+                        raise
+            for c in self.clients:
+                self._load(c, final, version, update_flushes_cache(self.pause_mode, flush_cache))
+        finally:
+            errors = []
+            for c in paused:  # every paused server resumes, even after a failure
+                try:
+                    c.continue_generation()
+                except Exception as e:
+                    errors.append(e)
+        if errors:
+            raise errors[0]
         for old in sorted(self.directory.glob("v*"))[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return time.time() - t0

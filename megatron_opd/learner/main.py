@@ -388,13 +388,15 @@ def _make_publisher(cfg: Config, wiring: RunWiring):
     if cfg.weight_sync.method == "disk":
         return DiskWeightPublisher(servers, directory=Path(wiring.run_dir) / "weights",
                                    base_model_dir=wiring.student_dir,
-                                   reconnect_timeout_s=reconnect_s)
+                                   reconnect_timeout_s=reconnect_s,
+                                   pause_mode=cfg.weight_sync.pause_mode)
     pub = DistributedWeightPublisher(servers, master_addr=wiring.weight_sync_master_addr,
                                      master_port=wiring.weight_sync_master_port or None,
                                      backend=cfg.weight_sync.backend,
                                      server_world_size=wiring.rollout_server_world_size,
                                      bucket_bytes=int(cfg.weight_sync.bucket_mb * (1 << 20)),
-                                     reconnect_timeout_s=reconnect_s)
+                                     reconnect_timeout_s=reconnect_s,
+                                     pause_mode=cfg.weight_sync.pause_mode)
     pub.connect()
     return pub
 

@@ -39,6 +39,9 @@ class GenerateResult:
     routed_experts: np.ndarray | None = None
     routed_experts_start: int = 0  # token position of routed_experts[0]
     meta_info: dict = field(default_factory=dict, repr=False)
+    # Under weight_sync.pause_mode=in_place: some tokens were decoded on a KV cache that older
+    # weights computed (the response spans versions: serving/resume.py sets it). False otherwise.
+    stale_kv: bool = False
 
 
 @dataclass
@@ -281,6 +284,10 @@ class SGLangClient:
             return self._session.get(f"{self.url}/health", timeout=5).status_code == 200
         except requests.RequestException:
             return False
+
+    def server_info(self) -> dict:
+        """The server's arguments and state (GET /server_info)."""
+        return self._get("server_info")
 
     def weight_version(self) -> str:
         return str(self._get("model_info")["weight_version"])
