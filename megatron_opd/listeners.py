@@ -80,13 +80,21 @@ def loopback_socket_env(host: str, env: dict | None = None) -> dict[str, str]:
 
 
 LATER_PORTS = (10000, 21999)  # below the kernel's ephemeral range; SGLang picks 22000-29999
+_HANDED_OUT: set[int] = set()  # ports this process gave out: never twice (servers start at once)
 
 
 def port_for_later(host: str = "127.0.0.1", attempts: int = 64) -> int:
     """A free port for a socket another process binds later (the learner's channels and
-    weight-sync rendezvous, the servers' HTTP ports): below the kernel's ephemeral range, so no
-    process that binds port 0 in between (gloo listens on dozens) is handed it. The kernel's
-    choice if that range is unavailable."""
+    weight-sync rendezvous, the servers' HTTP and torch.distributed ports): below the kernel's
+    ephemeral range, so no process that binds port 0 in between (gloo listens on dozens) is
+    handed it, and never one this process handed out before (two servers started at once get
+    different ports even before either binds). The kernel's choice if that range is unavailable."""
+    port = _pick_port(host, attempts)
+    _HANDED_OUT.add(port)
+    return port
+
+
+def _pick_port(host: str, attempts: int) -> int:
     import random
 
     from megatron_opd.procs import free_port
@@ -100,6 +108,8 @@ def port_for_later(host: str = "127.0.0.1", attempts: int = 64) -> int:
     if high - low + 1 >= attempts:
         bind_host = "0.0.0.0" if host in ALL_INTERFACES else host.strip("[]")
         for port in random.sample(range(low, high + 1), attempts):
+            if port in _HANDED_OUT:
+                continue
             try:
                 with socket.socket(socket.getaddrinfo(bind_host, port)[0][0]) as s:
                     s.bind((bind_host, port))

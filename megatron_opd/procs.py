@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 
@@ -23,12 +24,30 @@ def log_tail(path: str | Path, lines: int = 40) -> str:
         return "(no log written)"
 
 
-def die_with_parent() -> None:
-    """preexec_fn: PR_SET_PDEATHSIG, so a child gets SIGTERM if its launcher is SIGKILLed."""
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """preexec_fn: PR_SET_PDEATHSIG, so a child gets `sig` if its launcher is SIGKILLed."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig))
     except OSError:
         pass
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids of the live (not zombie) processes of process group `pgid` (from /proc)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # fields after the command (which may hold spaces): state ppid pgrp ...
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(name))
+    return out
 
 
 def spawn_group(args: list[str], log_path: str | Path, env: dict | None = None) -> subprocess.Popen:
@@ -40,7 +59,8 @@ def spawn_group(args: list[str], log_path: str | Path, env: dict | None = None) 
 
 
 def stop_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    """SIGTERM the whole group, wait, then SIGKILL whatever of the group is left (no orphans)."""
+    """SIGTERM the whole group, wait, then SIGKILL whatever of the group is left (no orphans),
+    and wait until the group is gone (a member that outlived its leader included)."""
     if proc.poll() is None:
         _signal_group(proc.pid, signal.SIGTERM)
         try:
@@ -49,6 +69,10 @@ def stop_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
             pass
     _signal_group(proc.pid, signal.SIGKILL)
     proc.wait()
+    deadline = time.time() + 10.0
+    while group_members(proc.pid) and time.time() < deadline:
+        _signal_group(proc.pid, signal.SIGKILL)
+        time.sleep(0.05)
 
 
 def _signal_group(pid: int, sig: int) -> None:

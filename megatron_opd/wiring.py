@@ -25,6 +25,20 @@ class RunWiring:
     rollout_server_world_size: int = 1  # ranks (GPUs) per rollout server: its weight-sync share
     offline_store: str = ""  # teacher.mode=offline: the store the orchestrator reads samples from
     secret_file: str = ""  # run secret for the HMAC on every ZeroMQ message ("": none, loopback only)
+    # The smg router in front of a fleet of several servers ("": no router: one server, or
+    # server.router=client). Generation, scoring and evaluation go through it; weight updates
+    # and the interrupt gate talk to every server directly (rollout_urls).
+    rollout_router_url: str = ""
+    teacher_router_url: str = ""
+
+    def rollout_endpoint(self) -> list[str]:
+        """Where generation and evaluation requests go: [the router] or every server's URL (the
+        client round-robins over them)."""
+        return [self.rollout_router_url] if self.rollout_router_url else list(self.rollout_urls)
+
+    def teacher_endpoint(self) -> list[str]:
+        """Where scoring requests go: [the router] or every teacher server's URL."""
+        return [self.teacher_router_url] if self.teacher_router_url else list(self.teacher_urls)
 
     def save(self, path: str | Path) -> None:
         tmp = Path(str(path) + ".tmp")

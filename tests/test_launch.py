@@ -143,3 +143,41 @@ def test_submit_reports_like_every_entry_point(tmp_path, capsys):
         "megatron-opd: error: config error: parallel.world_size: ")
     assert submit_main(["--config", str(tmp_path / "missing.yaml"), "--dry-run"]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_num_servers_makes_a_fleet_per_role_and_slurm_fills_its_nodes():
+    specs = fleet_specs(_cfg("rollout.num_servers=3", "teacher.num_servers=2"), Models)
+    assert [s.name for s in specs["rollout"]] == ["rollout-0", "rollout-1", "rollout-2"]
+    assert [s.name for s in specs["teacher"]] == ["teacher-0", "teacher-1"]
+    assert all(s.extra_args == ("--weight-version", "0") for s in specs["rollout"])
+    assert len({s.name for s in specs["rollout"]}) == 3
+    nodes = {"teacher": 1, "rollout": 2}
+    assert len(fleet_specs(_cfg(), Models, nodes)["rollout"]) == 2  # 1: fill the nodes
+    assert len(fleet_specs(_cfg("rollout.num_servers=2"), Models, nodes)["rollout"]) == 2
+    with pytest.raises(ConfigError, match=r"^rollout.num_servers: the Slurm job runs 2 rollout"):
+        fleet_specs(_cfg("rollout.num_servers=3"), Models, nodes)
+
+
+def test_servers_started_at_once_get_distinct_ports(tmp_path):
+    """HTTP and torch.distributed ports of every server of a fleet differ (SGLang would pick
+    its torch.distributed port itself, at random)."""
+    servers = make_servers(_cfg("rollout.num_servers=4", "teacher.num_servers=4"), Models,
+                           tmp_path)
+    ports = []
+    for s in servers["rollout"] + servers["teacher"]:
+        cmd = s.command()
+        assert cmd[1:4] == ["-m", "megatron_opd.serving.watchdog", "--"]
+        ports += [int(cmd[cmd.index("--port") + 1]), int(cmd[cmd.index("--nccl-port") + 1])]
+    assert len(ports) == len(set(ports)) == 16
+
+
+def test_wiring_endpoints_are_the_router_or_every_server():
+    from megatron_opd.wiring import RunWiring
+
+    w = RunWiring(run_dir="r", rollout_urls=["http://a:1", "http://a:2"],
+                  teacher_urls=["http://a:3"], samples_endpoint="", control_endpoint="",
+                  teacher_dir="", student_dir="")
+    assert w.rollout_endpoint() == ["http://a:1", "http://a:2"]
+    assert w.teacher_endpoint() == ["http://a:3"]
+    w.rollout_router_url = "http://a:9"
+    assert w.rollout_endpoint() == ["http://a:9"] and w.rollout_urls == ["http://a:1", "http://a:2"]

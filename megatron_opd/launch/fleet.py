@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_opd.config import Config
+from megatron_opd.config import Config, ConfigError
 
 FLEETS = ("teacher", "rollout")  # started in this order
 LEARNER_MODULE = "megatron_opd.learner.main"
@@ -35,26 +35,41 @@ class ServerSpec:
 def fleet_specs(cfg: Config, models, nodes: dict[str, int] | None = None,
                 gpus_per_node: int = 0) -> dict[str, list[ServerSpec]]:
     """The teacher and rollout fleets (`models`: envs.RunModels). `nodes` (nodes per role) is
-    None on one machine: a fleet of one server per role, named by its role. On a cluster each
-    node of a role runs `gpus_per_node / <role>.gpus_per_server` servers (one per node without
-    GPUs) on disjoint GPUs, named `<role>-<i>`. The rollout servers start at weight version 0."""
+    None on one machine: `<role>.num_servers` servers per role, named by the role when there is
+    one (the quickstart) and `<role>-<i>` otherwise. On a cluster each node of a role runs
+    `gpus_per_node / <role>.gpus_per_server` servers (one per node without GPUs) on disjoint
+    GPUs, named `<role>-<i>`: the job's nodes are filled, and `<role>.num_servers` must be 1
+    (the default: fill them) or that count (docs/slurm.md). The rollout servers start at weight
+    version 0."""
     fleets: dict[str, list[ServerSpec]] = {}
     for role, model_dir in zip(FLEETS, (models.teacher_dir, models.student_dir)):
         per_server = getattr(cfg.cluster, role).gpus_per_server
         per_node = gpus_per_node // per_server if gpus_per_node else 1
+        wanted = getattr(cfg, role).num_servers
+        if nodes is None:
+            layout = [(0, i) for i in range(wanted)]
+        else:
+            filled = nodes[role] * per_node
+            if wanted not in (1, filled):
+                raise ConfigError(
+                    f"{role}.num_servers: the Slurm job runs {filled} {role} server(s) "
+                    f"({nodes[role]} node(s) x {per_node} per node: cluster.{role}.nodes, "
+                    f"cluster.gpus_per_node / cluster.{role}.gpus_per_server); set it to "
+                    f"{filled} or 1 (fill the nodes)")
+            layout = [(node, i) for node in range(nodes[role]) for i in range(per_node)]
         fleets[role] = []
-        for node in range(1 if nodes is None else nodes[role]):
-            for i in range(per_node):
-                gpu_ids = tuple(range(i * per_server, (i + 1) * per_server)) \
-                    if gpus_per_node else ()
-                extra = ("--tp-size", str(per_server), "--base-gpu-id", str(gpu_ids[0])) \
-                    if gpu_ids else ()
-                if role == "rollout":
-                    extra += ("--weight-version", "0")
-                fleets[role].append(ServerSpec(
-                    role=role, name=role if nodes is None else f"{role}-{node * per_node + i}",
-                    model_dir=str(model_dir), node=node, gpu_ids=gpu_ids, extra_args=extra,
-                    routed_experts=role == "rollout" and cfg.train.routing_replay == "r3"))
+        for node, i in layout:
+            gpu_ids = tuple(range(i * per_server, (i + 1) * per_server)) \
+                if gpus_per_node else ()
+            extra = ("--tp-size", str(per_server), "--base-gpu-id", str(gpu_ids[0])) \
+                if gpu_ids else ()
+            if role == "rollout":
+                extra += ("--weight-version", "0")
+            one = nodes is None and wanted == 1
+            fleets[role].append(ServerSpec(
+                role=role, name=role if one else f"{role}-{node * per_node + i}",
+                model_dir=str(model_dir), node=node, gpu_ids=gpu_ids, extra_args=extra,
+                routed_experts=role == "rollout" and cfg.train.routing_replay == "r3"))
     return fleets
 
 

@@ -7,7 +7,9 @@ learner and the orchestrator, wires them (HTTP to SGLang, ZeroMQ to the learner)
 SIGTERM, and as soon as the learner or the orchestrator dies (ProcessDied names the process and
 shows the tail of its log). A dead SGLang server is restarted on its port, at most
 `server.max_restarts` times each (restarts are counted in `server_restarts.json` in the run
-directory; see docs/fault-tolerance.md).
+directory; see docs/fault-tolerance.md). A fleet of several servers gets an smg router
+(`server.router=smg`, docs/fleets.md): a down server is drained from it and rejoins when ready
+with the current weights; per-server figures go to `fleet_stats.json` every few seconds.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ from megatron_opd.wiring import RunWiring
 
 
 RESTARTS_FILE = "server_restarts.json"  # {server name: restarts}, written by the supervisor
+FLEET_STATS_FILE = "fleet_stats.json"  # flat per-server figures, rewritten every STATS_EVERY_S
+STATS_EVERY_S = 3.0
+# A server whose probe fails this long is restarted (server.health_timeout_s once it exists):
+# as long as the publisher's timeout, since a server receiving a large weight update answers
+# nothing meanwhile.
+HEALTH_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -83,6 +91,7 @@ def run(cfg: Config, site: Site, *, preempt_signal: int | None = None) -> dict:
     specs, fleets = place_fleets(cfg, models, logs, site)
     servers = [s for role in FLEETS for s in fleets[role]]
     children: list[Child] = []
+    routers: dict = {}  # {role: SmgRouter} for the fleets behind one
     previous_term = signal.signal(signal.SIGTERM, _raise_terminated)
     # Ctrl-C must stop the run even when we were started with SIGINT ignored (background jobs
     # of non-interactive shells inherit SIG_IGN, and Python then installs no handler).
@@ -91,15 +100,15 @@ def run(cfg: Config, site: Site, *, preempt_signal: int | None = None) -> dict:
     event("launcher", "start", run_dir=run_dir, steps=cfg.train.steps,
           resume_from_step=_checkpoint_step(run_dir) if cfg.train.resume else 0)
     try:
-        for s in servers:
-            s.start()
+        from megatron_opd.serving.sglang_server import start_servers
+
         print(f"[megatron-opd] starting SGLang servers (logs in {logs})", flush=True)
-        for s in servers:
-            s.wait_ready(timeout=cfg.server.start_timeout_s)
+        start_servers(servers, cfg.server.start_timeout_s)
         rollout_urls = [s.url for s in fleets["rollout"]]
         teacher_urls = [s.url for s in fleets["teacher"]]
         event("launcher", "servers ready", teacher=",".join(teacher_urls),
               rollout=",".join(rollout_urls))
+        routers = _start_routers(cfg, fleets, logs, site.address)
         offline_store = ""
         if cfg.teacher.mode == "offline":  # made here if missing, with the fresh servers
             from megatron_opd.offline_build import build_store
@@ -115,7 +124,9 @@ def run(cfg: Config, site: Site, *, preempt_signal: int | None = None) -> dict:
             teacher_dir=str(models.teacher_dir), student_dir=str(models.student_dir),
             weight_sync_master_addr=addr, weight_sync_master_port=port_for_later(addr),
             rollout_server_world_size=specs["rollout"][0].world_size,
-            offline_store=offline_store, secret_file=run_secret(cfg, run_dir))
+            offline_store=offline_store, secret_file=run_secret(cfg, run_dir),
+            rollout_router_url=routers["rollout"].url if "rollout" in routers else "",
+            teacher_router_url=routers["teacher"].url if "teacher" in routers else "")
         wiring.save(run_dir / "wiring.json")
         py = [sys.executable, "-m"]
         children.append(Child.spawn("learner", site.learner_command(cfg, run_dir),
@@ -124,19 +135,25 @@ def run(cfg: Config, site: Site, *, preempt_signal: int | None = None) -> dict:
                                                           str(run_dir)], logs / "orchestrator.log",
                                     {"OMP_NUM_THREADS": "1"}))
         t_train = time.time()
-        _supervise(cfg, run_dir, servers, children)
+        _supervise(cfg, run_dir, fleets, children, routers)
         train_seconds = time.time() - t_train
     except ProcessDied as e:  # end the message with the command that continues the run
         raise ProcessDied(f"{e}\n{_rerun_hint(cfg, run_dir, site)}") from None
     finally:
+        # A second Ctrl-C (or SIGTERM) must not cut the shutdown short: a process group not
+        # stopped yet would be orphaned.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for c in reversed(children):
+            c.stop()
+        for r in routers.values():
+            r.stop()
+        for s in servers:
+            s.stop()
         signal.signal(signal.SIGTERM, previous_term)
         signal.signal(signal.SIGINT, previous_int)
         if preempt_signal is not None:
             signal.signal(preempt_signal, previous_preempt)
-        for c in reversed(children):
-            c.stop()
-        for s in servers:
-            s.stop()
     records = read_metrics(run_dir / "metrics.jsonl")
     plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     preempted = preemption.was_preempted(run_dir)
@@ -166,15 +183,49 @@ def _raise_terminated(signum, frame):
     raise Terminated(f"signal {signum}")
 
 
-def _supervise(cfg: Config, run_dir: Path, servers, children: list[Child]) -> None:
+def _start_routers(cfg: Config, fleets: dict, logs: Path, address: str) -> dict:
+    """An smg router for each fleet of more than one server (`server.router=smg`), bound to the
+    site's address, listing every server of the fleet before any traffic: {role: SmgRouter}."""
+    from megatron_opd.serving.router import SmgRouter
+
+    routers = {}
+    if cfg.server.router != "smg":
+        return routers
+    for role in FLEETS:
+        if len(fleets[role]) > 1:
+            r = SmgRouter(f"{role}-router", [s.url for s in fleets[role]],
+                          cfg.server.router_policy, port_for_later(address),
+                          str(logs / f"{role}-router.log"), host=address)
+            routers[role] = r
+            r.start()
+    for role, r in routers.items():
+        r.wait_ready(cfg.server.start_timeout_s)
+        event("launcher", "router ready", fleet=role, url=r.url,
+              policy=cfg.server.router_policy, workers=len(r.worker_urls))
+    return routers
+
+
+def _supervise(cfg: Config, run_dir: Path, fleets: dict, children: list[Child],
+               routers: dict | None = None) -> None:
     """Wait for the learner to finish; fail fast, naming the process, if the learner or the
-    orchestrator dies; restart a dead SGLang server (bounded: server.max_restarts each)."""
+    orchestrator dies; restart a dead SGLang server (bounded: server.max_restarts each), or one
+    whose health probe fails for server.health_timeout_s; drain and rejoin servers behind a
+    router; restart a dead router; write the fleet's figures to fleet_stats.json."""
     from tqdm import tqdm
 
-    from megatron_opd.serving.sglang_server import ServerRestartLimit, ServerSupervisor
+    from megatron_opd.serving.sglang_server import (FleetProbe, ServerRestartLimit,
+                                                    ServerSupervisor, write_json_atomic)
 
-    supervisor = ServerSupervisor(servers, cfg.server.max_restarts,
-                                  run_dir / RESTARTS_FILE)
+    routers = routers or {}
+    servers = [s for role in FLEETS for s in fleets[role]]
+    roles = {s.name: role for role in FLEETS for s in fleets[role]}
+    probe = FleetProbe(servers, versioned={s.name for s in fleets["rollout"]}).start()
+    supervisor = ServerSupervisor(
+        servers, cfg.server.max_restarts, run_dir / RESTARTS_FILE, probe=probe,
+        health_timeout_s=getattr(cfg.server, "health_timeout_s", HEALTH_TIMEOUT_S),
+        routers=routers, roles=roles)
+    router_restarts = {r.name: 0 for r in routers.values()}
+    stats_at = 0.0
 
     learner = children[0]
     metrics_path = run_dir / "metrics.jsonl"
@@ -201,11 +252,41 @@ def _supervise(cfg: Config, run_dir: Path, servers, children: list[Child]) -> No
                 supervisor.check()
             except ServerRestartLimit as e:
                 raise ProcessDied(str(e)) from None
+            for role, r in routers.items():
+                if not r.alive():
+                    _restart_router(cfg, r, router_restarts, supervisor, fleets[role])
+            if time.time() - stats_at >= STATS_EVERY_S:
+                stats_at = time.time()
+                stats = supervisor.stats()
+                for name, n in router_restarts.items():
+                    stats[f"fleet/{name}/restarts"] = n
+                    stats[f"fleet/{name}/up"] = int(any(r.alive() for r in routers.values()
+                                                        if r.name == name))
+                write_json_atomic(run_dir / FLEET_STATS_FILE, {"time": stats_at, **stats})
             _update_bar(bar, metrics_path, stale)
             time.sleep(0.5)
         _update_bar(bar, metrics_path, stale)
     finally:
+        probe.close()
         bar.close()
+
+
+def _restart_router(cfg: Config, router, restarts: dict, supervisor, servers) -> None:
+    """A dead router comes back on its port listing the fleet's servers that are not drained
+    (bounded by server.max_restarts, like a server)."""
+    n = restarts[router.name]
+    if n >= cfg.server.max_restarts:
+        raise ProcessDied(f"router {router.name} exited with code {router.proc.returncode} and "
+                          f"was already restarted {n} times (server.max_restarts="
+                          f"{cfg.server.max_restarts}); last lines of {router.log_path}:\n"
+                          + log_tail(router.log_path))
+    router.stop(timeout=5.0)
+    restarts[router.name] = n + 1
+    urls = [s.url for s in servers if s.name not in supervisor.drained]
+    print(f"[megatron-opd] router {router.name} exited with code {router.proc.returncode}; "
+          f"restarted ({n + 1}/{cfg.server.max_restarts})", file=sys.stderr, flush=True)
+    router.start(urls)
+    router.wait_ready(cfg.server.start_timeout_s, expect=urls)
 
 
 def _checkpoint_step(run_dir: Path) -> int:

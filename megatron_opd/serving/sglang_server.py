@@ -1,9 +1,16 @@
-"""Start, watch and stop one SGLang server process (teacher or rollout).
+"""Start, watch and stop one SGLang server process (teacher or rollout), and supervise fleets.
 
-Each server runs in its own process group (SGLang forks a scheduler and a detokenizer), so stop()
-can take down the whole group and leave no orphans. The run patches of
-megatron_opd/compat/sglang_cpu.py (where the scheduler's store listens, a short server_args log
-line) are put on the server's PYTHONPATH, with the CPU compat, which applies only without CUDA.
+Each server runs in its own process group (SGLang forks a scheduler and a detokenizer), led by
+`megatron_opd.serving.watchdog`, which takes the whole group down when the server's main process
+exits or the launcher disappears (even by SIGKILL), so stop() and a killed launcher leave no
+orphans. The run patches of megatron_opd/compat/sglang_cpu.py (where the scheduler's store
+listens, a short server_args log line) are put on the server's PYTHONPATH, with the CPU compat,
+which applies only without CUDA.
+
+`ServerSupervisor` restarts dead servers; with a `FleetProbe` it also restarts a server whose
+health probe has failed for `health_timeout_s`, drains a down server from its fleet's router and
+lets it rejoin once it is ready and (rollout) serves the fleet's current weight version
+(docs/fleets.md).
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -50,6 +59,7 @@ class SGLangServer:
         self.enable_return_routed_experts = enable_return_routed_experts
         self.threads = threads  # torch/OpenMP threads per server process (None: SGLang's choice)
         self.proc: subprocess.Popen | None = None
+        self.nccl_port: int | None = None  # its torch.distributed port: ours, not SGLang's pick
 
     @property
     def url(self) -> str:
@@ -60,8 +70,24 @@ class SGLangServer:
         return self.proc.pid if self.proc else None
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "sglang.launch_server", "--host", self.host,
-                "--port", str(self.port), *self.server_args()]
+        """The watchdog (owner of the process group) running `sglang.launch_server` on this
+        address. SGLang would pick its torch.distributed port at random itself: two servers
+        started at once could pick the same one, so the port comes from this process's
+        `port_for_later`, which never hands out a port twice."""
+        from megatron_opd.listeners import port_for_later
+
+        if self.nccl_port is None:
+            self.nccl_port = port_for_later(self.host)
+        return [sys.executable, "-m", "megatron_opd.serving.watchdog", "--",
+                sys.executable, "-m", "sglang.launch_server", "--host", self.host,
+                "--port", str(self.port), "--nccl-port", str(self.nccl_port),
+                *self.server_args()]
+
+    def new_ports(self) -> None:
+        """Other ports for the next start (a port was taken between its pick and the bind)."""
+        from megatron_opd.listeners import port_for_later
+
+        self.port, self.nccl_port = port_for_later(self.host), port_for_later(self.host)
 
     def server_args(self) -> list[str]:
         """`sglang.launch_server` arguments but the address."""
@@ -170,11 +196,122 @@ class RemoteSGLangServer(SGLangServer):
                 "--endpoint-file", str(self.endpoint_file), "--prefer-port", str(self.port),
                 "--", *self.server_args()]
 
+    def new_ports(self) -> None:
+        self.port = 0  # serve.py picks another one on the node
+
     def start(self) -> None:
         self.url  # the previous port, if any, is asked for again
         self.endpoint_file.unlink(missing_ok=True)
         self._url = None
         super().start()
+
+
+PORT_TAKEN = ("Address already in use", "EADDRINUSE", "address already in use")
+
+
+def start_servers(servers: list[SGLangServer], timeout: float, attempts: int = 3) -> None:
+    """Start `servers` at once and wait until each answers. A server that failed to start
+    because one of its ports was taken in between (another process bound it first) is started
+    again on other ports, at most `attempts` times; any other failure raises ServerStartError."""
+    for s in servers:
+        s.start()
+    for s in servers:
+        for attempt in range(attempts):
+            try:
+                s.wait_ready(timeout=timeout)
+                break
+            except ServerStartError as e:
+                if attempt + 1 == attempts or not any(m in str(e) for m in PORT_TAKEN):
+                    raise
+                s.stop(timeout=5.0)
+                s.new_ports()
+                print(f"[megatron-opd] SGLang server {s.name}: a port was taken while it "
+                      f"started; starting it again on port {s.port}", file=sys.stderr, flush=True)
+                s.start()
+
+
+@dataclass
+class Probe:
+    """What the fleet probe last saw of one server (GET /v1/loads, and /model_info for rollout
+    servers)."""
+
+    ok_at: float = 0.0  # last time the server answered its probe (0: not since its (re)start)
+    errors: int = 0  # probes that failed (over the run)
+    running: int = 0  # requests running on the server
+    waiting: int = 0  # requests queued on the server
+    gen_tokens_per_s: float = 0.0  # SGLang's last measured decode throughput
+    weight_version: int | None = None  # rollout servers: the version they serve
+
+
+class FleetProbe:
+    """A thread that probes every server each `interval_s`: GET /v1/loads (the HTTP server and
+    the scheduler both answer, and it is what load and throughput are read from; /health would
+    run a generation, and reports 503 after 20 s while a server is paused for a weight update
+    with nothing running) and, for servers named in `versioned`, GET /model_info
+    (weight_version). Never blocks the supervision loop."""
+
+    def __init__(self, servers: list[SGLangServer], versioned: set[str] = frozenset(),
+                 interval_s: float = 2.0, timeout_s: float = 10.0):
+        import requests
+
+        self.servers, self.versioned = list(servers), set(versioned)
+        self.interval_s, self.timeout_s = interval_s, timeout_s
+        self.seen = {s.name: Probe() for s in self.servers}
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._session = requests.Session()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="fleet-probe")
+
+    def start(self) -> "FleetProbe":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.timeout_s + 5)
+
+    def get(self, name: str) -> Probe:
+        with self._lock:
+            return Probe(**vars(self.seen[name]))
+
+    def reset(self, name: str) -> None:
+        """The server was (re)started: nothing seen of the new process yet."""
+        with self._lock:
+            errors = self.seen[name].errors
+            self.seen[name] = Probe(errors=errors)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            for s in self.servers:
+                if self._stop.is_set():
+                    return
+                if s.alive() and s.url:
+                    self._probe(s)
+            self._stop.wait(self.interval_s)
+
+    def _probe(self, s: SGLangServer) -> None:
+        started = s.pid
+        try:
+            r = self._session.get(f"{s.url}/v1/loads", timeout=self.timeout_s)
+            r.raise_for_status()
+            loads = r.json()["loads"]
+            version = None
+            if s.name in self.versioned:
+                r = self._session.get(f"{s.url}/model_info", timeout=self.timeout_s)
+                r.raise_for_status()
+                version = int(r.json()["weight_version"])
+        except Exception:  # noqa: BLE001 (any failure is a failed probe)
+            with self._lock:
+                self.seen[s.name].errors += 1
+            return
+        if s.pid != started:  # restarted while probed: the answer was the old process's
+            return
+        with self._lock:
+            p = self.seen[s.name]
+            p.ok_at = time.time()
+            p.running = sum(int(x.get("num_running_reqs", 0)) for x in loads)
+            p.waiting = sum(int(x.get("num_waiting_reqs", 0)) for x in loads)
+            p.gen_tokens_per_s = sum(float(x.get("gen_throughput", 0.0)) for x in loads)
+            p.weight_version = version
 
 
 class ServerSupervisor:
@@ -183,48 +320,170 @@ class ServerSupervisor:
     current weights), at most `max_restarts` times per server. `check()` is non-blocking: call it
     from the supervision loop. Every restart is appended to the server's own log, and the counts
     are kept in `counts_path` (JSON {server name: restarts}) for the learner and the summary.
-    Clients wait for the restarted server themselves (SGLangClient retries)."""
+    Clients wait for the restarted server themselves (SGLangClient retries).
+
+    With a `probe` (FleetProbe): a server that answered its probe once since its (re)start and
+    then not for `health_timeout_s` (0: never) is treated as dead (killed and restarted). With
+    `routers` ({role: SmgRouter}) and `roles` ({server name: role}): a server that died or failed
+    its health check is removed from its fleet's router at once and added back once its probe
+    answers again and, for a rollout server, it serves the fleet's current weight version (the
+    highest version any rollout server was seen serving), so a restarted server never takes
+    routed traffic with the init's weights."""
 
     def __init__(self, servers: list[SGLangServer], max_restarts: int,
-                 counts_path: str | Path | None = None):
+                 counts_path: str | Path | None = None, *, probe: FleetProbe | None = None,
+                 health_timeout_s: float = 0.0, routers: dict | None = None,
+                 roles: dict[str, str] | None = None):
         self.servers, self.max_restarts = list(servers), max_restarts
         self.counts_path = Path(counts_path) if counts_path else None
         self.restarts = {s.name: 0 for s in self.servers}
+        self.probe, self.health_timeout_s = probe, health_timeout_s
+        self.routers = dict(routers or {})
+        self.roles = dict(roles or {})
+        self.drained: set[str] = set()  # names of servers out of their router
+        self._removal: dict[str, float] = {}  # drained, removal not seen applied yet: asked at
+        self.current_version = 0  # highest weight version a rollout server was seen serving
         self._save()
 
     def check(self) -> list[str]:
-        """Restart every server that died since the last call; return their names. Raises
+        """Restart every server that died (or failed its health check) since the last call;
+        drain and rejoin servers behind a router; return the names restarted. Raises
         ServerRestartLimit (naming the server, with its log tail) past the bound."""
         restarted = []
         for s in self.servers:
-            if s.alive():
+            if s.alive() and not self._unhealthy(s):
                 continue
-            code = s.proc.returncode if s.proc else None
+            self._drain(s)
+            if s.alive():  # alive but not answering: treated as dead
+                s.stop(timeout=5.0)
+                why = f"failed its health check for {self.health_timeout_s:.0f} s; killed"
+                died = why
+            else:
+                code = s.proc.returncode if s.proc else None
+                why, died = f"exited with code {code}", f"died (exit code {code})"
             n = self.restarts[s.name]
             if n >= self.max_restarts:
                 raise ServerRestartLimit(
-                    f"SGLang server {s.name} died (exit code {code}) and was already restarted "
+                    f"SGLang server {s.name} {died} and was already restarted "
                     f"{n} times (server.max_restarts={self.max_restarts}); last lines of "
                     f"{s.log_path}:\n" + log_tail(s.log_path))
             s.stop(timeout=5.0)  # what is left of its process group (scheduler, detokenizer)
             self.restarts[s.name] = n + 1
             with open(s.log_path, "a") as log:
                 log.write(f"\n[megatron-opd] {time.strftime('%Y-%m-%d %H:%M:%S')} SGLang server "
-                          f"{s.name} exited with code {code}; restart {n + 1}/{self.max_restarts} "
+                          f"{s.name} {why}; restart {n + 1}/{self.max_restarts} "
                           f"on port {s.port}\n")
+            if self.probe is not None:
+                self.probe.reset(s.name)
             s.start()
-            print(f"[megatron-opd] SGLang server {s.name} exited with code {code}; restarted "
+            print(f"[megatron-opd] SGLang server {s.name} {why}; restarted "
                   f"({n + 1}/{self.max_restarts}, log {s.log_path})", file=sys.stderr, flush=True)
             restarted.append(s.name)
         if restarted:
             self._save()
+        self._rejoin()
         return restarted
+
+    def _unhealthy(self, s: SGLangServer) -> bool:
+        if self.probe is None or not self.health_timeout_s:
+            return False
+        ok_at = self.probe.get(s.name).ok_at
+        return bool(ok_at) and time.time() - ok_at > self.health_timeout_s
+
+    def _router(self, s: SGLangServer):
+        return self.routers.get(self.roles.get(s.name, ""))
+
+    def _drain(self, s: SGLangServer) -> None:
+        router = self._router(s)
+        if router is None or s.name in self.drained:
+            return
+        self.drained.add(s.name)
+        self._remove(s, router)
+        print(f"[megatron-opd] SGLang server {s.name} drained from {router.name}",
+              file=sys.stderr, flush=True)
+
+    def _remove(self, s: SGLangServer, router) -> None:
+        self._removal[s.name] = time.time()
+        try:
+            router.remove(s.url)
+        except Exception as e:  # noqa: BLE001 (asked again until the router stops listing it)
+            print(f"[megatron-opd] could not drain {s.name} from {router.name} yet: {e}",
+                  file=sys.stderr, flush=True)
+
+    def _removed(self, s: SGLangServer, router) -> bool:
+        """The router applies a removal in the background: a server is out once the router
+        stopped listing it (asked again every 10 s until then). Until that, an addition would be
+        refused, or seem done and then be undone by the pending removal."""
+        if s.name not in self._removal:
+            return True
+        try:
+            if not router.listed(s.url):
+                del self._removal[s.name]
+                return True
+        except Exception:  # noqa: BLE001 (the router restarts: asked again)
+            return False
+        if time.time() - self._removal[s.name] > 10.0:
+            self._remove(s, router)
+        return False
+
+    def _rejoin(self) -> None:
+        if self.probe is None:
+            return
+        for s in self.servers:  # the fleet's version: what any rollout server was seen serving
+            v = self.probe.get(s.name).weight_version
+            if self.roles.get(s.name) == "rollout" and v is not None:
+                self.current_version = max(self.current_version, v)
+        for s in self.servers:
+            if s.name not in self.drained or not s.alive():
+                continue
+            seen = self.probe.get(s.name)
+            if not seen.ok_at:
+                continue  # not answering yet
+            if self.roles.get(s.name) == "rollout" and (seen.weight_version or 0) < \
+                    self.current_version:
+                continue  # still the init's weights: the publisher has not reached it yet
+            router = self._router(s)
+            if not self._removed(s, router):
+                continue
+            try:
+                if router.add(s.url):
+                    self.drained.discard(s.name)
+                    print(f"[megatron-opd] SGLang server {s.name} rejoined {router.name} "
+                          f"(weight version {seen.weight_version})", file=sys.stderr, flush=True)
+            except Exception as e:  # noqa: BLE001 (tried again at the next check)
+                print(f"[megatron-opd] {s.name} could not rejoin {router.name} yet: {e}",
+                      file=sys.stderr, flush=True)
+
+    def stats(self) -> dict:
+        """Flat per-server figures for `<run>/fleet_stats.json` (docs/fleets.md lists them)."""
+        out: dict = {}
+        for s in self.servers:
+            key = f"fleet/{s.name}"
+            out[f"{key}/restarts"] = self.restarts[s.name]
+            out[f"{key}/up"] = int(s.alive() and s.name not in self.drained)
+            if self.probe is None:
+                continue
+            p = self.probe.get(s.name)
+            out[f"{key}/queue"] = p.waiting
+            out[f"{key}/running"] = p.running
+            out[f"{key}/gen_tokens_per_s"] = p.gen_tokens_per_s
+            out[f"{key}/errors"] = p.errors
+            if self.roles.get(s.name) == "rollout":
+                out[f"{key}/weight_version"] = p.weight_version
+        return out
 
     def _save(self) -> None:
         if self.counts_path is not None:
             tmp = self.counts_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.restarts))
             tmp.replace(self.counts_path)
+
+
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
 
 
 def server_restarts(path: str | Path) -> int:
