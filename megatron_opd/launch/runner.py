@@ -108,7 +108,7 @@ def run(cfg: Config, site: Site, *, preempt_signal: int | None = None) -> dict:
         teacher_urls = [s.url for s in fleets["teacher"]]
         event("launcher", "servers ready", teacher=",".join(teacher_urls),
               rollout=",".join(rollout_urls))
-        routers = _start_routers(cfg, fleets, logs, site.address)
+        _start_routers(cfg, fleets, logs, site.address, routers)
         offline_store = ""
         if cfg.teacher.mode == "offline":  # made here if missing, with the fresh servers
             from megatron_opd.offline_build import build_store
@@ -183,14 +183,14 @@ def _raise_terminated(signum, frame):
     raise Terminated(f"signal {signum}")
 
 
-def _start_routers(cfg: Config, fleets: dict, logs: Path, address: str) -> dict:
+def _start_routers(cfg: Config, fleets: dict, logs: Path, address: str, routers: dict) -> None:
     """An smg router for each fleet of more than one server (`server.router=smg`), bound to the
-    site's address, listing every server of the fleet before any traffic: {role: SmgRouter}."""
+    site's address, listing every server of the fleet before any traffic: into `routers`
+    ({role: SmgRouter}; the caller stops them, also when one failed to start)."""
     from megatron_opd.serving.router import SmgRouter
 
-    routers = {}
     if cfg.server.router != "smg":
-        return routers
+        return
     for role in FLEETS:
         if len(fleets[role]) > 1:
             r = SmgRouter(f"{role}-router", [s.url for s in fleets[role]],
@@ -202,7 +202,6 @@ def _start_routers(cfg: Config, fleets: dict, logs: Path, address: str) -> dict:
         r.wait_ready(cfg.server.start_timeout_s)
         event("launcher", "router ready", fleet=role, url=r.url,
               policy=cfg.server.router_policy, workers=len(r.worker_urls))
-    return routers
 
 
 def _supervise(cfg: Config, run_dir: Path, fleets: dict, children: list[Child],

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import requests
 
+from megatron_opd.errors import RunFailed
 from megatron_opd.procs import log_tail, spawn_group, stop_group
 
 
-class RouterError(RuntimeError):
-    pass
+class RouterError(RunFailed):
+    """The router did not start, or refused a change of its workers."""
 
 
 def smg_executable() -> str:
