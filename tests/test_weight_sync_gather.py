@@ -144,8 +144,15 @@ class _FakeServer:
 def _publisher(log, monkeypatch, fail=""):
     from megatron_opd.weight_sync import DistributedWeightPublisher
 
-    monkeypatch.setattr(torch.distributed, "broadcast",
-                        lambda t, src, group: log.append(f"broadcast {tuple(t.shape)}"))
+    class Done:
+        def wait(self):
+            log.append("wait")
+
+    def broadcast(t, src, group, async_op=False):
+        log.append(f"broadcast {tuple(t.shape)}")
+        return Done() if async_op else None
+
+    monkeypatch.setattr(torch.distributed, "broadcast", broadcast)
     pub = DistributedWeightPublisher([_FakeServer(log, fail)], master_port=1, bucket_bytes=16)
     pub.group = object()  # connect() without a server
     return pub
@@ -183,6 +190,36 @@ def test_publisher_opens_the_update_before_sending_and_always_resumes_generation
     with pytest.raises(RuntimeError, match="pause_generation failed"):
         _publisher(log, monkeypatch, fail="pause_generation").publish(iter(()), version=4)
     assert log == ["pause_generation"]
+
+
+def test_later_publishes_announce_each_bucket_before_producing_it(monkeypatch):
+    """After the first publish the publisher knows the stream (names, dtypes, shapes): it asks
+    the server to receive a bucket first and broadcasts each tensor as soon as it is produced;
+    a stream that departs from the first one is an error naming the tensor."""
+    import pytest
+
+    log = []
+
+    def weights(shape_b=(3,)):
+        log.append("produce a")
+        yield "a", torch.zeros(2, 2)  # 16 bytes: a bucket of its own
+        log.append("produce b")
+        yield "b", torch.zeros(*shape_b)
+    pub = _publisher(log, monkeypatch)
+    pub.publish(weights(), version=1)
+    assert pub.manifest == [("a", "float32", [2, 2]), ("b", "float32", [3])]
+    log.clear()
+    pub.publish(weights(), version=2)
+    # (each bucket's update request is sent from a thread: its place in the log may vary)
+    assert log.count("update_weights_from_distributed") == 2
+    assert [x for x in log if x != "update_weights_from_distributed"] == [
+        "pause_generation", "begin_weight_update", "produce a", "broadcast (2, 2)", "wait",
+        "produce b", "broadcast (3,)", "wait", "end_weight_update", "continue_generation"]
+    log.clear()
+    with pytest.raises(RuntimeError, match=r"departs .* at b float32\[3\]: got b float32\[4\]"):
+        pub.publish(weights(shape_b=(4,)), version=3)
+    assert log[-2:] == ["end_weight_update", "continue_generation"]
+    assert pub.manifest is None  # the next publish learns the stream again
 
 
 if __name__ == "__main__":
