@@ -18,8 +18,9 @@ from megatron_opd.envs import make_env, max_prompt_tokens
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "megatron_opd"
 # what names a concrete environment: its modules and its classes
-CONCRETE = re.compile(r"envs\.(digits|digits_models|chat)\b|envs import .*\b(digits|chat)\b|"
-                      r"\b(DigitTask|DigitsEnv|ChatEnv)\b")
+CONCRETE = re.compile(r"envs\.(digits|digits_models|chat|calculator|tools)\b|"
+                      r"envs import .*\b(digits|chat|calculator|tools)\b|"
+                      r"\b(DigitTask|DigitsEnv|ChatEnv|CalculatorEnv|CalculatorEpisode)\b")
 
 
 def test_no_module_outside_envs_names_a_concrete_environment():

@@ -10,29 +10,40 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_opd.envs.base import Environment, EnvPrompt, SpecialIds
+from megatron_opd.envs.base import (Environment, EnvPrompt, Episode, MultiTurnEnvironment,
+                                    SpecialIds, Step)
 
-__all__ = ["Environment", "EnvPrompt", "RunModels", "SpecialIds", "make_env", "max_prompt_tokens",
-           "models_identity", "prepare_models", "validate_env_config"]
+__all__ = ["Environment", "EnvPrompt", "Episode", "MultiTurnEnvironment", "RunModels",
+           "SpecialIds", "Step", "make_env", "max_prompt_tokens", "models_identity",
+           "prepare_models", "validate_env_config"]
 
 
 def validate_env_config(cfg, need) -> None:
-    """The selected environment's section (`need(cond, key, why)` raises naming the key)."""
+    """The selected environment's section (`need(cond, key, why)` raises naming the key); the
+    calculator's section is checked whatever is selected (its fields' own rules)."""
+    from megatron_opd.envs.calculator import validate_calculator
+
+    validate_calculator(cfg, need)
     if cfg.env.name == "digits":
         from megatron_opd.envs.digits import validate_digits
 
         validate_digits(cfg, need)
-    else:
+    elif cfg.env.name == "chat":
         from megatron_opd.envs.chat import validate_chat
 
         validate_chat(cfg, need)
 
 
 def max_prompt_tokens(cfg) -> int:
+    """The longest /generate input the environment makes (multi-turn: prompt and earlier turns)."""
     if cfg.env.name == "digits":
         from megatron_opd.envs.digits import digits_max_prompt_tokens
 
         return digits_max_prompt_tokens(cfg)
+    if cfg.env.name == "calculator":
+        from megatron_opd.envs.calculator import calculator_max_prompt_tokens
+
+        return calculator_max_prompt_tokens(cfg)
     return cfg.data.max_prompt_tokens
 
 
@@ -43,10 +54,15 @@ def make_env(cfg, tokenizer_dir: str | Path | None = None) -> Environment:
         from megatron_opd.envs.digits import DigitsEnv
 
         return DigitsEnv(cfg)
+    if tokenizer_dir is None:
+        raise ValueError(f"make_env: the {cfg.env.name} environment needs the student's "
+                         "tokenizer dir")
+    if cfg.env.name == "calculator":
+        from megatron_opd.envs.calculator import CalculatorEnv
+
+        return CalculatorEnv(cfg, tokenizer_dir)
     from megatron_opd.envs.chat import ChatEnv
 
-    if tokenizer_dir is None:
-        raise ValueError("make_env: the chat environment needs the student's tokenizer dir")
     return ChatEnv(cfg, tokenizer_dir)
 
 

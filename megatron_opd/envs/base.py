@@ -12,8 +12,14 @@ An environment owns
 - decoding, so people can read what the student says.
 
 Nothing outside `megatron_opd/envs/` names a concrete environment: callers use `make_env(cfg)`
-and this interface. Multi-turn tool environments will add reset/step on top of the same prompt
-stream and masks (a trajectory is then the exact token sequence with tool tokens masked).
+and this interface.
+
+Multi-turn environments (`MultiTurnEnvironment`) add reset/step on the same prompt stream:
+`reset(prompt)` opens an `Episode`; after each assistant turn `episode.step(turn_ids, reason)`
+answers with a `Step`: the observation to append (tool output: tokens, or text the environment
+tokenises once, on its own) or `done` with the verifier's reward. The rollout loop
+(`megatron_opd/episodes.py`) owns the token sequence: it never re-tokenises earlier turns, masks
+observation tokens from the loss and enforces `max_turns` / `max_response_tokens`.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class Environment(ABC):
 
     name: str
     special: SpecialIds
+    multi_turn = False  # True: a MultiTurnEnvironment (reset/step; episodes.py runs it)
 
     @abstractmethod
     def train_prompts(self, start: int = 0) -> Iterator[EnvPrompt]:
@@ -79,3 +86,50 @@ class Environment(ABC):
     def stats(self) -> dict[str, float]:
         """Counters of the data pipeline (dropped prompts, skipped rows ...) for the metrics."""
         return {}
+
+
+# ----------------------------------------------------------------------------- multi-turn
+@dataclass(frozen=True)
+class Step:
+    """The environment's answer to one assistant turn.
+
+    `observation`: what follows the turn in the trajectory (tool output, an error message, the
+    next user message): token ids, or text the environment's `encode_observation` tokenises; never
+    empty unless `done`. `done`: the episode is over (the turn was a final answer); `reward` is
+    then the verifier's outcome. `info`: JSON-able counters/notes merged into the sample's
+    metadata (e.g. tool errors)."""
+    observation: tuple[int, ...] | str = ()
+    done: bool = False
+    reward: float = 0.0
+    info: dict = field(default_factory=dict, compare=False)
+
+
+class Episode(ABC):
+    """One rollout of a multi-turn environment from one prompt (its own state: episodes of a
+    request run side by side)."""
+
+    @abstractmethod
+    def step(self, turn_ids: list[int], finish_reason: str) -> Step:
+        """React to one assistant turn: its tokens (through the token that ended it) and why it
+        ended ("stop": a stop id or a turn-end id such as a tool-call end; "length": the turn
+        hit rollout.max_new_tokens). Must not raise on garbage: a malformed turn is an error
+        observation (or the end of the episode)."""
+
+
+class MultiTurnEnvironment(Environment):
+    """An environment whose responses are several assistant turns with environment (tool)
+    tokens between them. Every id in `turn_end_ids` ends an assistant turn without ending the
+    episode's response (e.g. a tool-call end token); `special.stop_ids` still end it (eos)."""
+
+    multi_turn = True
+    turn_end_ids: tuple[int, ...] = ()
+    max_turns: int = 4
+    max_response_tokens: int = 256
+
+    @abstractmethod
+    def reset(self, prompt: EnvPrompt) -> Episode:
+        """A new episode on `prompt` (the prompt's tokens are the trajectory's start)."""
+
+    @abstractmethod
+    def encode_observation(self, text: str) -> tuple[int, ...]:
+        """Observation text as token ids (tokenised alone: earlier turns are never touched)."""
