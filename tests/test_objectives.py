@@ -87,3 +87,44 @@ def test_discounted_advantages_closed_form():
     k = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
     adv = opd_advantages(k, torch.zeros_like(k), torch.ones_like(k), kl_coef=1.0, discount=0.5)
     assert torch.allclose(adv, -torch.tensor([[1 + 1 + 0.75, 2 + 1.5, 3.0]], dtype=torch.float64))
+
+
+def _reference_per_turn_mask(ids: list[int], mask: list[float], special: list[int]) -> list[float]:
+    """Written by hand from the rule: walk the row; a turn starts where a trainable token
+    follows an untrainable one (or the row starts); in each turn drop the first trainable
+    occurrence of each special id."""
+    out, seen, prev_live = list(mask), set(), False
+    for t, (tok, m) in enumerate(zip(ids, mask)):
+        live = m > 0
+        if live and not prev_live:
+            seen = set()  # a new assistant turn
+        if live and tok in special and tok not in seen:
+            seen.add(tok)
+            out[t] = 0.0
+        prev_live = live
+    return out
+
+
+def test_special_tokens_are_masked_once_per_assistant_turn():
+    from megatron_opd.objectives.lsm import first_occurrence_mask
+
+    # three turns (tool tokens between them are 0), padding at the end; 4 and 7 are special
+    ids = [[4, 1, 4, 7, 9, 9, 7, 4, 4, 2, 5, 7, 0, 0],
+           [1, 2, 3, 4, 4, 4, 7, 7, 0, 0, 0, 0, 0, 0]]
+    mask = [[1, 1, 1, 1, 0, 0, 1, 1, 1, 0, 1, 1, 0, 0],
+            [1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0]]
+    got = first_occurrence_mask(torch.tensor(ids), torch.tensor(mask, dtype=torch.float32), [4, 7])
+    want = [_reference_per_turn_mask(i, [float(x) for x in m], [4, 7]) for i, m in zip(ids, mask)]
+    assert got.tolist() == want
+    # spelled out for the first row: turn 1 loses t=0 (4) and t=3 (7), turn 2 t=6 (7) and t=7
+    # (4), turn 3 t=11 (7); the second 4 of turn 1 (t=2) and of turn 2 (t=8) stay
+    assert [t for t in range(14) if mask[0][t] and not got[0, t]] == [0, 3, 6, 7, 11]
+    # single turn: the first occurrence per row, as before
+    assert [t for t in range(14) if mask[1][t] and not got[1, t]] == [3, 6]
+    # random rows against the reference (masks with holes: many turns)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 6, (32, 40), generator=g)
+    mask = (torch.rand(32, 40, generator=g) > 0.3).float()
+    got = first_occurrence_mask(ids, mask, [1, 3])
+    want = [_reference_per_turn_mask(i.tolist(), m.tolist(), [1, 3]) for i, m in zip(ids, mask)]
+    assert got.tolist() == want

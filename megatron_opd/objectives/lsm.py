@@ -54,18 +54,27 @@ def lsm_loss(student_topk_logits: torch.Tensor, teacher_topk_logprobs: torch.Ten
 
 def first_occurrence_mask(response_ids: torch.Tensor, mask: torch.Tensor,
                           special_ids: list[int] | tuple[int, ...]) -> torch.Tensor:
-    """The loss mask with the first occurrence, in each response, of each of `special_ids`
+    """The loss mask with the first occurrence, in each assistant turn, of each of `special_ids`
     removed (tokens the student's and teacher's tokenizers disagree on; the paper masks the first
-    `<`, `think`, `<|im_end|>`). Only trainable (mask > 0) positions count as occurrences.
-    response_ids, mask: [..., T]; returns a new mask of mask's dtype."""
+    `<`, `think`, `<|im_end|>`, which every turn of a multi-turn trajectory repeats). An assistant
+    turn is a maximal run of trainable (mask > 0) positions: environment/tool tokens (mask 0)
+    separate turns; a single-turn response is one run, so it loses the first occurrence per row.
+    Only trainable positions count as occurrences. response_ids, mask: [..., T]; returns a new
+    mask of mask's dtype."""
     out = mask.clone()
     if not special_ids:
         return out
     live = mask > 0
+    prev = torch.zeros_like(live)
+    prev[..., 1:] = live[..., :-1]
+    turn_start = live & ~prev
     for sid in special_ids:
         hit = (response_ids == sid) & live
-        # first hit along T: a hit whose exclusive prefix count of hits is 0
-        before = torch.cumsum(hit.to(torch.int32), dim=-1) - hit.to(torch.int32)
-        first = hit & (before == 0)
+        # hits before each position (exclusive count), and that count where its turn started:
+        # the count never decreases along T, so a running max of it at turn starts is the latest
+        before = torch.cumsum(hit.to(torch.int64), dim=-1) - hit.to(torch.int64)
+        at_start = torch.where(turn_start, before, torch.zeros_like(before))
+        base = torch.cummax(at_start, dim=-1).values
+        first = hit & (before == base)
         out = torch.where(first, torch.zeros_like(out), out)
     return out
