@@ -125,32 +125,51 @@ def merge_continuation(first: GenerateResult, more: GenerateResult) -> GenerateR
         meta_info=more.meta_info)
 
 
-def generate_continuing(rollout, prompts: list[list[int]], sampling_params: dict,
-                        keys: list[str], gate: InterruptGate) -> list[GenerateResult] | None:
+def generate_continuing(rollout, prompts: list[list[int]], sampling_params: dict | list[dict],
+                        keys: list[str], gate: InterruptGate, prefixes: list[tuple] | None = None
+                        ) -> list[GenerateResult] | None:
     """One batch of requests that survives interrupts: aborted rows are re-submitted from their
     partial output until each finishes. Every call's rows are registered with the gate. None
-    once the gate stopped."""
+    once the gate stopped. `sampling_params`: one dict, or one per prompt.
+
+    `prefixes` (multi-turn, megatron_opd/episodes.py): per prompt, the episode's (prompt ids,
+    response so far, its versions); `prompts[i]` is then their concatenation, and the row
+    registered is the whole episode so far (its prompt, the response so far plus this turn's
+    tokens): the learner scores a sample's response positions, not one turn's."""
     results: list[GenerateResult | None] = [None] * len(prompts)
     todo = list(range(len(prompts)))
-    limit = int(sampling_params["max_new_tokens"])
+    params = [dict(sampling_params)] * len(prompts) if isinstance(sampling_params, dict) \
+        else [dict(p) for p in sampling_params]
+    limits = [int(p["max_new_tokens"]) for p in params]
     while todo:
         if not gate.begin_generate():
             return None
         rows = {}
         try:
             inputs = [prompts[i] + (list(results[i].output_ids) if results[i] else []) for i in todo]
-            params = [{**sampling_params, "max_new_tokens": limit - (len(results[i].output_ids)
-                                                                    if results[i] else 0)}
-                      for i in todo]
-            out = rollout.generate(inputs, params, return_logprob=True)
+            call = [{**params[i], "max_new_tokens": limits[i] - (len(results[i].output_ids)
+                                                                if results[i] else 0)}
+                    for i in todo]
+            out = rollout.generate(inputs, call, return_logprob=True)
             for i, res in zip(todo, out):
                 results[i] = res if results[i] is None else merge_continuation(results[i], res)
-                rows[keys[i]] = (prompts[i], list(results[i].output_ids),
-                                 results[i].token_versions)
+                rows[keys[i]] = _row(prompts[i], results[i], prefixes[i] if prefixes else None)
         finally:
             gate.end_generate(rows)
         again = [i for i in todo if results[i].finish_reason == "abort"
-                 and len(results[i].output_ids) < limit]
+                 and len(results[i].output_ids) < limits[i]]
+        for i in todo:  # aborted right after its last token: complete by length
+            if results[i].finish_reason == "abort" and i not in again:
+                results[i].finish_reason = "length"
         gate.stats["continued_requests"] += len(again)
         todo = again
     return results
+
+
+def _row(prompt: list[int], res: GenerateResult, prefix: tuple | None) -> tuple:
+    """The gate's row of one sequence: (prompt ids, response ids so far, their versions)."""
+    if prefix is None:
+        return (prompt, list(res.output_ids), res.token_versions)
+    base, response, versions = prefix
+    return (list(base), list(response) + list(res.output_ids),
+            np.concatenate([np.asarray(versions, np.int64), res.token_versions]))

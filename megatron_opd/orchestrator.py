@@ -28,6 +28,7 @@ import numpy as np
 
 from megatron_opd.config import Config, load_config
 from megatron_opd.envs import Environment, EnvPrompt
+from megatron_opd.episodes import Trajectory, run_episodes
 from megatron_opd.interrupt_sync import InterruptGate, generate_continuing
 from megatron_opd.transport import (ControlSubscriber, Interrupt, PartialRollouts, Sample,
                                     SampleClient, Shutdown, WeightsPublished)
@@ -98,11 +99,13 @@ def make_groups(cfg: Config, env: Environment, examples: list[EnvPrompt], result
                 group_ids: list[str]) -> list[list[Sample]]:
     """Generate + score results of one request (laid out as `request_prompts`) -> one list of
     Samples per prompt: its group_size responses, one group_id, loss masks and rewards from the
-    environment.
+    environment (a multi-turn `Trajectory` carries its own: tool tokens masked, the episode's
+    reward, its turns in the metadata).
 
     A group in which any response came back empty (e.g. an aborted request) is dropped whole,
     so every group that reaches the learner has exactly group_size samples (batches then hold
-    whole groups). With group_size 1 the sample id is the group id."""
+    whole groups). With group_size 1 the sample id is the group id. A response decoded partly
+    on KV of older weights (pause_mode=in_place) is flagged: metadata `stale_kv: true`."""
     g, k = cfg.rollout.group_size, cfg.teacher.top_k
     if not len(results) == len(scores) == len(examples) * g == len(group_ids) * g:
         raise ValueError(f"make_groups: {len(examples)} prompts x group_size {g} != "
@@ -115,18 +118,26 @@ def make_groups(cfg: Config, env: Environment, examples: list[EnvPrompt], result
         group = []
         for j, (res, sc) in enumerate(members):
             n = len(res.output_ids)
+            if isinstance(res, Trajectory):
+                mask, logprobs, versions = res.arrays()
+                reward, meta = res.reward, {**ex.metadata, **res.metadata}
+            else:
+                mask = env.loss_mask(ex, res.output_ids)
+                logprobs = np.asarray(res.output_logprobs, dtype=np.float32)
+                versions = np.asarray(res.token_versions, dtype=np.int64)
+                reward, meta = env.reward(ex, res.output_ids), dict(ex.metadata)
+                if getattr(res, "stale_kv", False):
+                    meta["stale_kv"] = True
             group.append(Sample(
                 sample_id=gid if g == 1 else f"{gid}-{j}", group_id=gid,
                 prompt_ids=np.asarray(ex.token_ids, dtype=np.int32),
                 response_ids=np.asarray(res.output_ids, dtype=np.int32),
-                loss_mask=env.loss_mask(ex, res.output_ids),
-                behaviour_logprobs=np.asarray(res.output_logprobs, dtype=np.float32),
-                token_versions=np.asarray(res.token_versions, dtype=np.int64),
+                loss_mask=mask, behaviour_logprobs=logprobs, token_versions=versions,
                 teacher_logprobs=np.asarray(sc.logprobs, dtype=np.float32),
                 teacher_topk_ids=np.asarray(sc.topk_ids, dtype=np.int32).reshape(n, k),
                 teacher_topk_logprobs=np.asarray(sc.topk_logprobs, dtype=np.float32).reshape(n, k),
                 teacher_revision=cfg.teacher.revision, routed_experts=_compact(res.routed_experts),
-                reward=env.reward(ex, res.output_ids), metadata=dict(ex.metadata),
+                reward=reward, metadata=meta,
                 created_at=time.time(), finish_reason=res.finish_reason,
                 temperature=float(cfg.rollout.temperature), top_p=float(cfg.rollout.top_p),
                 teacher_temperature=float(cfg.teacher.temperature),  # what score() was asked
@@ -140,23 +151,44 @@ def sample_ids(group_ids: list[str], group_size: int) -> list[str]:
     return [gid if group_size == 1 else f"{gid}-{j}" for gid in group_ids for j in range(group_size)]
 
 
+def turn_generator(cfg: Config, rollout, gate: InterruptGate | None = None):
+    """generate(inputs, params, keys, prefixes) -> results (None once stopped): requests that
+    go on through weight updates. With an interrupt gate, through `generate_continuing`
+    (partial rows registered for the learner); else through `generate_through_updates` for
+    `weight_sync.pause_mode` (abort: aborted responses are continued from their partial
+    output, never sent as finished; in_place: `stale_kv` flags; retract: nothing to do)."""
+    from megatron_opd.serving.resume import generate_through_updates
+
+    r3 = cfg.train.routing_replay == "r3"
+    shape = (cfg.model.num_layers, cfg.model.moe_router_topk)
+
+    def generate(inputs, params, keys, prefixes=None):
+        if gate is not None:
+            return generate_continuing(rollout, inputs, params, keys, gate, prefixes)
+        return generate_through_updates(rollout, inputs, params,
+                                        pause_mode=cfg.weight_sync.pause_mode,
+                                        return_routed_experts=r3, routed_experts_shape=shape)
+    return generate
+
+
 def rollout_and_score(cfg: Config, env: Environment, rollout, teacher, examples: list[EnvPrompt],
                       group_ids: list[str], gate: InterruptGate | None = None
                       ) -> list[list[Sample]]:
     """One request: group_size responses per prompt from the rollout fleet, every one scored by
-    the teacher (sampled-token log-prob, and top-K when teacher.top_k > 0). With an interrupt
-    gate the responses survive interrupts (continued from their partial output)."""
+    the teacher (sampled-token log-prob, and top-K when teacher.top_k > 0, at every response
+    position: a multi-turn trajectory's tool tokens too). Responses survive weight updates
+    (`turn_generator`). A multi-turn environment runs its episodes (megatron_opd/episodes.py)."""
     prompts = request_prompts(examples, cfg.rollout.group_size)
-    if gate is not None:
-        keys = sample_ids(group_ids, cfg.rollout.group_size)
-        results = generate_continuing(rollout, prompts, sampling_params(cfg, env), keys, gate)
-        if results is None:
-            return []
+    keys = sample_ids(group_ids, cfg.rollout.group_size)
+    generate = turn_generator(cfg, rollout, gate)
+    if env.multi_turn:
+        per_seq = [ex for ex in examples for _ in range(cfg.rollout.group_size)]
+        results = run_episodes(env, per_seq, generate, sampling_params(cfg, env), keys)
     else:
-        results = rollout.generate(
-            prompts, sampling_params(cfg, env), return_logprob=True,
-            return_routed_experts=cfg.train.routing_replay == "r3",
-            routed_experts_shape=(cfg.model.num_layers, cfg.model.moe_router_topk))
+        params = [sampling_params(cfg, env) for _ in prompts]
+        results = generate(prompts, params, keys)
+    if results is None:  # stopped (shutting down)
+        return []
     scores = teacher.score([p + list(r.output_ids) for p, r in zip(prompts, results)],
                            start=[len(p) for p in prompts], top_k=cfg.teacher.top_k,
                            temperature=cfg.teacher.temperature)
@@ -167,6 +199,16 @@ def rollout_and_score(cfg: Config, env: Environment, rollout, teacher, examples:
             if key not in kept:
                 gate.sent(key)
     return groups
+
+
+def count_sample(counts: dict, metadata: dict) -> None:
+    """The stats line's counters of sent samples: `stale_kv` (decoded partly on KV of older
+    weights, pause_mode=in_place), and for multi-turn environments assistant `turns` and
+    `truncated` episodes (max_turns / max_tokens)."""
+    counts["stale_kv"] += bool(metadata.get("stale_kv"))
+    if "turns" in counts:
+        counts["turns"] += int(metadata.get("turns", 0))
+        counts["truncated"] += "truncated" in metadata
 
 
 def accepted_in_checkpoint(run_dir: Path):
@@ -284,6 +326,7 @@ def run_orchestrator(cfg: Config, wiring: RunWiring) -> None:
     for t in threads:
         t.start()
     sent = 0
+    counts = {"stale_kv": 0, "turns": 0, "truncated": 0} if env.multi_turn else {"stale_kv": 0}
 
     def handle_control(timeout_ms: int) -> None:
         for msg in control.poll(timeout_ms=timeout_ms):
@@ -315,6 +358,7 @@ def run_orchestrator(cfg: Config, wiring: RunWiring) -> None:
                     if gate:
                         gate.sent(sample.sample_id)
                     sent += 1
+                    count_sample(counts, sample.metadata)
                     if sent % 100 == 0:
                         st = sender.stats
                         print(f"[orchestrator] sent {sent} samples ({st['resent']} re-sent, "
@@ -322,7 +366,8 @@ def run_orchestrator(cfg: Config, wiring: RunWiring) -> None:
                               f"{admission.started}, skipped {skipped} accepted prompts"
                               + "".join(f", {k} {v:g}" for k, v in env.stats().items())
                               + "".join(f", {k} {v}" for k, v in (gate.stats if gate else {})
-                                        .items()),
+                                        .items())
+                              + "".join(f", {k} {v}" for k, v in counts.items()),
                               flush=True)
         if errors:
             raise errors[0]

@@ -144,8 +144,10 @@ def test_rollout_and_score_requests_group_copies_and_scores_prompt_plus_response
     ex = two_prompts(task)
     rollout, teacher = FakeRollout(task), FakeTeacher()
     groups = rollout_and_score(cfg, env, rollout, teacher, ex, ["g1", "g2"])
-    (prompts, sampling, kw), = rollout.calls
+    (prompts, params, kw), = rollout.calls
     assert prompts == request_prompts(ex, 2)
+    assert len(params) == 4 and all(p == params[0] for p in params)
+    sampling = params[0]
     assert sampling["temperature"] == 0.9 and sampling["top_p"] == 1.0
     assert "sampling_seed" not in sampling and "n" not in sampling  # copies sample independently
     assert sampling["stop_token_ids"] == [task.eos] and kw["return_logprob"]
@@ -254,3 +256,66 @@ def test_offline_mode_refuses_routing_replay():
     with pytest.raises(ConfigError, match="^teacher.mode:"):
         config("teacher.mode=offline", "train.routing_replay=r3")
     assert config("teacher.mode=offline").teacher.mode == "offline"
+
+
+class PausingRollout:
+    """The rollout server as a weight update with `pause` sees it: the first call's first
+    sequence comes back cut ("abort" mode: finish_reason abort, partial output; "in_place": the
+    same sequence goes on decoding with the new version on the old KV cache)."""
+
+    def __init__(self, task, mode):
+        self.task, self.mode, self.calls = task, mode, []
+
+    def generate(self, prompts, params, **kw):
+        self.calls.append((prompts, params))
+        five, eos = self.task.ids["5"], self.task.eos
+        out = []
+        for i, p in enumerate(prompts):
+            if len(self.calls) == 1 and i == 0 and self.mode == "abort":
+                out.append(result([five, five], version=0, finish="abort"))
+            elif len(self.calls) == 1 and i == 0:  # in_place: one call spans versions 0 and 1
+                r = result([five, five, eos], version=0)
+                r.token_versions = np.array([0, 1, 1])
+                out.append(r)
+            else:
+                v = len(self.calls) - 1
+                out.append(result([five, eos], version=v))
+        return out
+
+
+def test_abort_mode_continues_an_aborted_response_and_never_sends_it_cut():
+    cfg = config("weight_sync.pause_mode=abort", "rollout.max_new_tokens=8")
+    env, task = digits(cfg)
+    ex = two_prompts(task)
+    rollout = PausingRollout(task, "abort")
+    groups = rollout_and_score(cfg, env, rollout, FakeTeacher(), ex, ["g1", "g2"])
+    assert len(rollout.calls) == 2
+    (again, params), = [rollout.calls[1]]
+    five, eos = task.ids["5"], task.eos
+    assert again == [list(ex[0].token_ids) + [five, five]]  # prompt + partial: nothing re-sampled
+    assert params[0]["max_new_tokens"] == 8 - 2
+    first = groups[0][0]
+    assert first.response_ids.tolist() == [five, five, five, eos]
+    assert first.token_versions.tolist() == [0, 0, 1, 1] and first.finish_reason == "stop"
+    assert all(s.finish_reason != "abort" for g in groups for s in g)
+    first.validate()
+
+
+def test_in_place_mode_flags_responses_decoded_on_stale_kv_and_counts_them():
+    from megatron_opd.orchestrator import count_sample
+
+    cfg = config("weight_sync.pause_mode=in_place")
+    env, task = digits(cfg)
+    groups = rollout_and_score(cfg, env, PausingRollout(task, "in_place"), FakeTeacher(),
+                               two_prompts(task), ["g1", "g2"])
+    flat = [s for g in groups for s in g]
+    assert [s.metadata.get("stale_kv", False) for s in flat] == [True, False]
+    counts = {"stale_kv": 0}
+    for s in flat:
+        count_sample(counts, s.metadata)
+    assert counts == {"stale_kv": 1}
+    # retract: spans over versions are normal (KV recomputed), nothing flagged
+    cfg = config("weight_sync.pause_mode=retract")
+    groups = rollout_and_score(cfg, env, PausingRollout(task, "in_place"), FakeTeacher(),
+                               two_prompts(task), ["g1", "g2"])
+    assert not any(s.metadata.get("stale_kv") for g in groups for s in g)
