@@ -1,6 +1,10 @@
 """The orchestrator process: prompts → rollout fleet → teacher fleet → samples to the learner.
 
-Prompts, loss masks and rewards come from the run's environment (megatron_opd/envs/). Each
+Prompts, loss masks and rewards come from the run's environment (megatron_opd/envs/); a
+multi-turn environment's episodes run through megatron_opd/episodes.py (token in / token out,
+tool tokens masked). Responses go on through weight updates in every `weight_sync.pause_mode`
+(`turn_generator`): aborted ones are continued, never sent cut; in_place ones decoded on stale
+KV are flagged (`stale_kv` in the metadata, counted in the stats line). Each
 prompt is sampled `rollout.group_size` times (a GRPO group: one group_id, rewards from the
 environment's verifier, sent back to back). With `teacher.mode=offline` the samples come from
 the offline store instead (megatron_opd/offline_store.py), and no rollout or teacher request is

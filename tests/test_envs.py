@@ -75,7 +75,7 @@ def _real_configs():
 
 @pytest.mark.parametrize("name", _real_configs())
 def test_submit_dry_run_renders_every_chat_config(name, tmp_path):
-    """hf-example and the real-scale configs (their checkpoints and prompt files live on a
+    """hf-example, tool-quickstart and the real-scale configs (their checkpoints and prompt files live on a
     cluster): `submit --dry-run` renders the job here; `train` would refuse the missing files."""
     run_dir, tmp = tmp_path / "run", tmp_path / "tmp"
     tmp.mkdir()
@@ -90,7 +90,8 @@ def test_submit_dry_run_renders_every_chat_config(name, tmp_path):
     import yaml
 
     saved = yaml.safe_load((named / "config.yaml").read_text())  # what the job will load
-    assert saved["env"]["name"] == "chat" and saved["data"]["train"] and saved["init"]["student"]
+    assert saved["env"]["name"] in ("chat", "calculator") and saved["init"]["student"]
+    assert saved["data"]["train"] or saved["env"]["name"] == "calculator"  # its own prompts
 
 
 def test_a_stream_started_at_a_position_is_the_suffix():

@@ -197,3 +197,41 @@ def test_calculator_episodes_on_a_real_server_are_token_in_token_out(server, tok
         np.testing.assert_allclose(s.behaviour_logprobs[live], s.teacher_logprobs[live],
                                    atol=2e-4)
     assert multi >= 2  # a random model's turns end by length: error observations, more turns
+
+
+def test_interrupt_sync_registers_whole_episodes_and_continues_a_turn(tok_dir):
+    """With correction.proximal=interrupt, a turn's partial output is continued after the
+    interrupt, and the row the gate hands to the learner is the episode so far (its prompt,
+    every earlier token and this turn's), so the learner scores the sample's own positions."""
+    from megatron_opd.interrupt_sync import InterruptGate
+    from megatron_opd.orchestrator import turn_generator
+
+    env = make_env(tool_config(tok_dir, "env.max_turns=2", "env.max_response_tokens=400"), tok_dir)
+    p = next(env.train_prompts())
+    cfg = tool_config(tok_dir, "correction.proximal=interrupt")
+    gate = InterruptGate()
+    seen = []
+
+    class Rollout:  # turn 1: cut by the interrupt after 2 tokens, then continued; turn 2: stop
+        def generate(self, inputs, params, **kw):
+            seen.append((inputs, params, {k: v for k, v in gate.rows.items()}))
+            if len(seen) == 1:
+                return [res([65, 66], version=3, finish="abort")]
+            if len(seen) == 2:
+                return [res([67], version=4, finish="length")]
+            return [res([68, env.special.eos], version=4)]
+
+    generate = turn_generator(cfg, Rollout(), gate)
+    (t,) = run_episodes(env, [p], generate, {"max_new_tokens": 3}, keys=["s-0"])
+    P = list(p.token_ids)
+    assert seen[1][0] == [P + [65, 66]] and seen[1][1][0]["max_new_tokens"] == 1
+    prompt, response, versions = seen[1][2]["s-0"]  # registered after the first (cut) call
+    assert prompt == P and response == [65, 66] and versions.tolist() == [3, 3]
+    obs = list(env.encode_observation(env.observation(
+        "error: the turn ended without a tool call or an answer")))
+    assert seen[2][0] == [P + [65, 66, 67] + obs]  # turn 2: the episode so far
+    prompt, response, versions = gate.rows["s-0"]  # the whole episode, for the learner
+    assert prompt == P and response == t.output_ids
+    assert versions.tolist() == t.token_versions == [3, 3, 4] + [4] * len(obs) + [4, 4]
+    assert t.loss_mask == [1, 1, 1] + [0] * len(obs) + [1, 1] and t.done
+    assert gate.stats["continued_requests"] == 1
