@@ -1,7 +1,8 @@
 """Evaluation of given weights is reproducible: per-prompt sampling seeds honoured by a real
 SGLang server on CPU (through megatron_opd/compat/sglang_cpu.py), so evaluating the same weights
 twice gives the same completions and the same figures (to float32 rounding), and another seed
-gives other ones.
+gives other ones. Completions the server made at another weight version than the evaluated one
+are requested again, or the evaluation is refused (never reported).
 
 The hash behind SGLang's seeded sampling is checked against MurmurHash3 written here from the
 published algorithm (the CPU patch replaces sgl-kernel's op with torch integer ops).
@@ -145,9 +146,76 @@ def test_evaluating_the_same_weights_twice_gives_identical_figures(setup, tmp_pa
     # differed by a relative 2e-8; docs/fault-tolerance.md)
     assert set(first) == set(again)
     for key in first:
+        if key.endswith("_s"):  # timings
+            continue
         assert again[key] == pytest.approx(first[key], rel=1e-6, abs=1e-9), key
     assert first["eval/kl_tokens"] > 20 and first["eval/reverse_kl_k3"] > 0
     # the seeds are what fixes them: another seed draws other completions and figures
     assert sampled[2] != sampled[0]
     assert other["eval/reverse_kl_k1"] != first["eval/reverse_kl_k1"]
     assert sampled[0][0] != sampled[0][1]  # one seed per prompt, not one for the batch
+
+
+def _set_served_version(client, version: int) -> None:
+    """What a publish ends with on the server: its weight version (real HTTP, no weights sent:
+    the weights stay those of model A)."""
+    client._post("update_weight_version", {"new_version": str(version),
+                                           "abort_all_requests": False})
+    assert client.weight_version() == str(version)
+
+
+class _PublishLandsDuringEvaluation:
+    """The real client of the rollout server; right after its first /generate answered, the
+    server's version moves to `version` (a publish finishing while evaluation runs)."""
+
+    def __init__(self, client, version: int):
+        self.client, self.version, self.calls = client, version, 0
+
+    def generate(self, *args, **kwargs):
+        out = self.client.generate(*args, **kwargs)
+        self.calls += 1
+        if self.calls == 1:
+            _set_served_version(self.client, self.version)
+        return out
+
+
+def test_completions_of_other_weights_are_requested_again_or_refused(setup, tmp_path):
+    """Evaluation never reports figures of other weights than those it evaluates: completions
+    the server made at another version are requested again (and, the weights being the same,
+    come back identical: the per-prompt seeds), and an evaluation whose server keeps serving
+    another version raises on every rank."""
+    from megatron_opd.learner.evaluate import EvalVersionError, evaluate
+
+    groups, ddp, client = setup
+    prompts = [EnvPrompt((1, 5, 6, 7), source="a"), EnvPrompt((1, 8, 9), source="b"),
+               EnvPrompt((1, 10, 11, 12, 13), source="c")]
+
+    def run(rollout, version: int, out_dir):
+        m = evaluate(ddp, groups, _Env(), prompts, rollout, client, version=version,
+                     vocab_size=SPEC.vocab_size, max_new_tokens=10, seed=5, micro_batch_size=4,
+                     samples_dir=out_dir)
+        recs = [json.loads(x) for x in (out_dir / f"eval-{version}.jsonl").read_text()
+                .splitlines()]
+        return m, recs
+
+    try:
+        base, base_recs = run(client, 0, tmp_path / "v0")
+        assert base["eval/redone_completions"] == 0 and base["eval/served_version_ok"] == 1.0
+        # version 1 is asked for while the server still answers as version 0: the first batch
+        # (the greedy completions) is requested again once the version moved
+        racing = _PublishLandsDuringEvaluation(client, 1)
+        m, recs = run(racing, 1, tmp_path / "v1")
+        assert m["eval/redone_completions"] == len(prompts) and racing.calls == 3
+        assert m["eval/served_version_ok"] == 1.0
+        assert {r[k]["weight_version"] for r in recs for k in ("greedy", "sampled")} == {1}
+        for a, b in zip(base_recs, recs):
+            assert a["greedy"]["token_ids"] == b["greedy"]["token_ids"]
+            assert a["sampled"]["token_ids"] == b["sampled"]["token_ids"]
+        assert m["eval/reverse_kl_k1"] == pytest.approx(base["eval/reverse_kl_k1"], rel=1e-6)
+        # nobody publishes version 2: refused, no file written
+        with pytest.raises(EvalVersionError, match=r"version 2: 3 of 3 completions still came "
+                                                   r"from weights \[1\]"):
+            run(client, 2, tmp_path / "v2")
+        assert not (tmp_path / "v2").exists()
+    finally:
+        _set_served_version(client, 0)

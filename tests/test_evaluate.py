@@ -3,7 +3,8 @@ references written here: the exact full-vocabulary KL, the sampled k1/k3 estimat
 with many responses drawn from pi they land within a few standard errors of the exact KL), the
 ratio standard error (its formula, and its calibration over repeated evaluations), a padded
 vocabulary (ids >= vocab_size absent), TP=2 shards equal to one process, the memory bound of the
-sampled path at V = 50k, the teacher request (top_k = 0 unless exact) and the atomic JSONL."""
+sampled path at V = 50k, the teacher request (top_k = 0 unless exact), the atomic JSONL and
+which completions are of other weights than the evaluated ones (off_version)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_opd.envs.base import Environment, EnvPrompt, SpecialIds
 from megatron_opd.learner.evaluate import (METHOD_EXACT, METHOD_K3, eval_records, kl_inputs,
-                                           kl_metrics, ratio_mean_se, write_jsonl_atomic)
+                                           kl_metrics, off_version, ratio_mean_se,
+                                           write_jsonl_atomic)
 from megatron_opd.learner.losses import EVAL_KL_COLUMNS, eval_kl_fn, sampled_kl_terms
 from megatron_opd.learner.train_step import MicroBatch
 from megatron_opd.procs import free_port
@@ -398,6 +400,16 @@ def test_records_without_verifier_have_no_reward():
                        torch.zeros(1, 4, dtype=torch.float64), version=0, exact=False)[0]
     assert "reward" not in rec["greedy"] and "exact_kl_sum" not in rec["sampled"]
     assert "label" not in rec
+
+
+def test_off_version_finds_completions_not_made_entirely_by_the_evaluated_weights():
+    spanning = _gen([5, 6, 7], version=4)
+    spanning.token_versions = np.array([3, 4, 4])  # the weights changed mid-completion
+    results = [_gen([5, 1], version=4), _gen([5, 1], version=3), spanning, _gen([], version=4),
+               _gen([], version=2)]
+    assert off_version(results, 4) == [1, 2, 4]
+    assert off_version(results, 3) == [0, 2, 3, 4]
+    assert off_version([], 4) == []
 
 
 def test_kl_metrics_without_tokens():

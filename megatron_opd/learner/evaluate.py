@@ -33,6 +33,20 @@ Sampled tokens with ids >= vocab_size (not real tokens) are left out of the KL a
 `eval/kl_out_of_vocab_tokens`.
 
 Completions go to `<samples_dir>/eval-<version>.jsonl`, one object per prompt, written atomically.
+
+Evaluation while training asynchronously: the learner publishes and then evaluates in the same
+thread, so its requests reach servers that finished the update; generation keeps running beside
+them (evaluation is a few dozen requests among the orchestrator's, no pause: measured in
+docs/benchmarks.md). What would still make a completion come from other weights (a rollout
+server restarted with its initial weights and not yet republished, a publish that overlaps
+evaluation) is caught here, not assumed away: every completion must carry the evaluated
+version on every token (SGLang's `weight_version` and `weight_versions` spans); those that do
+not are requested again (the per-prompt seeds give the same completion on the right weights),
+up to `VERSION_ATTEMPTS` rounds, and an evaluation that still cannot get them raises
+`EvalVersionError` on every rank rather than report figures of other weights (the caller
+can publish again, reconnecting a restarted server, and evaluate again).
+`eval/redone_completions` counts the re-requests; `eval/served_version_ok` is 1 whenever
+figures are reported; `eval/generate_s` and `eval/time_s` time the rollout part and the whole.
 """
 
 from __future__ import annotations
@@ -42,6 +56,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +71,15 @@ from megatron_opd.learner.train_step import MicroBatch, forward_backward
 METHOD_EXACT = 0.0  # full-vocabulary KL (vocab_size <= exact_kl_max_vocab)
 METHOD_K3 = 1.0  # the sampled k3 estimate
 
+# Rounds of re-requests for completions from other weights, and the pause before each (a
+# restarted server is being republished, or a publish is finishing).
+VERSION_ATTEMPTS = 3
+VERSION_RETRY_S = 1.0
+
+
+class EvalVersionError(RuntimeError):
+    """Completions of the evaluated version could not be had from the rollout fleet."""
+
 
 @torch.no_grad()
 def evaluate(ddp, groups, env, prompts, rollout, teacher, version: int, vocab_size: int,
@@ -67,11 +91,24 @@ def evaluate(ddp, groups, env, prompts, rollout, teacher, version: int, vocab_si
     exact = vocab_size <= exact_kl_max_vocab
     out: dict[str, float] = {}
     tensors = gen = None
+    refused = ""
     if dist.get_rank() == 0:
-        gen = generate_eval(env, prompts, rollout, max_new_tokens, seed)
-        served = {g.weight_version for g in gen["greedy"] + gen["sampled"]}
+        t0 = time.perf_counter()
+        try:
+            gen = generate_eval(env, prompts, rollout, max_new_tokens, seed, version=version)
+        except EvalVersionError as e:
+            refused = str(e)
+    # every rank raises together (the others would wait in the broadcasts below)
+    if _any_rank0(bool(refused)):
+        raise EvalVersionError(refused or f"evaluation of version {version}: the rollout fleet "
+                               "served other weights (rank 0 has the details)")
+    if dist.get_rank() == 0:
+        t_gen = time.perf_counter() - t0
+        # generate_eval refused completions of other weights: this holds by construction
+        served_ok = not off_version(gen["greedy"] + gen["sampled"], version)
         responses = [list(s.output_ids) for s in gen["sampled"]]
-        out = {"eval/version": float(version), "eval/served_version_ok": float(served == {version}),
+        out = {"eval/version": float(version), "eval/served_version_ok": float(served_ok),
+               "eval/redone_completions": float(gen["redone"]), "eval/generate_s": t_gen,
                "eval/response_len": float(np.mean([len(r) for r in responses])) if responses
                else 0.0}
         if env.has_verifier:
@@ -94,7 +131,17 @@ def evaluate(ddp, groups, env, prompts, rollout, teacher, version: int, vocab_si
         if samples_dir is not None:
             records = eval_records(env, prompts, gen, table, version, exact)
             write_jsonl_atomic(Path(samples_dir) / f"eval-{version}.jsonl", records)
+        out["eval/time_s"] = time.perf_counter() - t0  # generation, teacher scoring, forward
     return out
+
+
+def _any_rank0(flag: bool) -> bool:
+    """Rank 0's flag on every rank."""
+    if dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int64)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
 
 
 def prompt_seed(seed: int, index: int) -> int:
@@ -104,22 +151,72 @@ def prompt_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest, "little") >> 2
 
 
-def generate_eval(env, prompts, rollout, max_new_tokens: int, seed: int) -> dict:
+def off_version(results, version: int) -> list[int]:
+    """Indices of the completions not made entirely by weights `version`: the version the
+    server reported at the end, or any token's (SGLang's spans), differs."""
+    return [i for i, r in enumerate(results)
+            if int(r.weight_version) != version
+            or any(int(v) != version for v in np.asarray(r.token_versions).tolist())]
+
+
+def generate_at_version(rollout, ids: list[list[int]], params: dict | list[dict], version: int,
+                        attempts: int = VERSION_ATTEMPTS, retry_s: float = VERSION_RETRY_S
+                        ) -> tuple[list, int]:
+    """(Rank 0.) `rollout.generate(ids, params)` whose every completion is of weights
+    `version`: completions of other weights are requested again (after `retry_s`), at most
+    `attempts` rounds. Returns (completions, how many were re-requested); raises
+    EvalVersionError when some still come from other weights."""
+    per_prompt = isinstance(params, list)
+    results = list(rollout.generate(ids, params, return_logprob=False))
+    redone = 0
+    for _ in range(attempts):
+        bad = off_version(results, version)
+        if not bad:
+            return results, redone
+        time.sleep(retry_s)
+        again = rollout.generate([ids[i] for i in bad],
+                                 [params[i] for i in bad] if per_prompt else params,
+                                 return_logprob=False)
+        for i, r in zip(bad, again):
+            results[i] = r
+        redone += len(bad)
+    bad = off_version(results, version)
+    if bad:
+        served = sorted({int(results[i].weight_version) for i in bad} |
+                        {int(v) for i in bad for v in np.asarray(results[i].token_versions)})
+        raise EvalVersionError(
+            f"evaluation of version {version}: {len(bad)} of {len(ids)} completions still came "
+            f"from weights {served} after {attempts} re-requests (a rollout server restarted and "
+            "not republished?); no figures of other weights are reported")
+    return results, redone
+
+
+def generate_eval(env, prompts, rollout, max_new_tokens: int, seed: int,
+                  version: int | None = None) -> dict:
     """(Rank 0.) Greedy and temperature-1 completions of every prompt, with the verifier's
     rewards where the environment has one. The sampled ones are seeded per prompt
-    (`prompt_seed`): the same weights and `seed` give the same completions."""
+    (`prompt_seed`): the same weights and `seed` give the same completions. With `version`,
+    every completion is of those weights (`generate_at_version`); `redone` counts re-requests."""
     ids = [list(p.token_ids) for p in prompts]
     stop = [int(s) for s in env.special.stop_ids]
     if not ids:
-        return {"greedy": [], "sampled": [], "greedy_reward": [], "sampled_reward": []}
-    greedy = rollout.generate(ids, {"temperature": 0.0, "max_new_tokens": max_new_tokens,
-                                    "stop_token_ids": stop}, return_logprob=False)
+        return {"greedy": [], "sampled": [], "greedy_reward": [], "sampled_reward": [],
+                "redone": 0}
+
+    def generate(params):
+        if version is None:
+            return rollout.generate(ids, params, return_logprob=False), 0
+        return generate_at_version(rollout, ids, params, version)
+
+    greedy, redone_g = generate({"temperature": 0.0, "max_new_tokens": max_new_tokens,
+                                 "stop_token_ids": stop})
     sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
                 "max_new_tokens": max_new_tokens, "stop_token_ids": stop}
     # one sampling_params per prompt: SGLang takes a list for a batch
-    sampled = rollout.generate(ids, [{**sampling, "sampling_seed": prompt_seed(seed, i)}
-                                     for i in range(len(ids))], return_logprob=False)
-    gen = {"greedy": greedy, "sampled": sampled, "greedy_reward": None, "sampled_reward": None}
+    sampled, redone_s = generate([{**sampling, "sampling_seed": prompt_seed(seed, i)}
+                                  for i in range(len(ids))])
+    gen = {"greedy": greedy, "sampled": sampled, "greedy_reward": None, "sampled_reward": None,
+           "redone": redone_g + redone_s}
     if env.has_verifier:
         gen["greedy_reward"] = [float(env.reward(p, g.output_ids)) for p, g in zip(prompts, greedy)]
         gen["sampled_reward"] = [float(env.reward(p, s.output_ids))
