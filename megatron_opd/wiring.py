@@ -40,6 +40,15 @@ class RunWiring:
         """Where scoring requests go: [the router] or every teacher server's URL."""
         return [self.teacher_router_url] if self.teacher_router_url else list(self.teacher_urls)
 
+    def rollout_client(self, server_cfg, **kwargs):
+        """The client for generation and evaluation: through the router (one sequence per
+        request: serving/router.RoutedClient) or round robin over the servers (fleet_client)."""
+        return _client(self.rollout_router_url, self.rollout_urls, server_cfg, **kwargs)
+
+    def teacher_client(self, server_cfg, **kwargs):
+        """The client for scoring (as rollout_client)."""
+        return _client(self.teacher_router_url, self.teacher_urls, server_cfg, **kwargs)
+
     def save(self, path: str | Path) -> None:
         tmp = Path(str(path) + ".tmp")
         tmp.write_text(json.dumps(asdict(self), indent=2))
@@ -48,3 +57,13 @@ class RunWiring:
     @classmethod
     def load(cls, path: str | Path) -> "RunWiring":
         return cls(**json.loads(Path(path).read_text()))
+
+
+def _client(router: str, urls: list[str], server_cfg, **kwargs):
+    if router:
+        from megatron_opd.serving.router import routed_client
+
+        return routed_client(router, server_cfg, **kwargs)
+    from megatron_opd.serving.sglang_client import fleet_client
+
+    return fleet_client(urls, server_cfg, **kwargs)

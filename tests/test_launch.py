@@ -181,3 +181,18 @@ def test_wiring_endpoints_are_the_router_or_every_server():
     assert w.teacher_endpoint() == ["http://a:3"]
     w.rollout_router_url = "http://a:9"
     assert w.rollout_endpoint() == ["http://a:9"] and w.rollout_urls == ["http://a:1", "http://a:2"]
+
+
+def test_wiring_clients_go_through_the_router_when_there_is_one():
+    from megatron_opd.config import ServerConfig
+    from megatron_opd.serving.router import RoutedClient
+    from megatron_opd.serving.sglang_client import SGLangClient
+    from megatron_opd.wiring import RunWiring
+
+    w = RunWiring(run_dir="r", rollout_urls=["http://a:1", "http://a:2"],
+                  teacher_urls=["http://a:3"], samples_endpoint="", control_endpoint="",
+                  teacher_dir="", student_dir="", rollout_router_url="http://a:9")
+    rollout, teacher = w.rollout_client(ServerConfig()), w.teacher_client(ServerConfig())
+    assert isinstance(rollout, RoutedClient) and rollout.urls == ["http://a:9"]
+    assert type(teacher) is SGLangClient and teacher.urls == ["http://a:3"]
+    assert rollout.retry_timeout_s == teacher.retry_timeout_s > 0

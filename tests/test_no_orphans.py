@@ -92,12 +92,20 @@ def test_sigkill_of_the_launcher_leaves_no_process_of_the_run(tmp_path):
         assert sum("sglang.launch_server" in n and "watchdog" not in n for n in names) == 2, names
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-        # every process of the run goes, the ones that left the launcher's tree included
+        killed_at = time.time()
+        # every process of the run goes, the ones that left the launcher's tree included; none
+        # is left a second after the last one went (a process seen while it exits, its command
+        # line already gone, is not taken for a survivor)
         deadline = time.time() + 60
-        while marked(tag) and time.time() < deadline:
+        while time.time() < deadline:
+            if not marked(tag):
+                time.sleep(1.0)
+                if not marked(tag):
+                    break
             time.sleep(0.2)
         survivors = marked(tag)
-        assert not survivors, cmdlines(survivors)
+        assert not survivors, [(p.pid, p.ppid(), p.status(), cmdlines([p]),
+                                round(p.create_time() - killed_at, 1)) for p in survivors]
         assert not [p for p in before if p.is_running()
                     and p.status() != psutil.STATUS_ZOMBIE], cmdlines(before)
     finally:

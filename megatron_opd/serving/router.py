@@ -128,3 +128,60 @@ class SmgRouter:
         if r.status_code not in (200, 201, 202):
             raise RouterError(f"{self.name}: adding {url}: HTTP {r.status_code}: {r.text[:300]}")
         return self.listed(url)
+
+
+def routed_client(url: str, server_cfg, **kwargs):
+    """The client of a fleet behind an smg router at `url` (same retries as `fleet_client`)."""
+    return RoutedClient(url, timeout=server_cfg.request_timeout_s,
+                        retry_timeout_s=server_cfg.start_timeout_s + server_cfg.request_timeout_s,
+                        **kwargs)
+
+
+def _client_base():
+    from megatron_opd.serving.sglang_client import SGLangClient
+
+    return SGLangClient
+
+
+class RoutedClient(_client_base()):
+    """SGLangClient for an smg router: one sequence per request, sent concurrently. smg parses a
+    /generate body into its own typed request (smg 1.13), which refuses a list of
+    `logprob_start_len` (HTTP 422: "expected i32"), so batched scoring cannot pass as one
+    request; one sequence per request also lets the router place each sequence by its own
+    prefix and load. Results come back in the order of the inputs; each request is retried by
+    the base client (a worker that died: the router, then the client, re-issue it whole)."""
+
+    max_parallel = 32
+    _PER_SEQUENCE = ("sampling_params", "logprob_start_len", "rid", "top_logprobs_num")
+
+    def _post_retrying(self, path, payload, check=None):
+        """A one-sequence body in SGLang's single-request form (a flat `input_ids`, one value
+        per field), which is what smg's typed request accepts."""
+        ids = payload.get("input_ids")
+        if path == "generate" and isinstance(ids, list) and len(ids) == 1 and \
+                isinstance(ids[0], list):
+            payload = dict(payload, input_ids=ids[0])
+            for key in self._PER_SEQUENCE:
+                if isinstance(payload.get(key), list) and len(payload[key]) == 1:
+                    payload[key] = payload[key][0]
+        return super()._post_retrying(path, payload, check)
+
+    def _each(self, n: int, one):
+        from concurrent.futures import ThreadPoolExecutor
+
+        if n <= 1:
+            return [one(i) for i in range(n)]
+        with ThreadPoolExecutor(max_workers=min(n, self.max_parallel)) as pool:
+            return list(pool.map(one, range(n)))
+
+    def generate(self, input_ids, sampling_params, *, rid=None, **kwargs):
+        params = sampling_params if isinstance(sampling_params, list) \
+            else [sampling_params] * len(input_ids)
+        base = super().generate
+        return self._each(len(input_ids), lambda i: base(
+            [input_ids[i]], params[i], rid=None if rid is None else [rid[i]], **kwargs)[0])
+
+    def score(self, input_ids, *, start, **kwargs):
+        base = super().score
+        return self._each(len(input_ids),
+                          lambda i: base([input_ids[i]], start=[start[i]], **kwargs)[0])

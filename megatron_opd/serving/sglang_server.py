@@ -236,7 +236,7 @@ class Probe:
     servers)."""
 
     ok_at: float = 0.0  # last time the server answered its probe (0: not since its (re)start)
-    errors: int = 0  # probes that failed (over the run)
+    errors: int = 0  # probes that failed once the server had answered (over the run)
     running: int = 0  # requests running on the server
     waiting: int = 0  # requests queued on the server
     gen_tokens_per_s: float = 0.0  # SGLang's last measured decode throughput
@@ -301,7 +301,8 @@ class FleetProbe:
                 version = int(r.json()["weight_version"])
         except Exception:  # noqa: BLE001 (any failure is a failed probe)
             with self._lock:
-                self.seen[s.name].errors += 1
+                if self.seen[s.name].ok_at:  # a server still starting is not failing
+                    self.seen[s.name].errors += 1
             return
         if s.pid != started:  # restarted while probed: the answer was the old process's
             return
