@@ -259,13 +259,18 @@ def test_teacher_is_scored_at_the_requested_temperature():
     assert not sent  # nothing asked
 
 
-def test_teacher_temperature_is_a_config_value_validated_against_sglang():
+def test_teacher_temperature_is_a_validated_config_value():
+    """Any positive temperature: our servers score at the request's temperature (the compat
+    patch; checked against transformers in tests/test_teacher_fleet.py)."""
     from megatron_opd.config import ConfigError, load_config
 
     root = Path(__file__).resolve().parents[1]
     assert load_config(root / "configs/quickstart.yaml", []).teacher.temperature == 1.0
-    with pytest.raises(ConfigError, match="teacher.temperature"):
-        load_config(root / "configs/quickstart.yaml", ["teacher.temperature=0.7"])
+    assert load_config(root / "configs/quickstart.yaml",
+                       ["teacher.temperature=0.7"]).teacher.temperature == 0.7
+    for bad in ("0", "-1", ".nan"):
+        with pytest.raises(ConfigError, match="^teacher.temperature: "):
+            load_config(root / "configs/quickstart.yaml", [f"teacher.temperature={bad}"])
 
 
 def test_teacher_temperature_travels_with_the_sample():
