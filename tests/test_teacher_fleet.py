@@ -117,6 +117,8 @@ def test_unknown_key_is_refused_before_any_request():
     assert [r.logprobs[0] for r in out.results] == [2, 3, 4]  # back in the caller's order
     assert out.teachers == ["b", "a", "b"] and out.revisions == ["rb", "ra", "rb"]
     assert b.calls == [([[1, 2], [1, 2, 3, 4]], [1, 2], 0, 1.0)]  # one request per teacher
+    router.score([[1, 2]], start=[1], keys=["x"], top_k=5, temperature=1.0)  # evaluation's own
+    assert a.calls[-1][2:] == (5, 1.0)
     with pytest.raises(ValueError, match="two teachers"):
         TeacherRouter([TeacherFleet(TeacherSpec("a", "", "ra", 1, ("x",)), a),
                        TeacherFleet(TeacherSpec("b", "", "rb", 1, ("x",)), b)],

@@ -151,11 +151,15 @@ class TeacherRouter:
         return name
 
     def score(self, input_ids: list[list[int]], *, start: list[int],
-              keys: list[str] | None = None) -> RoutedScores:
+              keys: list[str] | None = None, top_k: int | None = None,
+              temperature: float | None = None) -> RoutedScores:
         """Prefill-only scoring of each sequence by its teacher (positions >= start[i]: the
-        sampled-token log-prob and the top-K), at the router's temperature. `keys`: one route key
-        per sequence (None: every sequence to the single teacher). Every key is resolved before
-        any request is sent; the teachers are asked concurrently."""
+        sampled-token log-prob and the top-K), at the router's temperature and top-K unless
+        given (evaluation asks for its own). `keys`: one route key per sequence (None: "" for
+        every one: the single teacher, or the default). Every key is resolved before any request
+        is sent; the teachers are asked concurrently."""
+        top_k = self.top_k if top_k is None else int(top_k)
+        temperature = self.temperature if temperature is None else float(temperature)
         keys = [""] * len(input_ids) if keys is None else list(keys)
         if len(keys) != len(input_ids) or len(start) != len(input_ids):
             raise ValueError(f"score: {len(input_ids)} sequences, {len(start)} starts, "
@@ -168,8 +172,8 @@ class TeacherRouter:
         def ask(name: str) -> list:
             idx = rows[name]
             return self.fleets[name].client.score(
-                [input_ids[i] for i in idx], start=[start[i] for i in idx], top_k=self.top_k,
-                temperature=self.temperature)
+                [input_ids[i] for i in idx], start=[start[i] for i in idx], top_k=top_k,
+                temperature=temperature)
 
         results: list = [None] * len(input_ids)
         if len(rows) == 1:
