@@ -32,6 +32,10 @@ def test_one_teacher_by_default():
     assert spec == TeacherSpec(SINGLE, "", "teacher-v0", 1, ())
     assert current_revisions(cfg) == {"teacher-v0"}
     assert route_key(cfg, "digits", {"domain": "x"}) == ""
+    one = _Recorder()
+    out = TeacherRouter.single(cfg, one).score([[1, 2, 3]], start=[1], keys=["anything"])
+    assert out.teachers == [SINGLE] and out.revisions == ["teacher-v0"]
+    assert one.calls == [([[1, 2, 3]], [1], 0, 1.0)]
 
 
 def test_several_teachers_and_their_route_keys():
@@ -119,6 +123,19 @@ def test_unknown_key_is_refused_before_any_request():
     assert b.calls == [([[1, 2], [1, 2, 3, 4]], [1, 2], 0, 1.0)]  # one request per teacher
     router.score([[1, 2]], start=[1], keys=["x"], top_k=5, temperature=1.0)  # evaluation's own
     assert a.calls[-1][2:] == (5, 1.0)
+    # as one client for evaluation: the prompt before `start` picks the key
+    from megatron_opd.envs import EnvPrompt
+
+    cfg = load_config(QUICKSTART, ["teacher.route_by=column", "teacher.route_column=d",
+                                   "teacher.teachers=[{name: a, revision: ra, routes: [x]},"
+                                   " {name: b, revision: rb, routes: [y]}]"])
+    plain = router.for_prompts(cfg, "digits", [EnvPrompt((1, 2), "p", metadata={"d": "x"}),
+                                               EnvPrompt((1,), "q", metadata={"d": "y"})])
+    before = len(a.calls), len(b.calls)
+    got = plain.score([[1, 2, 3], [1, 5, 6, 7]], start=[2, 1], top_k=3)
+    assert [r.logprobs[0] for r in got] == [3, 4]
+    assert a.calls[-1][:3] == ([[1, 2, 3]], [2], 3) and b.calls[-1][0] == [[1, 5, 6, 7]]
+    assert (len(a.calls), len(b.calls)) == (before[0] + 1, before[1] + 1)
     with pytest.raises(ValueError, match="two teachers"):
         TeacherRouter([TeacherFleet(TeacherSpec("a", "", "ra", 1, ("x",)), a),
                        TeacherFleet(TeacherSpec("b", "", "rb", 1, ("x",)), b)],

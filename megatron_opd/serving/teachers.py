@@ -140,6 +140,14 @@ class TeacherRouter:
         return cls(fleets, temperature=cfg.teacher.temperature, top_k=cfg.teacher.top_k,
                    default=cfg.teacher.default)
 
+    @classmethod
+    def single(cls, cfg, client) -> "TeacherRouter":
+        """The run's one teacher (teacher.teachers empty) served by `client`."""
+        if cfg.teacher.teachers:
+            raise ValueError("TeacherRouter.single: teacher.teachers lists several teachers")
+        return cls([TeacherFleet(teacher_specs(cfg)[0], client)],
+                   temperature=cfg.teacher.temperature, top_k=cfg.teacher.top_k)
+
     def teacher_for(self, key: str) -> str:
         if self._single is not None:
             return self._single
@@ -189,6 +197,14 @@ class TeacherRouter:
                 results[i] = r
         return RoutedScores(results, names, [self.fleets[n].spec.revision for n in names])
 
+    def for_prompts(self, cfg, env_name: str, prompts) -> "PromptKeyedTeacher":
+        """This router as a plain scoring client (`score(...) -> [ScoreResult]`, SGLangClient's
+        signature) for sequences that start with one of `prompts` (EnvPrompts): each sequence's
+        route key is its prompt's. For callers that score prompt + response and know their
+        prompts, not their keys (evaluation)."""
+        keys = {tuple(p.token_ids): route_key(cfg, env_name, p.metadata) for p in prompts}
+        return PromptKeyedTeacher(self, keys)
+
     def verify_temperature(self, probe_ids: list[int], client_for=None) -> dict[str, float]:
         """Measure, on every server of every teacher, the temperature its scoring applies, and
         refuse a mismatch with `teacher.temperature` (a server without the compat patch scores at
@@ -229,3 +245,17 @@ class TeacherRouter:
                         "compat.sglang_cpu.patch_input_logprobs_at_request_temperature; "
                         "docs/teachers.md)")
         return measured
+
+
+class PromptKeyedTeacher:
+    """A TeacherRouter seen as one client: a sequence's prompt (its ids before `start`) picks
+    its route key; a prompt it was not given has key "" (the single teacher, or the default)."""
+
+    def __init__(self, router: TeacherRouter, keys: dict[tuple[int, ...], str]):
+        self.router, self.keys = router, keys
+
+    def score(self, input_ids: list[list[int]], *, start: list[int], top_k: int = 0,
+              temperature: float = 1.0) -> list:
+        keys = [self.keys.get(tuple(x[:s]), "") for x, s in zip(input_ids, start)]
+        return self.router.score(input_ids, start=start, keys=keys, top_k=top_k,
+                                 temperature=temperature).results
