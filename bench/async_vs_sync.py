@@ -9,13 +9,15 @@ real SGLang rollout and teacher servers on CPU, ZeroMQ, the megatron learner):
   the weights of step s - 1 are published (version s), and the learner blocks in `next_batch`
   until all batch_size of them arrived: generation and training strictly alternate, and every
   batch waits for its longest response.
-- asynchronous: `async.max_staleness=S` (default 2). Up to (S + 1) x batch_size samples are in
-  flight; generation of later batches runs while the learner trains and publishes, and a
-  batch is whatever finished first. S = 2: the window holds three batches, enough for a batch
-  to be made of short responses while a long one is still being generated, and (measured:
-  `dropped_stale_fraction`) the long responses still finish within S versions, so almost no
-  token is masked as too stale; larger S buys little more here (the learner becomes the
-  bottleneck) and costs freshness.
+- asynchronous: `async.max_staleness=S`, by default S = 2 and S = 4 (one run each). Up to
+  (S + 1) x batch_size samples are in flight; generation of later batches runs while the
+  learner trains and publishes, and a batch is whatever finished first. S = 2 is the smallest
+  window that holds a batch being trained, one being generated and one of long responses
+  still decoding; S = 4 shows what more room buys. Measured (docs/benchmarks.md): the learner
+  becomes the bottleneck, the orchestrator runs the whole window ahead (mean staleness ~ S),
+  and the early tokens of the long responses end up more than S versions old and are masked
+  (`dropped_stale_fraction`, about a fifth of the tokens at either S): hence both samples/s
+  and trained tokens/s are reported.
 
 Long-tailed lengths without a change to the pipeline: the student (and teacher) is a real
 Qwen3-MoE Hugging Face checkpoint written here whose outputs are a designed Markov chain. Its
@@ -27,21 +29,29 @@ c_L -> c_{L-1} -> ... -> c_1 -> <eos> with a logit margin of 40 (deterministic i
 A response therefore has exactly L + 1 tokens with L drawn from a discrete power law on
 [1, max_len]: most responses are short, a few are about 10x the mean. The compute per token is
 that of any model of this size (every layer still runs); the learner's tiny lr keeps the chain
-intact over the run (checked: the length distribution of trained samples is printed).
+intact over the run (checked: `chain_intact_fraction` of the evaluations' sampled completions,
+the first and the last evaluation included).
 
 Reported per mode, over the steps after `--warmup` (the last step, which runs the final
 evaluation, is excluded): samples/s = batch_size x steps / their wall time (sum of the
 learner's `time/step_s`), step time, learner idle (waiting for samples), weight sync time,
-generated tokens/s (response tokens of the trained samples), staleness, dropped stale tokens.
-Baseline (same run): the synchronous mode. `speedup` = async / sync samples/s. Bounds printed
+trained and generated tokens/s (response tokens of the trained samples, without and with those
+masked as too stale), staleness, evaluations (count, completions requested again because they
+came from other weights, generation time). Baseline (same run): the synchronous mode.
+`speedup` = best async / sync samples/s (`trained_token_speedups` beside it). Bounds printed
 beside it: the synchronous step split into waiting (generation + scoring of the batch: `gen`)
 and the rest (`train`: forward, backward, optimizer, publish), the ideal overlap
 (gen + train) / max(gen, train), and how much of the machine the other jobs took (load).
 
-    flock /tmp/opd-heavy.lock env OMP_NUM_THREADS=1 .venv/bin/python bench/async_vs_sync.py \
-        [--steps 40] [--warmup 8] [--batch-size 32] [--staleness 2] [--alpha 2.0] [--max-len 94]
+`--eval-impact`: what a held-out evaluation costs generation, on one rollout server under the
+asynchronous load (`eval_impact`).
 
-Last line: one JSON object.
+    flock /tmp/opd-heavy.lock env OMP_NUM_THREADS=1 .venv/bin/python bench/async_vs_sync.py \
+        [--steps 40] [--warmup 8] [--batch-size 32] [--staleness 2,4] [--alpha 1.5]
+        [--max-len 94] [--eval-interval N] [--rollout-servers N] [--eval-impact]
+
+About 5 minutes on 2 cores for the defaults, 2 more with --eval-impact. Last line: one JSON
+object.
 """
 
 from __future__ import annotations
@@ -146,7 +156,8 @@ def write_config(path: Path, root: Path, model: Path, args, staleness: int, run_
                  "apply_chat_template": True, "max_prompt_tokens": 128},
         "init": {"student": str(model), "teacher": str(model)},
         "rollout": {"temperature": 1.0, "max_new_tokens": args.max_len + 2,
-                    "prompts_per_request": 1, "max_inflight_requests": inflight},
+                    "prompts_per_request": 1, "max_inflight_requests": inflight,
+                    "num_servers": args.rollout_servers},
         "teacher": {"top_k": 0, "revision": "bench-teacher"},
         "async": {"max_staleness": staleness},
         "parallel": {"micro_batch_size": args.micro_batch_size},
@@ -266,9 +277,10 @@ def eval_impact(model: Path, root: Path, args) -> dict:
     """One rollout server on the long-tail model under an orchestrator-like load (one prompt
     per /generate, `(S + 1) x batch` requests in flight, return_logprob); the production
     `generate_eval` (greedy + seeded temperature-1 completions of `--eval-prompts` held-out
-    prompts, every completion checked for the evaluated version) runs `--evals` times back to
-    back in the middle. Generation tokens/s of the load before, during and after; the
-    evaluation's duration, alone (load stopped) and under load."""
+    prompts, every completion checked for the evaluated version) runs back to back in windows
+    alternating with quiet ones (`--evals` rounds of `--window` s each). Generation tokens/s
+    of the load while evaluating over that of the quiet window before it; the evaluation's
+    duration, alone (before the load starts) and under load."""
     import threading
 
     from megatron_opd.learner.evaluate import generate_eval
@@ -320,22 +332,26 @@ def eval_impact(model: Path, root: Path, args) -> dict:
         for w in workers:
             w.start()
         time.sleep(args.window)  # warm-up of the load: not measured
-        a = time.perf_counter()
-        time.sleep(args.window)
-        b = time.perf_counter()
-        loaded = run_evals(args.evals)
-        c = time.perf_counter()
-        time.sleep(args.window)
-        d = time.perf_counter()
+        # alternating windows (a shared machine's load drifts): quiet, then evaluations
+        # back to back for as long, `--evals` rounds; tokens/s of the load in each
+        quiet, during, loaded = [], [], []
+        for _ in range(args.evals):
+            a = time.perf_counter()
+            time.sleep(args.window)
+            b = time.perf_counter()
+            while time.perf_counter() - b < args.window:
+                loaded += run_evals(1)
+            c = time.perf_counter()
+            quiet.append(_tokens_in(spans, a, b) / (b - a))
+            during.append(_tokens_in(spans, b, c) / (c - b))
         stop.set()
         for w in workers:
             w.join(timeout=60)
-        before, during, after = (_tokens_in(spans, x, y) / (y - x)
-                                 for x, y in ((a, b), (b, c), (c, d)))
-        return {"eval_s_alone": statistics.median(alone), "eval_s_under_load":
-                statistics.median(loaded), "gen_tokens_per_s_before": before,
-                "gen_tokens_per_s_during_eval": during, "gen_tokens_per_s_after": after,
-                "gen_slowdown_during_eval": during / ((before + after) / 2),
+        ratios = [d / q for d, q in zip(during, quiet)]
+        return {"eval_s_alone": statistics.median(alone),
+                "eval_s_under_load": statistics.median(loaded), "evals_under_load": len(loaded),
+                "gen_tokens_per_s_quiet": quiet, "gen_tokens_per_s_during_eval": during,
+                "gen_ratio_during_eval": statistics.median(ratios), "gen_ratios": ratios,
                 "eval_prompts": args.eval_prompts, "load_requests_in_flight": len(workers)}
     finally:
         server.stop()
@@ -347,7 +363,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--micro-batch-size", type=int, default=8)
-    ap.add_argument("--staleness", type=lambda s: [int(x) for x in s.split(",")], default=[2],
+    ap.add_argument("--staleness", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4],
                     help="asynchronous modes to run (comma-separated async.max_staleness)")
     ap.add_argument("--alpha", type=float, default=1.5)
     ap.add_argument("--max-len", type=int, default=94)
@@ -356,10 +372,12 @@ def main() -> None:
     ap.add_argument("--keep", default="", help="directory to keep the runs in (default: temp)")
     ap.add_argument("--eval-interval", type=int, default=100000,
                     help="eval.interval of the runs (evaluations inside the timed steps)")
+    ap.add_argument("--rollout-servers", type=int, default=1,
+                    help="rollout.num_servers (behind the config's server.router)")
     ap.add_argument("--eval-impact", action="store_true",
                     help="also measure what a held-out evaluation costs generation (one server)")
-    ap.add_argument("--evals", type=int, default=3, help="evaluations per --eval-impact phase")
-    ap.add_argument("--window", type=float, default=15.0, help="--eval-impact windows, s")
+    ap.add_argument("--evals", type=int, default=3, help="--eval-impact rounds")
+    ap.add_argument("--window", type=float, default=10.0, help="--eval-impact windows, s")
     ap.add_argument("--skip-modes", action="store_true", help="only --eval-impact")
     args = ap.parse_args()
     if any(s < 1 for s in args.staleness):
@@ -393,11 +411,11 @@ def main() -> None:
         ev = eval_impact(model, root, args)
         ev["load_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
         print(f"evaluation ({ev['eval_prompts']} prompts, greedy + sampled): "
-              f"{ev['eval_s_alone']:.2f} s alone, {ev['eval_s_under_load']:.2f} s under load; "
-              f"generation {ev['gen_tokens_per_s_before']:.0f} tokens/s before, "
-              f"{ev['gen_tokens_per_s_during_eval']:.0f} during, "
-              f"{ev['gen_tokens_per_s_after']:.0f} after "
-              f"(x{ev['gen_slowdown_during_eval']:.2f} during evaluation)", flush=True)
+              f"{ev['eval_s_alone']:.2f} s alone, {ev['eval_s_under_load']:.2f} s under load "
+              f"({ev['load_requests_in_flight']} generation requests in flight); generation "
+              f"tokens/s while evaluating / in the quiet window before: x"
+              f"{ev['gen_ratio_during_eval']:.2f} (median of "
+              + ", ".join(f"{r:.2f}" for r in ev["gen_ratios"]) + ")", flush=True)
         summary["eval"] = ev
     print(json.dumps(summary))
 
