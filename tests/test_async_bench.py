@@ -54,7 +54,7 @@ def test_the_checkpoint_samples_the_designed_lengths(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    max_len, alpha, n = 12, 1.0, 400
+    max_len, alpha, n = 12, 1.0, 200
     model_dir, pmf = make_long_tail_model(tmp_path, max_len, alpha)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
