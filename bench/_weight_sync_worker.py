@@ -2,8 +2,9 @@
 
 --mode layout: build the student under --layout, load the HF checkpoint, perturb every weight
   deterministically (elementwise, so shards stay consistent), then time, alternately,
-  - gather: every rank drains iter_hf_weights(chunks, spec, groups),
-  - publish: rank 0 streams iter_hf_weights to the SGLang server through a
+  - gather: every rank drains iter_hf_weights(chunks, spec, groups, dst=0) (full tensors on
+    rank 0 only, what a publish gathers),
+  - publish: rank 0 streams that iterator to the SGLang server through a
     DistributedWeightPublisher while the other ranks drain the iterator (rank 0 also splits its
     publish time, see _Breakdown),
   and finally publish once more keeping the tensors, so the parent can check the server against
@@ -62,8 +63,8 @@ def run_layout(args, spec) -> None:
     load_hf_checkpoint(chunks, args.hf, spec, groups)
     perturb_(chunks, args.phase, args.scale)
 
-    def drain():
-        for _ in iter_hf_weights(chunks, spec, groups):
+    def drain():  # the gather a publish runs: full tensors on global rank 0 only
+        for _ in iter_hf_weights(chunks, spec, groups, dst=0):
             pass
 
     pub = breakdown = None
@@ -78,7 +79,7 @@ def run_layout(args, spec) -> None:
         breakdown = _Breakdown(client)
 
     def publish(i):
-        weights = iter_hf_weights(chunks, spec, groups)
+        weights = iter_hf_weights(chunks, spec, groups, dst=0)
         if not rank0:
             return drain()
         breakdown.start()
@@ -106,7 +107,7 @@ def run_layout(args, spec) -> None:
                 yield n, t
 
         final_version = args.version_base + args.repeats + 1
-        pub.publish(keep(iter_hf_weights(chunks, spec, groups)), version=final_version)
+        pub.publish(keep(iter_hf_weights(chunks, spec, groups, dst=0)), version=final_version)
         served_version = client.weight_version()
         pub.close()
         from safetensors.torch import save_file
@@ -123,9 +124,10 @@ def run_layout(args, spec) -> None:
 
 class _Breakdown:
     """Splits rank 0's publish time: gather_in_publish_s (producing tensors, inside the
-    iterator), broadcast_s (in torch.distributed.broadcast, sender side) and server_s (the rest:
-    waiting for the server's HTTP answers, i.e. control calls not hidden behind the gather and
-    each bucket's receive + load + flush). Also control_calls_s: the summed duration of the
+    iterator), broadcast_s (in torch.distributed.broadcast calls, sender side; the overlapped
+    publisher's broadcasts are asynchronous, so this is mostly queuing them) and server_s (the
+    rest: waiting for broadcasts to finish and for the server's HTTP answers, i.e. control calls
+    not hidden behind the gather and each bucket's receive + load + flush). Also control_calls_s: the summed duration of the
     pause/begin/end/continue calls (some may overlap the gather), and paused_s: from the start of
     pause_generation to the end of continue_generation (generation is stopped meanwhile)."""
 

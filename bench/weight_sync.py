@@ -1,13 +1,15 @@
 """Time to publish the student's weights from a parallel learner layout to a real SGLang server.
 
 One SGLang server (CPU, float32) serves a small Qwen3-MoE. For each learner layout (world 1, TP2
-with expert-TP 2, EP2; torchrun, gloo) the learner loads the same HF checkpoint, perturbs its
+with expert-TP 2, EP2, PP2; torchrun, gloo) the learner loads the same HF checkpoint, perturbs its
 weights deterministically (a layout-specific change, so every layout's publish is visible on the
 server) and measures, as the median of N after one warm-up:
-- gather_s: every rank draining iter_hf_weights(chunks, spec, groups) (TP/EP gathers, no server),
+- gather_s: every rank draining iter_hf_weights(chunks, spec, groups, dst=0) (the shards sent to
+  rank 0, layer by layer; no server),
 - publish_s: rank 0 publishing that iterator with DistributedWeightPublisher (pause, begin,
   update_weights_from_distributed per bucket + gloo broadcasts, end, continue; the gather runs
-  inside, as in training) while the other ranks drain it.
+  inside, as in training; from the second publish on the publisher overlaps it with async
+  broadcasts) while the other ranks drain it.
 Baseline in the same run: raw_broadcast_s, a plain torch.distributed broadcast of the same
 tensors (sizes, dtypes, order, buckets) from a sender process to one receiver process over gloo
 on loopback, no SGLang, no gather (measured before each layout and at the end, as the load of a

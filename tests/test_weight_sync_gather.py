@@ -5,8 +5,9 @@ learner loads an HF checkpoint into its shards; `iter_hf_weights(chunks, spec, g
 give, on every rank, exactly the checkpoint's tensors: same names, in a fixed streaming order, same
 dtypes, same values. The order is the world-of-one order, except under expert parallelism, where
 each layer's experts come gathered by local slot (slot s of every EP rank together: experts s,
-E/ep + s, ... with gate+up, then their down): `expected_order` spells it out. All layouts run in
-one torchrun (the megatron groups are rebuilt between them) to keep the test fast.
+E/ep + s, ... with gate+up, then their down): `expected_order` spells it out. Gathered for
+publishing (`dst=0`), global rank 0 alone gets the same tensors in the world-of-one order. All
+layouts run in one torchrun (the megatron groups are rebuilt between them) to keep the test fast.
 
 This file is also the torchrun worker (`python -m torch.distributed.run ... this_file.py`).
 """
@@ -32,6 +33,8 @@ LAYOUTS = {
     "tp2": dict(tensor_parallel=2, expert_tensor_parallel=2),
     "ep2": dict(expert_parallel=2),
     "pp2": dict(pipeline_parallel=2),
+    "tp2_experts_replicated": dict(tensor_parallel=2),  # expert data parallel 2
+    "dp2": dict(),
 }
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.\d+\.")
 
@@ -73,6 +76,9 @@ def _worker(spec_json: str, layouts_json: str, hf_dir: str, out_dir: str) -> Non
         load_hf_checkpoint(chunks, hf_dir, spec, groups)
         streamed = [(n, t.clone()) for n, t in iter_hf_weights(chunks, spec, groups)]
         torch.save(streamed, Path(out_dir) / f"{name}.rank{dist.get_rank()}.pt")
+        # publishing: gathered to global rank 0 only
+        to0 = [(n, t.clone()) for n, t in iter_hf_weights(chunks, spec, groups, dst=0)]
+        torch.save(to0, Path(out_dir) / f"{name}.dst0.rank{dist.get_rank()}.pt")
         del chunks
         dist.barrier()
         parallel_state.destroy_model_parallel()
@@ -125,6 +131,13 @@ def test_streamed_weights_are_the_loaded_checkpoint_under_tp_ep_pp(tmp_path):
                 assert t.dtype == hf[n].dtype, f"{name} rank {rank}: {n} dtype {t.dtype}"
                 assert t.is_contiguous(), f"{name} rank {rank}: {n} not contiguous"
                 assert torch.equal(t, hf[n]), f"{name} rank {rank}: {n} differs"
+        # gathered to rank 0 only: the world-of-one order there, nothing on the other rank
+        to0 = torch.load(tmp_path / f"{name}.dst0.rank0.pt")
+        assert [n for n, _ in to0] == order, f"{name} dst=0: names/order differ"
+        for n, t in to0:
+            assert t.dtype == hf[n].dtype and t.is_contiguous(), f"{name} dst=0: {n}"
+            assert torch.equal(t, hf[n]), f"{name} dst=0: {n} differs"
+        assert torch.load(tmp_path / f"{name}.dst0.rank1.pt") == []
 
 
 class _FakeServer:

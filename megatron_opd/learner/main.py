@@ -89,9 +89,10 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
         # async.publish_lag > 0: the fleet gets the version lag steps back (held by `proximal`),
         # except the final weights, which are evaluated
         version = state.version if newest else proximal.published_version(cfg.async_.publish_lag)
-        # a restarted rollout server: the publisher reconnects, every rank gathers again
+        # a restarted rollout server: the publisher reconnects, every rank gathers again.
+        # The full tensors are gathered to global rank 0 only (dst=0), which streams them.
         with proximal.holding(version):
-            t = publish_with_retries(lambda: iter_hf_weights(chunks, spec, groups),
+            t = publish_with_retries(lambda: iter_hf_weights(chunks, spec, groups, dst=0),
                                      io.publisher if rank0 else None, version,
                                      attempts=cfg.server.max_restarts + 1)
         proximal.on_publish(version)

@@ -226,13 +226,18 @@ def _weights(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
 
-def iter_hf_weights(model, spec: MoEModelSpec, groups=None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_hf_weights(model, spec: MoEModelSpec, groups=None,
+                    dst: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor) in a fixed order, for streaming to SGLang or saving. `model` is one
     GPTModel (world of one) or, with `groups`, this rank's list of model chunks under any layout:
-    then every rank must drain the iterator (it gathers shards) and every rank gets every tensor.
+    then every rank must drain the iterator (it gathers shards) and every rank gets every tensor;
+    with `dst` (a global rank) only that rank gets them, in the world-of-one order, and the
+    others yield nothing (publishing: see `_iter_gathered_to`).
     Tensors may be views of parameters: consume them before the next optimizer step.
     Raises at once (before any collective) if HF cannot express the spec."""
     check_hf_expressible(spec)
+    if groups is not None and dst is not None:
+        return _iter_gathered_to(model, spec, groups, dst)
     return _iter_hf_weights(model, spec, groups)
 
 
@@ -247,6 +252,162 @@ def _iter_hf_weights(model, spec: MoEModelSpec, groups) -> Iterator[tuple[str, t
                     for hf in full_to_hf(name, t, spec))
         for name, t in full:
             yield name, t.detach().contiguous()
+
+
+_ALIGN = 8  # bytes: every piece of a packed buffer starts aligned for any dtype
+
+
+def _unit_of(full_name: str, spec: MoEModelSpec) -> int:
+    """Embedding 0, layer i: i + 1, final norm and output layer: num_layers + 1."""
+    if full_name.startswith("decoder.layers."):
+        return int(full_name.split(".", 3)[2]) + 1
+    return 0 if full_name.startswith("embedding.") else spec.num_layers + 1
+
+
+def _my_pieces(chunks, groups, spec: MoEModelSpec, wanted: set[str]):
+    """This rank's share of the full tensors: [(unit, full name, shard, shards, dim, glu,
+    tensor)]. Each shard is sent by one rank only: data-parallel replica 0 (the experts': their
+    own data-parallel group's 0), and for a tensor whole on every rank of its tensor-parallel
+    group, that group's rank 0."""
+    import torch.distributed as dist
+
+    from megatron_opd.models.sharding import placements
+
+    lay = groups.layout
+    edp_rank = dist.get_rank(groups.edp) if groups.edp is not None else 0
+    out = []
+    for p, pl in placements(chunks, groups).items():
+        if pl.full_name not in wanted:
+            continue  # e.g. a tied output layer's copy on the last stage
+        shards, shard = (lay.expert_tensor_parallel, groups.etp_rank) if pl.expert else \
+            (lay.tensor_parallel, groups.tp_rank)
+        if pl.partition_dim is None:
+            shards, shard = 1, 0
+        replica0 = edp_rank == 0 if pl.expert else groups.dp_rank == 0
+        if replica0 and (shards > 1 or shard == 0):
+            out.append((_unit_of(pl.full_name, spec), pl.full_name, shard, shards,
+                        -1 if pl.partition_dim is None else pl.partition_dim, pl.glu, p.detach()))
+    out.sort(key=lambda x: (x[0], x[1], x[2]))
+    return out
+
+
+def _exchange_metadata(pieces, dst: int, world: int):
+    """Global rank dst learns every rank's pieces (JSON in a byte tensor; no pickle)."""
+    import json
+
+    import torch.distributed as dist
+
+    meta = json.dumps([[u, n, k, m, d, g, list(t.shape), str(t.dtype).removeprefix("torch.")]
+                       for u, n, k, m, d, g, t in pieces]).encode()
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(meta)], dtype=torch.int64))
+    longest = int(max(x.item() for x in sizes))
+    buf = torch.zeros(longest, dtype=torch.uint8)
+    buf[:len(meta)] = torch.frombuffer(bytearray(meta), dtype=torch.uint8)
+    parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(world)] \
+        if dist.get_rank() == dst else None
+    dist.gather(buf, parts, dst=dst)
+    if parts is None:
+        return None
+    return [json.loads(bytes(p[:int(n.item())].numpy()).decode()) for p, n in zip(parts, sizes)]
+
+
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def _pack(pieces) -> torch.Tensor:
+    """One byte buffer of the pieces (each flattened, padded to _ALIGN)."""
+    out = torch.empty(sum(_padded(t.numel() * t.element_size()) for *_, t in pieces),
+                      dtype=torch.uint8)
+    off = 0
+    for *_, t in pieces:
+        n = t.numel() * t.element_size()
+        out[off:off + n].view(t.dtype).view(t.shape).copy_(t)
+        off += _padded(n)
+    return out
+
+
+def _assemble(shards: dict[int, torch.Tensor], n: int, dim: int, glu: bool) -> torch.Tensor:
+    parts = [shards[k] for k in range(n)]
+    if n == 1:
+        return parts[0]
+    if glu:  # each shard is [gate shard; up shard]
+        halves = [p.chunk(2, dim=0) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(parts, dim=dim)
+
+
+def _iter_gathered_to(chunks, spec: MoEModelSpec, groups, dst: int):
+    """Full tensors on global rank `dst` only, layer by layer: each rank packs its share of a
+    layer into one buffer and sends it point to point (one message per rank and layer instead
+    of a collective per tensor on every rank; the others receive nothing). A sending rank keeps
+    at most two layers in flight; `dst` yields a layer's tensors as soon as it has them (a
+    publisher broadcasts them meanwhile), whole tensors as views of the received bytes."""
+    import torch.distributed as dist
+
+    from megatron_opd.models.sharding import full_shapes
+
+    order = full_shapes(spec, padded_vocab_size(spec, groups.layout.tensor_parallel))
+    wanted = {n for n, _ in order}
+    rank, world = dist.get_rank(), dist.get_world_size()
+    with torch.no_grad():
+        pieces = _my_pieces(chunks, groups, spec, wanted)
+        meta = _exchange_metadata(pieces, dst, world)
+        units = range(spec.num_layers + 2)
+        if rank != dst:
+            inflight = []
+            for u in units:
+                mine = [x for x in pieces if x[0] == u]
+                if mine:
+                    buf = _pack(mine)
+                    inflight.append((dist.isend(buf, dst), buf))
+                while len(inflight) > 2:
+                    inflight.pop(0)[0].wait()
+            for work, _ in inflight:
+                work.wait()
+            return
+        by_unit: dict[int, list[str]] = {}
+        for name, _ in order:
+            by_unit.setdefault(_unit_of(name, spec), []).append(name)
+
+        def post(u):
+            """Start receiving unit u: (receives, shards by name, (shards, dim, glu) by name)."""
+            got: dict[str, dict[int, torch.Tensor]] = {}
+            kinds: dict[str, tuple[int, int, bool]] = {}
+            recvs = []
+            for (_, n, k, m, d, g, t) in (x for x in pieces if x[0] == u):
+                got.setdefault(n, {})[k] = t  # our own shards: the parameters themselves
+                kinds[n] = (m, d, g)
+            for r in range(world):
+                theirs = [x for x in meta[r] if x[0] == u] if r != rank else []
+                if not theirs:
+                    continue
+                nbytes = [int(torch.Size(sh).numel()) * getattr(torch, dt).itemsize
+                          for *_, sh, dt in theirs]
+                buf = torch.empty(sum(_padded(b) for b in nbytes), dtype=torch.uint8)
+                recvs.append(dist.irecv(buf, src=r))
+                off = 0
+                for (_, n, k, m, d, g, sh, dt), b in zip(theirs, nbytes):
+                    got.setdefault(n, {})[k] = buf[off:off + b].view(getattr(torch, dt)).view(sh)
+                    kinds[n] = (m, d, g)
+                    off += _padded(b)
+            return recvs, got, kinds
+
+        nxt = post(0)
+        for u in units:
+            recvs, got, kinds = nxt
+            for w in recvs:
+                w.wait()
+            if u + 1 < len(units):  # the next layer arrives while this one is consumed
+                nxt = post(u + 1)
+            for name in by_unit.get(u, []):
+                if name not in kinds or len(got[name]) != kinds[name][0]:
+                    raise RuntimeError(f"gathering {name}: shards {sorted(got.get(name, {}))} "
+                                       f"arrived, expected {kinds.get(name, (1,))[0]}")
+                m, d, g = kinds[name]
+                for hf, t in full_to_hf(name, _assemble(got[name], m, d, g), spec):
+                    yield hf, t.contiguous()
 
 
 def load_hf_checkpoint(model, hf_dir: str | Path, spec: MoEModelSpec, groups=None) -> None:
