@@ -57,7 +57,10 @@ class Trajectory:
     done: bool = False
     stale_kv: bool = False  # some turn was decoded on KV of older weights (pause_mode=in_place)
     info: dict = field(default_factory=dict)  # the environment's last Step.info
-    routed_experts: None = None  # R3 is refused for multi-turn environments (config)
+    # R3: the experts per input position [P + T - 1, layers, top_k], from the last turn's call
+    # (its input is the whole episode before its own tokens: the rollout engine's routing of
+    # every position; earlier turns' positions as computed then where its prefix cache kept them)
+    routed_experts: np.ndarray | None = None
 
     def arrays(self):
         """(loss_mask uint8, behaviour log-probs float32, versions int64)"""
@@ -81,6 +84,7 @@ class Trajectory:
         self.token_versions += [int(v) for v in res.token_versions]
         self.turns.append((start, len(self.output_ids)))
         self.stale_kv |= bool(getattr(res, "stale_kv", False))
+        self.routed_experts = getattr(res, "routed_experts", None)
 
     def add_observation(self, ids: tuple[int, ...]) -> None:
         version = self.token_versions[-1]  # a turn always comes before
@@ -127,6 +131,11 @@ def run_episodes(env: MultiTurnEnvironment, prompts: list[EnvPrompt], generate: 
             if _advance(env, trajs[i], episodes[i], res):
                 still.append(i)
         active = still
+    for t in trajs:
+        rows = len(t.prompt_ids) + len(t.output_ids) - 1
+        if t.routed_experts is not None and len(t.routed_experts) != rows:
+            raise RuntimeError(f"routed experts: {len(t.routed_experts)} rows for a trajectory "
+                               f"of {rows + 1} tokens (expected {rows})")
     return trajs
 
 

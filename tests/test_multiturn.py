@@ -121,7 +121,8 @@ def server(tok_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("mt")
     model = make_hf_moe(root / "model", tokenizer_dir=tok_dir, max_position_embeddings=1024)
     srv = SGLangServer("mt", str(model), free_port(), str(root / "server.log"),
-                       max_total_tokens=4096, threads=1, extra_args=("--weight-version", "0"))
+                       max_total_tokens=4096, threads=1, extra_args=("--weight-version", "0"),
+                       enable_return_routed_experts=True)
     srv.start()
     try:
         srv.wait_ready(300)
@@ -141,6 +142,18 @@ def direct_scores(url, seq, k):
     return meta["input_token_logprobs"], meta["input_top_logprobs"]
 
 
+def direct_routing(url, seq, shape):
+    """The server's experts for every position of `seq` (one token generated, so the last
+    position of seq is routed too): [len(seq), layers, top_k]."""
+    from megatron_opd.serving.sglang_client import decode_routed_experts
+
+    r = requests.post(f"{url}/generate", json={
+        "input_ids": seq, "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
+        "return_routed_experts": True}, timeout=120)
+    r.raise_for_status()
+    return decode_routed_experts(r.json()["meta_info"]["routed_experts"], len(seq), shape)
+
+
 def test_calculator_episodes_on_a_real_server_are_token_in_token_out(server, tok_dir):
     from megatron_opd.orchestrator import rollout_and_score
     from megatron_opd.serving.sglang_client import SGLangClient
@@ -149,7 +162,7 @@ def test_calculator_episodes_on_a_real_server_are_token_in_token_out(server, tok
     K = 5
     cfg = tool_config(model, "teacher.top_k=5", "rollout.group_size=2", "train.batch_size=16",
                       "env.max_turns=3", "env.max_response_tokens=400", "rollout.max_new_tokens=8",
-                      "data.max_prompt_tokens=300")
+                      "data.max_prompt_tokens=300", "train.routing_replay=r3")
     env = make_env(cfg, model)
     client = SGLangClient(srv.url)
     calls = []
@@ -196,6 +209,12 @@ def test_calculator_episodes_on_a_real_server_are_token_in_token_out(server, tok
         live = mask == 1
         np.testing.assert_allclose(s.behaviour_logprobs[live], s.teacher_logprobs[live],
                                    atol=2e-4)
+        # R3: the rollout engine's experts for every input position, as the server routes them
+        shape = (cfg.model.num_layers, cfg.model.moe_router_topk)
+        assert s.routed_experts.shape == (len(full) - 1, *shape)
+        ref = direct_routing(srv.url, full, shape)[:len(full) - 1]
+        same = np.sort(s.routed_experts, -1) == np.sort(ref, -1)
+        assert same.all(-1).mean() > 0.95  # near-tied gates may flip between prefill and decode
     assert multi >= 2  # a random model's turns end by length: error observations, more turns
 
 

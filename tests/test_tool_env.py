@@ -163,6 +163,6 @@ def test_config_errors_name_the_key(tok_dir):
     refused("env.calculator.min_operands", "env.calculator.min_operands=5")
     refused("rollout.max_new_tokens", "rollout.max_new_tokens=300")
     refused("env.max_turns", "env.max_turns=0")
-    refused("train.routing_replay", "train.routing_replay=r3")
+    refused("teacher.mode", "teacher.mode=offline")
     refused("init.student", "init.student=")
     refused("env.calculator.call_end", "env.calculator.call_end=<|not a token|>")

@@ -51,9 +51,6 @@ def validate_calculator(cfg, need) -> None:
          f"must be <= env.max_response_tokens = {e.max_response_tokens} (one turn's budget)")
     need(cfg.teacher.mode == "live", "teacher.mode",
          "offline stores single-turn rollouts; multi-turn environments need teacher.mode=live")
-    need(cfg.train.routing_replay != "r3", "train.routing_replay",
-         "r3 is not supported with multi-turn environments yet (tool tokens are never routed "
-         "by a generate call of their own); use none or r2")
 
 
 def calculator_max_prompt_tokens(cfg) -> int:
