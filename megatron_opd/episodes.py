@@ -31,14 +31,16 @@ response so far, versions so far): interrupt sync registers partial rows under t
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from megatron_opd.envs.base import EnvPrompt, MultiTurnEnvironment
+from megatron_opd.envs.base import EnvPrompt, MultiTurnEnvironment, Step
 
 ENV_LOGPROB = 0.0  # behaviour log-prob of an environment token: emitted with certainty
+MAX_PARALLEL_STEPS = 8  # episodes of one request whose env steps (tool calls) run at once
 
 GenerateFn = Callable[[list[list[int]], list[dict], list[str], list[tuple]], "list | None"]
 
@@ -121,16 +123,19 @@ def run_episodes(env: MultiTurnEnvironment, prompts: list[EnvPrompt], generate: 
             return None
         if len(results) != len(active):
             raise RuntimeError(f"generate: {len(results)} results for {len(active)} inputs")
-        still = []
-        for i, res in zip(active, results):
+        for res in results:
             if res.finish_reason == "abort":
                 raise RuntimeError("generate returned an aborted turn: the generate function "
                                    "must continue aborted requests (serving/resume.py)")
             if not res.output_ids:
                 raise RuntimeError("generate returned an empty turn")
-            if _advance(env, trajs[i], episodes[i], res):
-                still.append(i)
-        active = still
+        # the episodes' tools run side by side (a tool call is a subprocess: up to its timeout)
+        with ThreadPoolExecutor(max_workers=min(len(active), MAX_PARALLEL_STEPS)) as pool:
+            steps = list(pool.map(lambda a: episodes[a[0]].step(list(a[1].output_ids),
+                                                                a[1].finish_reason),
+                                  zip(active, results)))
+        active = [i for i, res, step in zip(active, results, steps)
+                  if _advance(env, trajs[i], res, step)]
     for t in trajs:
         rows = len(t.prompt_ids) + len(t.output_ids) - 1
         if t.routed_experts is not None and len(t.routed_experts) != rows:
@@ -139,10 +144,9 @@ def run_episodes(env: MultiTurnEnvironment, prompts: list[EnvPrompt], generate: 
     return trajs
 
 
-def _advance(env: MultiTurnEnvironment, t: Trajectory, episode, res) -> bool:
-    """Append one turn, step the environment, append its observation. True: the episode goes on."""
+def _advance(env: MultiTurnEnvironment, t: Trajectory, res, step: Step) -> bool:
+    """Append one turn and the environment's answer to it. True: the episode goes on."""
     t.add_turn(res)
-    step = episode.step(list(res.output_ids), res.finish_reason)
     t.info = dict(step.info)
     if step.done:
         t.done, t.reward, t.finish_reason = True, float(step.reward), res.finish_reason
