@@ -21,6 +21,9 @@ Invariants:
   a paused server are held there with no tokens, so the grace only guards against slow replies.
 - A continued response is the exact token sequence: earlier tokens are never re-sampled or
   re-tokenised; each continuation asks for the tokens left of `max_new_tokens`.
+- Multi-turn episodes (megatron_opd/episodes.py): a row is the whole episode so far (prompt,
+  earlier turns, tool tokens, this turn), never one turn, so the learner scores the sample's own
+  response positions; between turns the row of the last call stays registered.
 """
 
 from __future__ import annotations
