@@ -196,3 +196,16 @@ def test_wiring_clients_go_through_the_router_when_there_is_one():
     assert isinstance(rollout, RoutedClient) and rollout.urls == ["http://a:9"]
     assert type(teacher) is SGLangClient and teacher.urls == ["http://a:3"]
     assert rollout.retry_timeout_s == teacher.retry_timeout_s > 0
+
+
+def test_fleet_probe_reads_sglang_counters():
+    from megatron_opd.serving.sglang_server import _counter
+
+    text = ("# TYPE sglang:generation_tokens_total counter\n"
+            'sglang:generation_tokens_total{engine_type="unified",is_streaming="false"} 32.0\n'
+            'sglang:generation_tokens_total_created{engine_type="unified"} 1.7e9\n'
+            'sglang:generation_tokens_total{engine_type="unified",is_streaming="true"} 8.0\n'
+            "sglang:prompt_tokens_total 16.0\n")
+    assert _counter(text, "sglang:generation_tokens_total") == 40.0
+    assert _counter(text, "sglang:prompt_tokens_total") == 16.0
+    assert _counter("", "sglang:generation_tokens_total") == 0.0

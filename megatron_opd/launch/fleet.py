@@ -74,9 +74,11 @@ def fleet_specs(cfg: Config, models, nodes: dict[str, int] | None = None,
 
 
 def server_options(cfg: Config) -> dict:
-    """SGLangServer keyword arguments every server of a run shares (`server.*`)."""
+    """SGLangServer keyword arguments every server of a run shares (`server.*`; Prometheus
+    metrics on, for the supervisor's per-server tokens/s)."""
     sv = cfg.server
-    return dict(dtype=sv.dtype, max_total_tokens=sv.max_total_tokens, threads=sv.threads or None)
+    return dict(dtype=sv.dtype, max_total_tokens=sv.max_total_tokens, threads=sv.threads or None,
+                enable_metrics=True)
 
 
 def learner_ranks_per_node(cfg: Config, nnodes: int) -> int:

@@ -50,7 +50,7 @@ class SGLangServer:
                  host: str = "127.0.0.1", extra_args: tuple[str, ...] = (),
                  dtype: str = "float32", max_total_tokens: int = 16384,
                  context_length: int | None = None, enable_return_routed_experts: bool = False,
-                 threads: int | None = None):
+                 threads: int | None = None, enable_metrics: bool = False):
         self.name, self.model_path, self.port, self.host = name, model_path, port, host
         self.log_path = str(log_path)
         self.extra_args = tuple(extra_args)
@@ -58,6 +58,7 @@ class SGLangServer:
         self.context_length = context_length
         self.enable_return_routed_experts = enable_return_routed_experts
         self.threads = threads  # torch/OpenMP threads per server process (None: SGLang's choice)
+        self.enable_metrics = enable_metrics  # Prometheus /metrics (the fleet probe's tokens/s)
         self.proc: subprocess.Popen | None = None
         self.nccl_port: int | None = None  # its torch.distributed port: ours, not SGLang's pick
 
@@ -102,6 +103,8 @@ class SGLangServer:
             args += ["--context-length", str(self.context_length)]
         if self.enable_return_routed_experts:
             args += ["--enable-return-routed-experts"]
+        if self.enable_metrics:
+            args += ["--enable-metrics"]
         return args + list(self.extra_args)
 
     def environment(self) -> dict[str, str]:
@@ -239,16 +242,19 @@ class Probe:
     errors: int = 0  # probes that failed once the server had answered (over the run)
     running: int = 0  # requests running on the server
     waiting: int = 0  # requests queued on the server
-    gen_tokens_per_s: float = 0.0  # SGLang's last measured decode throughput
+    gen_tokens_per_s: float = 0.0  # tokens generated per second since the previous probe
     weight_version: int | None = None  # rollout servers: the version they serve
+    generated: float | None = None  # sglang:generation_tokens_total at the last probe
 
 
 class FleetProbe:
     """A thread that probes every server each `interval_s`: GET /v1/loads (the HTTP server and
-    the scheduler both answer, and it is what load and throughput are read from; /health would
-    run a generation, and reports 503 after 20 s while a server is paused for a weight update
-    with nothing running) and, for servers named in `versioned`, GET /model_info
-    (weight_version). Never blocks the supervision loop."""
+    the scheduler both answer, and it is what the queue is read from; /health would run a
+    generation, and reports 503 after 20 s while a server is paused for a weight update with
+    nothing running), GET /metrics where the server runs with --enable-metrics (tokens/s from
+    the `sglang:generation_tokens_total` counter: SGLang's own `gen_throughput` is only updated
+    every 40 decode steps and stays 0 on short CPU generations) and, for servers named in
+    `versioned`, GET /model_info (weight_version). Never blocks the supervision loop."""
 
     def __init__(self, servers: list[SGLangServer], versioned: set[str] = frozenset(),
                  interval_s: float = 2.0, timeout_s: float = 10.0):
@@ -294,7 +300,11 @@ class FleetProbe:
             r = self._session.get(f"{s.url}/v1/loads", timeout=self.timeout_s)
             r.raise_for_status()
             loads = r.json()["loads"]
-            version = None
+            version, generated = None, None
+            if getattr(s, "enable_metrics", False):
+                r = self._session.get(f"{s.url}/metrics", timeout=self.timeout_s)
+                r.raise_for_status()
+                generated = _counter(r.text, "sglang:generation_tokens_total")
             if s.name in self.versioned:
                 r = self._session.get(f"{s.url}/model_info", timeout=self.timeout_s)
                 r.raise_for_status()
@@ -306,13 +316,27 @@ class FleetProbe:
             return
         if s.pid != started:  # restarted while probed: the answer was the old process's
             return
+        now = time.time()
         with self._lock:
             p = self.seen[s.name]
-            p.ok_at = time.time()
+            if generated is None:  # no /metrics: SGLang's own figure
+                p.gen_tokens_per_s = sum(float(x.get("gen_throughput", 0.0)) for x in loads)
+            elif p.generated is not None and p.ok_at and generated >= p.generated:
+                p.gen_tokens_per_s = (generated - p.generated) / max(now - p.ok_at, 1e-6)
+            p.generated = generated
+            p.ok_at = now
             p.running = sum(int(x.get("num_running_reqs", 0)) for x in loads)
             p.waiting = sum(int(x.get("num_waiting_reqs", 0)) for x in loads)
-            p.gen_tokens_per_s = sum(float(x.get("gen_throughput", 0.0)) for x in loads)
             p.weight_version = version
+
+
+def _counter(text: str, name: str) -> float:
+    """The sum over labels of Prometheus counter `name` in `text` (0 before it first counts)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 class ServerSupervisor:
@@ -469,7 +493,7 @@ class ServerSupervisor:
             out[f"{key}/running"] = p.running
             out[f"{key}/gen_tokens_per_s"] = p.gen_tokens_per_s
             out[f"{key}/errors"] = p.errors
-            if self.roles.get(s.name) == "rollout":
+            if s.name in self.probe.versioned:
                 out[f"{key}/weight_version"] = p.weight_version
         return out
 
