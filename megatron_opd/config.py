@@ -45,17 +45,44 @@ class DigitsConfig:
 
 
 @dataclass
+class CalculatorConfig:
+    """The calculator tool environment (`env.name: calculator`, multi-turn): compute an integer
+    expression; the model may call a calculator (a sandboxed subprocess) between its turns."""
+    min_operands: int = 2
+    max_operands: int = 4
+    max_operand: int = 99  # operands are drawn from [1, max_operand]
+    tool_timeout_s: float = 2.0  # wall clock (and CPU seconds, rounded up) of one tool call
+    tool_memory_mb: int = 256  # address-space limit of the tool's process
+    # Each must be one token of the student's tokenizer (Qwen's own tool-call tokens by default);
+    # an assistant turn that ends with `call_end` is a tool call, its text after `call_start`
+    # the expression.
+    call_start: str = "<tool_call>"
+    call_end: str = "</tool_call>"
+    # The tokens appended after a tool call ({result}: the tool's output or its error), parsed
+    # with the student's tokenizer (special tokens included): closes the assistant turn, gives
+    # the result as a user turn and opens the next assistant turn (Qwen's ChatML by default).
+    observation: str = ("<|im_end|>\n<|im_start|>user\n<tool_response>\n{result}\n"
+                        "</tool_response><|im_end|>\n<|im_start|>assistant\n")
+
+
+@dataclass
 class EnvConfig:
     """What the run trains on (megatron_opd/envs/): `digits` (the quickstart's synthetic task,
-    models made by `megatron-opd prepare`) or `chat` (prompts from `data.*`, models from
-    `init.*`)."""
-    name: Literal["digits", "chat"] = "digits"
+    models made by `megatron-opd prepare`), `chat` (prompts from `data.*`, models from
+    `init.*`) or `calculator` (multi-turn tool use, models from `init.*`)."""
+    name: Literal["digits", "chat", "calculator"] = "digits"
     num_eval_prompts: int = 64  # held-out prompts per evaluation (chat: the first of data.eval)
+    # Multi-turn environments: an episode ends after max_turns assistant turns, or once its
+    # response (assistant and tool tokens after the prompt) would pass max_response_tokens.
+    # rollout.max_new_tokens bounds each assistant turn.
+    max_turns: int = 4
+    max_response_tokens: int = 256
     # chat: the reward of a response whose prompt has a reference answer (`data.label_key`).
     # exact_match: 1.0 when the decoded response (special tokens and surrounding white space
     # removed) equals the answer; none: no verifier (reward 0, no eval/accuracy).
     verifier: Literal["exact_match", "none"] = "exact_match"
     digits: DigitsConfig = field(default_factory=DigitsConfig)
+    calculator: CalculatorConfig = field(default_factory=CalculatorConfig)
 
 
 @dataclass
@@ -124,14 +151,34 @@ class RolloutConfig:
 
 
 @dataclass
+class NamedTeacherConfig:
+    """One of several teachers (`teacher.teachers`; docs/teachers.md)."""
+    name: str = ""  # unique; a word (letters, digits, - _ .)
+    init: str = ""  # its Hugging Face directory; "" = the run's teacher (init.teacher / prepared)
+    revision: str = ""  # the id put on every sample it scores (teacher_revision); unique
+    num_servers: int = 1  # its SGLang servers (behind server.router when more than one)
+    # The route keys it serves (environment names or route_column values); [] = its name.
+    routes: list[str] = field(default_factory=list)
+
+
+@dataclass
 class TeacherConfig:
     top_k: int = 0  # teacher top-K log-probs per token (0 = sampled token only)
     num_servers: int = 1  # teacher SGLang servers of the embedded launcher (behind server.router)
     revision: str = "teacher-v0"
     # The temperature the teacher's log-probs are of (carried on every sample as
     # teacher_temperature; the distillation terms score the student at it: docs/temperatures.md).
-    # Only 1.0: SGLang's prompt-token log-probs are log_softmax of the raw logits.
+    # Scoring requests ask for it; our servers apply it (a compat patch: SGLang alone scores
+    # prompt tokens at 1), and the orchestrator measures what each server applies.
     temperature: float = 1.0
+    # Several teachers (docs/teachers.md): [] = the one teacher above (init.teacher, revision,
+    # num_servers). Listed: each sequence goes to the teacher that serves its route key, taken
+    # from `route_by`: "env" the environment's name, "column" the prompt's `route_column` (a
+    # dataset column). A key no teacher serves goes to `default` ("" = an error).
+    teachers: list[NamedTeacherConfig] = field(default_factory=list)
+    route_by: Literal["none", "env", "column"] = "none"
+    route_column: str = ""
+    default: str = ""
     # "live": the teacher server scores every rollout during training. "offline" (Lightning OPD,
     # ALGORITHMS.md §9): student rollouts of the init are scored once and stored; training reads
     # the store (no live teacher scoring; the teacher server only serves evaluation).
@@ -434,6 +481,13 @@ RANGES: dict[str, str | tuple[str, str]] = {
     "DigitsConfig.min_digits": ">= 1",
     "DigitsConfig.max_digits": ">= 1",
     "DigitsConfig.num_digits_symbols": "[2, 10]",
+    "EnvConfig.max_turns": ">= 1",
+    "EnvConfig.max_response_tokens": ">= 1",
+    "CalculatorConfig.min_operands": ">= 1",
+    "CalculatorConfig.max_operands": ">= 1",
+    "CalculatorConfig.max_operand": ">= 1",
+    "CalculatorConfig.tool_timeout_s": "> 0",
+    "CalculatorConfig.tool_memory_mb": ">= 64",
     "DataConfig.max_prompt_tokens": ">= 1",
     "DataConfig.epochs": (">= 0", "0: endless"),
     **{f"MoEModelSpec.{k}": ">= 1" for k in (
@@ -466,6 +520,7 @@ RANGES: dict[str, str | tuple[str, str]] = {
     "TeacherConfig.top_k": (">= 0", "0: the sampled token only"),
     "TeacherConfig.temperature": "> 0",
     "TeacherConfig.offline_samples": ">= 1",
+    "NamedTeacherConfig.num_servers": ">= 1",
     "AsyncConfig.max_staleness": ">= 0",
     "AsyncConfig.publish_lag": ">= 0",
     **{f"ParallelConfig.{k}": ">= 1" for k in (
@@ -541,6 +596,7 @@ PATHS: dict[str, PathRule] = {
     "DataConfig.eval": PathRule("input", "held out from data.train"),
     "InitConfig.student": PathRule("input", "made by `megatron-opd prepare`"),
     "InitConfig.teacher": PathRule("input", "made by `megatron-opd prepare`"),
+    "NamedTeacherConfig.init": PathRule("input", "the run's teacher (init.teacher)"),
     "TeacherConfig.offline_store": PathRule("output", "under run.cache_dir"),
     "TransportConfig.secret_file": PathRule("input", "one made for the run"),
     "SlurmConfig.python": PathRule("node", "the Python that submits"),
@@ -552,11 +608,19 @@ PATHS: dict[str, PathRule] = {
 TEXT: dict[str, Literal["nonempty", "checked"]] = {
     "RunConfig.name": "nonempty",
     "DigitsConfig.ops": "checked",
+    "CalculatorConfig.call_start": "nonempty",
+    "CalculatorConfig.call_end": "nonempty",
+    "CalculatorConfig.observation": "checked",
     "DataConfig.prompt_key": "nonempty",
     "DataConfig.label_key": "nonempty",
     "MoEModelSpec.family": "checked",
     "MoEModelSpec.router_score_function": "checked",
     "TeacherConfig.revision": "nonempty",
+    "TeacherConfig.route_column": "checked",
+    "TeacherConfig.default": "checked",
+    "NamedTeacherConfig.name": "nonempty",
+    "NamedTeacherConfig.revision": "nonempty",
+    "NamedTeacherConfig.routes": "nonempty",
     "ObjectiveConfig.terms": "checked",
     "ObjectiveConfig.name": "checked",
     "ObjectiveConfig.masked_tokens": "nonempty",
@@ -621,8 +685,16 @@ def iter_fields(obj: Any, prefix: str = ""):
         key = f"{prefix}{_YAML_NAMES.get(f.name, f.name)}"
         if dataclasses.is_dataclass(value):
             yield from iter_fields(value, key + ".")
+        elif _is_section_list(hints[f.name]):  # e.g. teacher.teachers: each item a section
+            for i, item in enumerate(value):
+                yield from iter_fields(item, f"{key}[{i}].")
         elif not dataclasses.is_dataclass(_section_of(hints[f.name])):
             yield key, f"{type(obj).__name__}.{f.name}", value, hints[f.name]
+
+
+def _is_section_list(tp: Any) -> bool:
+    """A list of sections (`list[NamedTeacherConfig]`): its items are walked like sections."""
+    return typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0])
 
 
 def _section_of(tp: Any) -> Any:
@@ -761,7 +833,18 @@ def apply_override(data: dict, item: str) -> None:
                           "train.steps")
     node = data
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        name, index = part, None
+        if part.endswith("]") and "[" in part:  # an item of a list of sections: teachers[1]
+            name, _, index = part[:-1].partition("[")
+            if not index.isdigit():
+                raise ConfigError(f"{dotted}: {part}: give an item number, e.g. {name}[0]")
+        node = node.setdefault(name, {} if index is None else [])
+        if index is not None:
+            if not isinstance(node, list) or int(index) >= len(node):
+                have = len(node) if isinstance(node, list) else 0
+                raise ConfigError(f"{dotted}: {name} has {have} items, no [{index}] (give the "
+                                  f"whole list first, e.g. {name}=[{{...}}])")
+            node = node[int(index)]
         if not isinstance(node, dict):
             raise ConfigError(f"{dotted}: {part} is not a section")
     try:
@@ -815,8 +898,7 @@ def validate(cfg: Config, stand_in_specs: frozenset[str] = frozenset()) -> None:
          "rollout.prompts_per_request",
          f"x rollout.group_size must be <= (async.max_staleness + 1) x train.batch_size = {window} "
          "(a request larger than the staleness window is never admitted)")
-    need(cfg.teacher.temperature == 1.0, "teacher.temperature", "must be 1.0: SGLang scores "
-         "prompt tokens from the raw logits (no temperature applied; docs/temperatures.md)")
+    validate_teachers(cfg, need)
     need(cfg.teacher.mode == "live" or cfg.train.routing_replay == "none", "teacher.mode",
          "offline needs train.routing_replay=none (stored data carries no routing of the "
          "trained policy)")
@@ -865,6 +947,55 @@ def env_max_prompt_tokens(cfg: Config) -> int:
     from megatron_opd.envs import max_prompt_tokens
 
     return max_prompt_tokens(cfg)
+
+
+def validate_teachers(cfg: Config, need) -> None:
+    """Several teachers (teacher.teachers) and how sequences are routed to them."""
+    import re
+
+    t = cfg.teacher
+    word = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+    if not t.teachers:
+        need(t.route_by == "none", "teacher.route_by",
+             f"{t.route_by} routes between several teachers: list them in teacher.teachers")
+        need(not t.default, "teacher.default", "names one of teacher.teachers (none listed)")
+    else:
+        need(t.route_by != "none", "teacher.route_by", "must be env or column to choose among "
+             "teacher.teachers (none: one teacher, teacher.teachers empty)")
+        need(t.mode == "live", "teacher.teachers", "several teachers score live rollouts only "
+             "(teacher.mode=offline stores one teacher's scores)")
+    served: dict[str, str] = {}
+    for i, n in enumerate(t.teachers):
+        key = f"teacher.teachers[{i}]"
+        need(bool(word.fullmatch(n.name)), f"{key}.name",
+             f"must be a word (letters, digits, - _ .), got {n.name!r}")
+        for j, r in enumerate(n.routes):
+            need(bool(r.strip()), f"{key}.routes[{j}]", "must not be empty")
+        for r in n.routes or [n.name]:
+            need(r not in served, f"{key}.routes", f"{r!r} is already served by teacher "
+                 f"{served.get(r)!r} (a route key picks one teacher)")
+            served[r] = n.name
+    names = [n.name for n in t.teachers]
+    for i, n in enumerate(t.teachers):
+        need(names.index(n.name) == i, f"teacher.teachers[{i}].name", f"{n.name!r} is listed twice")
+        need([m.revision for m in t.teachers].index(n.revision) == i,
+             f"teacher.teachers[{i}].revision", f"{n.revision!r} is another teacher's revision "
+             "(the revision on a sample says which teacher scored it)")
+        if n.init and (Path(n.init) / "config.json").is_file():
+            from megatron_opd.convert.hf_config import UnsupportedConfig, spec_from_hf_config
+
+            try:
+                spec = spec_from_hf_config(json.loads((Path(n.init) / "config.json").read_text()),
+                                           where=n.init)
+            except (UnsupportedConfig, KeyError, json.JSONDecodeError) as e:
+                raise ConfigError(f"teacher.teachers[{i}].init: {e}") from None
+            need(spec.vocab_size == cfg.model.vocab_size, f"teacher.teachers[{i}].init",
+                 f"vocab_size {spec.vocab_size} must equal model.vocab_size = "
+                 f"{cfg.model.vocab_size} (one tokenizer)")
+    need(not t.default or t.default in names, "teacher.default",
+         f"must be one of teacher.teachers' names {names}, got {t.default!r}")
+    need((t.route_by == "column") == bool(t.route_column.strip()), "teacher.route_column",
+         "names the dataset column to route by exactly when teacher.route_by=column")
 
 
 def run_teacher_spec(cfg: Config) -> MoEModelSpec:

@@ -47,6 +47,8 @@ def leaves(cls=Config, prefix=""):
         section = tp if dataclasses.is_dataclass(tp) else _optional_section(tp)
         if section is not None:
             yield from leaves(section, key + ".")
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            yield from leaves(typing.get_args(tp)[0], key + "[0].")  # a list of sections
         else:
             yield key, f"{cls.__name__}.{f.name}", tp
 
@@ -68,7 +70,13 @@ def _scalar(tp):
     return tp, is_list
 
 
+# teacher.teachers is a list of sections: its items' fields are walked on a one-item list.
+TEACHERS_ITEM = ["teacher.teachers=[{name: a, revision: ra}]", "teacher.route_by=env"]
+
+
 def _base(key):
+    if key.startswith("teacher.teachers[0]."):
+        return QUICKSTART, TEACHERS_ITEM
     return TEACHER_MODEL_BASE if key.startswith("teacher.model.") else (QUICKSTART, [])
 
 
@@ -170,7 +178,10 @@ def test_every_number_out_of_range_is_refused_naming_the_key(key, name, tp):
     cfg = load_config(path, overrides)
     value = cfg
     for part in key.replace("async.", "async_.").split("."):
-        value = getattr(value, part)
+        name, _, index = part.partition("[")
+        value = getattr(value, name)
+        if index:
+            value = value[int(index[:-1])]
     for v in (value if is_list else [value]):
         assert v is None or _inside(v, _intervals(text)), f"{key} default {v} outside {text}"
 
@@ -217,7 +228,8 @@ def test_every_path_field_is_checked_before_anything_starts(key, name, tmp_path)
     paths are checked where the shared filesystem is seen (submit)."""
     from megatron_opd.launch.checks import check_paths
 
-    base = _path_base(tmp_path)
+    item = TEACHERS_ITEM if key.startswith("teacher.teachers[0].") else []
+    base = _path_base(tmp_path) + item
     check_paths(load_config(HF_EXAMPLE, base), node_paths=True)  # the base passes
     rule = C.PATHS[name]
     a_file = tmp_path / "a-file"
@@ -232,7 +244,7 @@ def test_every_path_field_is_checked_before_anything_starts(key, name, tmp_path)
     if rule.kind == "node":  # not checked where the nodes' filesystem may not be seen
         check_paths(load_config(HF_EXAMPLE, [*base, f"{key}={bad[0]}"]), node_paths=False)
     if rule.empty is not None:  # "" means something (in the quickstart at least)
-        check_paths(load_config(QUICKSTART, [f"run.dir={tmp_path / 'run'}", f"{key}="]),
+        check_paths(load_config(QUICKSTART, [f"run.dir={tmp_path / 'run'}", *item, f"{key}="]),
                     node_paths=True)
 
 
