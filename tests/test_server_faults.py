@@ -15,6 +15,7 @@ import threading
 import time
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -62,16 +63,18 @@ class _Supervision:
     def __init__(self, supervisor: ServerSupervisor):
         self.supervisor, self.errors = supervisor, []
         self._stop = threading.Event()
+        self.paused = threading.Lock()  # held: no check (another supervisor acts meanwhile)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self):
         while not self._stop.is_set():
-            try:
-                self.supervisor.check()
-            except BaseException as e:  # noqa: BLE001 (reported by the test)
-                self.errors.append(e)
-                return
+            with self.paused:
+                try:
+                    self.supervisor.check()
+                except BaseException as e:  # noqa: BLE001 (reported by the test)
+                    self.errors.append(e)
+                    return
             time.sleep(0.2)
 
     def close(self):
@@ -221,6 +224,41 @@ def test_publisher_reconnects_to_a_restarted_rollout_server(supervised, models, 
     assert client.weight_version() == "4"
     assert np.abs(served_logprobs() - expected(models[1])).max() < TOL
     assert sup.supervisor.restarts["rollout"] == restarts0 + 2
+
+
+def test_a_server_that_stops_answering_is_killed_and_restarted(supervised):
+    """The health check: a server whose process is alive but answers no probe (SIGSTOPped) for
+    health_timeout_s is killed and restarted; the probe's figures say what it saw."""
+    from megatron_opd.serving.sglang_server import FleetProbe
+
+    srv, sup = supervised
+    with sup.paused:  # this supervisor alone acts on the server during the test
+        probe = FleetProbe([srv], versioned={"rollout"}, interval_s=0.3, timeout_s=1.0).start()
+        health = ServerSupervisor([srv], max_restarts=1, probe=probe, health_timeout_s=3.0)
+        try:
+            deadline = time.time() + 60
+            while not probe.get("rollout").ok_at:
+                assert time.time() < deadline, "the probe never got an answer"
+                time.sleep(0.1)
+            stats = health.stats()
+            assert stats["fleet/rollout/weight_version"] is not None
+            assert stats["fleet/rollout/queue"] == 0 and stats["fleet/rollout/up"] == 1
+            server = next(p for p in psutil.Process(srv.pid).children()
+                          if "sglang.launch_server" in p.cmdline())
+            server.suspend()  # alive, answering nothing
+            stopped_at, old_pid = time.time(), srv.pid
+            assert health.check() == []  # not yet: the timeout has not passed
+            while health.check() != ["rollout"]:
+                assert time.time() - stopped_at < 30, "the unanswering server was not restarted"
+                time.sleep(0.2)
+            assert time.time() - stopped_at >= 3.0
+            assert srv.alive() and srv.pid != old_pid
+            assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE
+            assert health.stats()["fleet/rollout/errors"] >= 1
+            assert "failed its health check for 3 s; killed; restart 1/1" in \
+                open(srv.log_path).read()
+        finally:
+            probe.close()
 
 
 class _Sleeper(SGLangServer):

@@ -39,9 +39,10 @@ RESTARTS_FILE = "server_restarts.json"  # {server name: restarts}, written by th
 FLEET_STATS_FILE = "fleet_stats.json"  # flat per-server figures, rewritten every STATS_EVERY_S
 STATS_EVERY_S = 3.0
 # A server whose probe fails this long is restarted (server.health_timeout_s once it exists):
-# as long as the publisher's timeout, since a server receiving a large weight update answers
-# nothing meanwhile.
-HEALTH_TIMEOUT_S = 300.0
+# longer than the weight publisher's timeout (300 s), since a server receiving a weight update
+# answers nothing meanwhile, and one blocked in a broadcast to a dead peer is freed by that
+# timeout first.
+HEALTH_TIMEOUT_S = 360.0
 
 
 @dataclass
