@@ -366,7 +366,7 @@ class ServerSupervisor:
         self.routers = dict(routers or {})
         self.roles = dict(roles or {})
         self.drained: set[str] = set()  # names of servers out of their router
-        self._removal: dict[str, float] = {}  # drained, removal not seen applied yet: asked at
+        self._removal: dict[str, float] = {}  # drained, not yet seen out of the router: asked at
         self.current_version = 0  # highest weight version a rollout server was seen serving
         self._save()
 
