@@ -170,6 +170,8 @@ class DistributedWeightPublisher:
         self.manifest: list[tuple[str, str, list[int]]] | None = None
         self.group = None
         self._pool = ThreadPoolExecutor(max_workers=max(2, len(clients)))
+        # one thread per server for its bucket requests: they reach it in bucket order
+        self._lanes = [ThreadPoolExecutor(max_workers=1) for _ in clients]
 
     @property
     def world_size(self) -> int:
@@ -262,25 +264,27 @@ class DistributedWeightPublisher:
             sent = True
         finally:
             wait([opening], timeout=self.timeout_s)
-            errors = []
-            for c in opened:  # every server resumes, even if one of them failed
-                try:
-                    c.end_weight_update()
-                except Exception as e:
-                    errors.append(e)
-            for c in paused:
-                try:
-                    c.continue_generation()
-                except Exception as e:
-                    errors.append(e)
+
+            def close(c) -> list:  # every server resumes, even if one of them failed
+                errs = []
+                for done, call in ((opened, c.end_weight_update), (paused, c.continue_generation)):
+                    if c in done:
+                        try:
+                            call()
+                        except Exception as e:
+                            errs.append(e)
+                return errs
+
+            errors = [e for errs in self._pool.map(close, self.clients) for e in errs]
             if sent and errors:  # (after a failure, the first error is the one that matters)
                 raise errors[0]
 
     def _announce(self, bucket_meta, version: int, flush: bool) -> list:
         """Every server starts receiving one bucket (its HTTP call returns once it is loaded)."""
         names, dtypes, shapes = (list(x) for x in zip(*bucket_meta))
-        return [self._pool.submit(c.update_weights_from_distributed, names, dtypes, shapes,
-                                  self.group_name, str(version), flush) for c in self.clients]
+        return [lane.submit(c.update_weights_from_distributed, names, dtypes, shapes,
+                            self.group_name, str(version), flush)
+                for lane, c in zip(self._lanes, self.clients)]
 
     def _send_learning(self, named_tensors, version: int, flush: bool, opening) -> None:
         """Bucket by bucket, each produced whole before it is announced; records the manifest."""
@@ -298,15 +302,18 @@ class DistributedWeightPublisher:
 
     def _send_overlapped(self, named_tensors, version: int, flush: bool, opening) -> None:
         """Each bucket is announced from the manifest, then every tensor is broadcast
-        asynchronously as soon as the stream yields it (the next one is produced meanwhile)."""
+        asynchronously as soon as the stream yields it (the next one is produced meanwhile).
+        Two buckets are in flight: bucket i+1 is announced (queued behind bucket i on each
+        server), produced and broadcast while the servers still receive and load bucket i."""
         it = iter(named_tensors)
-        for bucket in _buckets(((m, (m[2], m[1])) for m in self.manifest), self.bucket_bytes,
-                               nbytes=_meta_nbytes):
-            meta = [m for m, _ in bucket]
-            opening.result(timeout=self.timeout_s)
-            futures = self._announce(meta, version, flush)
-            pending = []  # (work, tensor): the tensor must live until its broadcast is done
-            try:
+        inflight = []  # per bucket: (HTTP futures, [(work, tensor)]): tensors live until sent
+        try:
+            for bucket in _buckets(((m, (m[2], m[1])) for m in self.manifest),
+                                   self.bucket_bytes, nbytes=_meta_nbytes):
+                meta = [m for m, _ in bucket]
+                opening.result(timeout=self.timeout_s)
+                pending = []
+                inflight.append((self._announce(meta, version, flush), pending))
                 for name, dtype, shape in meta:
                     got = next(it, None)
                     if got is None or got[0] != name or _dtype_name(got[1]) != dtype \
@@ -318,16 +325,29 @@ class DistributedWeightPublisher:
                     t = got[1].detach().contiguous()
                     pending.append((torch.distributed.broadcast(t, src=0, group=self.group,
                                                                 async_op=True), t))
-            finally:
+                while len(inflight) > 1:
+                    self._finish(*inflight.pop(0))
+            while inflight:
+                self._finish(*inflight.pop(0))
+        finally:
+            # After an error, the broadcasts already queued finish (their tensors live till
+            # then). A bucket announced but not wholly produced leaves the servers waiting for
+            # the rest until the update group's timeout: a stream that fails midway (a gather
+            # error) is fatal to the learner anyway, and loading a partial bucket would be worse.
+            for _, pending in inflight:
                 for work, _ in pending:
                     work.wait()
-            for f in futures:
-                f.result(timeout=self.timeout_s)
         extra = next(it, None)
         if extra is not None:
             self.manifest = None
             raise RuntimeError(f"weight stream has more tensors than the first publish's: "
                                f"{_describe(extra)}")
+
+    def _finish(self, futures, pending) -> None:
+        for work, _ in pending:
+            work.wait()
+        for f in futures:
+            f.result(timeout=self.timeout_s)
 
     def _open_update(self, paused: list, opened: list) -> None:
         pause_servers(self.clients, self.pause_mode, paused)
@@ -345,6 +365,8 @@ class DistributedWeightPublisher:
             torch.distributed.destroy_process_group(self.group)
             self.group = None
         self._pool.shutdown(wait=False)
+        for lane in self._lanes:
+            lane.shutdown(wait=False)
 
 
 def publish_with_retries(make_weights, publisher, version: int, attempts: int = 1,

@@ -207,8 +207,9 @@ def test_publisher_opens_the_update_before_sending_and_always_resumes_generation
 
 def test_later_publishes_announce_each_bucket_before_producing_it(monkeypatch):
     """After the first publish the publisher knows the stream (names, dtypes, shapes): it asks
-    the server to receive a bucket first and broadcasts each tensor as soon as it is produced;
-    a stream that departs from the first one is an error naming the tensor."""
+    the server to receive a bucket first and broadcasts each tensor as soon as it is produced,
+    producing the next bucket before waiting for the previous one; a stream that departs from
+    the first one is an error naming the tensor."""
     import pytest
 
     log = []
@@ -226,8 +227,8 @@ def test_later_publishes_announce_each_bucket_before_producing_it(monkeypatch):
     # (each bucket's update request is sent from a thread: its place in the log may vary)
     assert log.count("update_weights_from_distributed") == 2
     assert [x for x in log if x != "update_weights_from_distributed"] == [
-        "pause_generation", "begin_weight_update", "produce a", "broadcast (2, 2)", "wait",
-        "produce b", "broadcast (3,)", "wait", "end_weight_update", "continue_generation"]
+        "pause_generation", "begin_weight_update", "produce a", "broadcast (2, 2)",
+        "produce b", "broadcast (3,)", "wait", "wait", "end_weight_update", "continue_generation"]
     log.clear()
     with pytest.raises(RuntimeError, match=r"departs .* at b float32\[3\]: got b float32\[4\]"):
         pub.publish(weights(shape_b=(4,)), version=3)
