@@ -16,7 +16,7 @@ real SGLang rollout and teacher servers on CPU, ZeroMQ, the megatron learner):
   still decoding; S = 4 shows what more room buys. Measured (docs/benchmarks.md): the learner
   becomes the bottleneck, the orchestrator runs the whole window ahead (mean staleness ~ S),
   and the early tokens of the long responses end up more than S versions old and are masked
-  (`dropped_stale_fraction`, about a fifth of the tokens at either S): hence both samples/s
+  (`dropped_stale_fraction`, 20-28 % of the tokens at either S): hence both samples/s
   and trained tokens/s are reported.
 
 Long-tailed lengths without a change to the pipeline: the student (and teacher) is a real
