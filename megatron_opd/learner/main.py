@@ -27,7 +27,7 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
     from megatron_opd.envs import make_env
     from megatron_opd.learner.checkpoint import (TrainerState, latest_checkpoint,
                                                  load_checkpoint, save_checkpoint)
-    from megatron_opd.learner.evaluate import evaluate
+    from megatron_opd.learner.evaluate import EvalVersionError, evaluate
     from megatron_opd.learner.interrupt import interrupt_sync
     from megatron_opd.learner.io import broadcast_batch
     from megatron_opd.learner.losses import objective_fields, objective_loss_fn
@@ -104,13 +104,22 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
         # the version the fleet serves (older than the learner's under async.publish_lag):
         # sampled by the fleet and scored by the learner holding the same weights
         version = proximal.fleet_version
-        with proximal.holding(version):
-            return evaluate(ddp, groups, env, eval_set, io and io.rollout, io and io.teacher,
-                            version, spec.vocab_size, cfg.rollout.max_new_tokens,
-                            seed=cfg.run.seed + version,
-                            micro_batch_size=cfg.parallel.micro_batch_size,
-                            samples_dir=run_dir / "samples" if rank0 else None,
-                            exact_kl_max_vocab=cfg.eval.exact_kl_max_vocab)
+        for attempt in range(2):
+            try:
+                with proximal.holding(version):
+                    return evaluate(ddp, groups, env, eval_set, io and io.rollout,
+                                    io and io.teacher, version, spec.vocab_size,
+                                    cfg.rollout.max_new_tokens, seed=cfg.run.seed + version,
+                                    micro_batch_size=cfg.parallel.micro_batch_size,
+                                    samples_dir=run_dir / "samples" if rank0 else None,
+                                    exact_kl_max_vocab=cfg.eval.exact_kl_max_vocab)
+            except EvalVersionError as e:  # raised on every rank together
+                if attempt:
+                    raise
+                # a rollout server serves other weights (restarted since the publish): publish
+                # the fleet's version again (the publisher reconnects to it), evaluate again
+                print(f"[learner] {e}; publishing version {version} again", flush=True)
+                publish(newest=version == state.version)
 
     def checkpoint(hf_export=None) -> None:
         if rank0:
