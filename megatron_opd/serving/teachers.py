@@ -121,21 +121,17 @@ class TeacherRouter:
             else None
 
     @classmethod
-    def from_config(cls, cfg, endpoints: dict[str, list[str]],
-                    server_urls: dict[str, list[str]] | None = None) -> "TeacherRouter":
-        """Clients for each teacher of the config: `endpoints[name]` is where its scoring goes
-        ([its router] or its servers' URLs), `server_urls[name]` its servers (default: the
-        endpoints). Unknown or missing teachers are an error naming them."""
-        from megatron_opd.serving.sglang_client import fleet_client
-
+    def from_config(cls, cfg, clients: dict, server_urls: dict[str, list[str]] | None = None
+                    ) -> "TeacherRouter":
+        """The config's teachers over `clients` ({teacher name: its fleet's scoring client}:
+        RunWiring.teacher_clients); `server_urls` ({name: its servers}) for the checks that ask
+        every server. Missing or unknown teachers are an error naming them."""
         specs = teacher_specs(cfg)
-        missing = [s.name for s in specs if not endpoints.get(s.name)]
-        if missing or set(endpoints) - {s.name for s in specs}:
-            raise ValueError(f"teacher endpoints for {sorted(endpoints)}, the config's teachers "
-                             f"are {[s.name for s in specs]}")
-        server_urls = server_urls or endpoints
-        fleets = [TeacherFleet(s, fleet_client(list(endpoints[s.name]), cfg.server),
-                               tuple(server_urls.get(s.name) or endpoints[s.name]))
+        if set(clients) != {s.name for s in specs}:
+            raise ValueError(f"teacher clients for {sorted(clients)}, the config's teachers are "
+                             f"{[s.name for s in specs]}")
+        server_urls = server_urls or {}
+        fleets = [TeacherFleet(s, clients[s.name], tuple(server_urls.get(s.name, ())))
                   for s in specs]
         return cls(fleets, temperature=cfg.teacher.temperature, top_k=cfg.teacher.top_k,
                    default=cfg.teacher.default)
