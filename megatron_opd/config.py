@@ -126,6 +126,9 @@ class ServerConfig:
     # A server that dies is restarted on its port at most this many times (0: a death stops the
     # run); see docs/fault-tolerance.md.
     max_restarts: int = 3
+    # A server that answered its probe, then none for this long, is killed and restarted (0: no
+    # health check); above the publisher's 300 s gloo timeout (docs/fleets.md).
+    health_timeout_s: float = 360.0
     # How requests reach a fleet of more than one server (rollout.num_servers, teacher.num_servers):
     # "smg", SGLang's model gateway (a router process in front of the fleet, `router_policy`), or
     # "client", our own client's round robin (the fallback where smg cannot run). One server: no
@@ -375,7 +378,9 @@ class WeightSyncConfig:
     # How the rollout servers hold their running requests while weights change: "retract" (KV
     # freed, requests resume on the new weights), "abort" (requests return their partial output;
     # the orchestrator re-queues them), "in_place" (requests stay with their KV cache, computed by
-    # the old weights: such samples are flagged).
+    # the old weights: such samples are flagged; the update cannot flush the cache, so the
+    # rollout servers run without a prefix cache, which the publisher checks). Every mode works
+    # with both methods and with correction.proximal=interrupt (weight_sync.py, serving/resume.py).
     pause_mode: Literal["abort", "retract", "in_place"] = "retract"
 
 
@@ -560,6 +565,7 @@ RANGES: dict[str, str | tuple[str, str]] = {
     "CorrectionConfig.drift_budget": (">= 0", "0: off"),
     "WeightSyncConfig.bucket_mb": "> 0",
     "RolloutConfig.num_servers": ">= 1",
+    "ServerConfig.health_timeout_s": (">= 0", "0: no health check"),
     "TeacherConfig.num_servers": ">= 1",
     "TransportConfig.credit": ">= 1",
     "TransportConfig.resend_after_s": "> 0",
@@ -1032,6 +1038,12 @@ def validate_cluster_fit(cfg: Config) -> None:
     elif world % c.learner_nodes:
         raise ConfigError(f"parallel.world_size: must be a multiple of cluster.learner_nodes = "
                           f"{c.learner_nodes} (ranks per node are equal), got {world}")
+    for role in ("rollout", "teacher"):  # a Slurm job fills its fleets' nodes (docs/slurm.md)
+        f, wanted = getattr(c, role), getattr(cfg, role).num_servers
+        filled = f.nodes * (c.gpus_per_node // f.gpus_per_server if c.gpus_per_node else 1)
+        if wanted not in (1, filled):
+            raise ConfigError(f"{role}.num_servers: the Slurm job runs {filled} {role} server(s) "
+                              f"(cluster.{role}); set it to {filled}, or 1 to fill the nodes")
 
 
 def validate_slurm_section(s: SlurmConfig) -> None:

@@ -238,8 +238,8 @@ def run_orchestrator(cfg: Config, wiring: RunWiring) -> None:
 
     env = make_env(cfg, wiring.student_dir)
     # requests that fail because a server is down are re-issued (other URL, or after restart)
-    rollout = fleet_client(wiring.rollout_urls, cfg.server)
-    teacher = fleet_client(wiring.teacher_urls, cfg.server)
+    rollout = wiring.rollout_client(cfg.server)  # through the fleet's router when it has one
+    teacher = wiring.teacher_client(cfg.server)
     # Admission counts samples: a request of k prompts is k x group_size samples. In offline mode
     # the same budget only bounds how far the feeder runs ahead of the learner (flow control).
     admission = Admission(cfg.train.batch_size, cfg.async_.max_staleness)

@@ -65,6 +65,9 @@ def fleet_specs(cfg: Config, models, nodes: dict[str, int] | None = None,
                 if gpu_ids else ()
             if role == "rollout":
                 extra += ("--weight-version", "0")
+                # in_place updates cannot flush the cache: no prefix may outlive them
+                if cfg.weight_sync.pause_mode == "in_place":
+                    extra += ("--disable-radix-cache",)
             one = nodes is None and wanted == 1
             fleets[role].append(ServerSpec(
                 role=role, name=role if one else f"{role}-{node * per_node + i}",

@@ -32,7 +32,8 @@ RESUMABLE_CHANGES = ("train.steps", "run.overwrite", "logging.progress", "loggin
 # Slurm's job logs). The temporary files are those of an interrupted rewrite.
 RUN_FILES = ("config.yaml", "wiring.json", "wiring.json.tmp", "metrics.jsonl", "metrics.tmp",
              "ledger.jsonl", "ledger.tmp", "summary.json", "curves.png", "server_restarts.json",
-             "server_restarts.tmp", "preempt.request", "preempted.json", "preempted.tmp")
+             "server_restarts.tmp", "preempt.request", "preempted.json", "preempted.tmp",
+             "fleet_stats.json", "fleet_stats.json.tmp")
 RUN_DIRS = ("checkpoints", "spool", "samples", "tensorboard", "weights", "endpoints")
 SLURM_LOG_PREFIX = "slurm-"  # logs/slurm-<job id>.out: the Slurm job's own output
 

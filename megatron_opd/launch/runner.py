@@ -38,11 +38,6 @@ from megatron_opd.wiring import RunWiring
 RESTARTS_FILE = "server_restarts.json"  # {server name: restarts}, written by the supervisor
 FLEET_STATS_FILE = "fleet_stats.json"  # flat per-server figures, rewritten every STATS_EVERY_S
 STATS_EVERY_S = 3.0
-# A server whose probe fails this long is restarted (server.health_timeout_s once it exists):
-# longer than the weight publisher's timeout (300 s), since a server receiving a weight update
-# answers nothing meanwhile, and one blocked in a broadcast to a dead peer is freed by that
-# timeout first.
-HEALTH_TIMEOUT_S = 360.0
 
 
 @dataclass
@@ -222,7 +217,7 @@ def _supervise(cfg: Config, run_dir: Path, fleets: dict, children: list[Child],
     probe = FleetProbe(servers, versioned={s.name for s in fleets["rollout"]}).start()
     supervisor = ServerSupervisor(
         servers, cfg.server.max_restarts, run_dir / RESTARTS_FILE, probe=probe,
-        health_timeout_s=getattr(cfg.server, "health_timeout_s", HEALTH_TIMEOUT_S),
+        health_timeout_s=cfg.server.health_timeout_s,
         routers=routers, roles=roles)
     router_restarts = {r.name: 0 for r in routers.values()}
     stats_at = 0.0
@@ -328,7 +323,9 @@ def _update_bar(bar, metrics_path: Path, stale: tuple[int, int] | None = None) -
 
 
 def _summary(records: list[dict], train_seconds: float, total_seconds: float, prepared: dict) -> dict:
-    first = next(r for r in records if r.get("eval/version") == 0)
+    # the earliest evaluation logged (version 0, unless eval.interval=1 overwrote its record)
+    first = min((r for r in records if r.get("eval/version") is not None),
+                key=lambda r: r["eval/version"])
     last = records[-1]
     kl0, kl1 = first["eval/reverse_kl"], last["eval/reverse_kl"]
     return {

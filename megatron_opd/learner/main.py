@@ -251,13 +251,13 @@ class _RankZeroIO:
 
     def __init__(self, cfg: Config, wiring: RunWiring, state, resumed: bool):
         from megatron_opd.metrics import MetricsWriter
-        from megatron_opd.serving.sglang_client import fleet_client
         from megatron_opd.transport import ControlPublisher, SampleServer
 
         # evaluation requests to a server being restarted are re-issued (docs/fault-tolerance.md)
-        self.rollout = fleet_client(wiring.rollout_urls, cfg.server)
-        self.teacher = fleet_client(wiring.teacher_urls, cfg.server)
+        self.rollout = wiring.rollout_client(cfg.server)  # the router, when a fleet has one
+        self.teacher = wiring.teacher_client(cfg.server)
         self.restarts_path = Path(wiring.run_dir) / "server_restarts.json"
+        self.fleet_stats_path = Path(wiring.run_dir) / "fleet_stats.json"  # the launcher's probe
         secret = wiring.secret_file or None
         tr = cfg.transport
         self.receiver = SampleServer(wiring.samples_endpoint, secret=secret, mac=tr.mac,
@@ -372,6 +372,10 @@ class _RankZeroIO:
             "servers/restarts": server_restarts(self.restarts_path),
             "samples/with_routed_experts": sum(s.routed_experts is not None for s in samples)
             / len(samples),
+            # decoded partly on KV of older weights (weight_sync.pause_mode=in_place)
+            "samples/stale_kv_fraction": sum(bool(s.metadata.get("stale_kv")) for s in samples)
+            / len(samples),
+            **_fleet_stats(self.fleet_stats_path),
             "weights/version": state.version, **self.gpu.sample()})
 
     def close(self, state, last_eval: dict, final: bool = True) -> None:
@@ -384,6 +388,18 @@ class _RankZeroIO:
         self.control.publish(Shutdown(reason="training finished" if final else "preempted"))
         self.publisher.close()
         self.gpu.close()
+
+
+def _fleet_stats(path: Path) -> dict:
+    """The latest per-server figures the launcher's probe wrote (`fleet/<server>/<figure>`,
+    docs/fleets.md); {} before the first, or from a launcher that writes none."""
+    import json
+
+    try:
+        stats = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):  # none yet (replaced atomically: never half read)
+        return {}
+    return {k: v for k, v in stats.items() if k.startswith("fleet/")}
 
 
 def _make_publisher(cfg: Config, wiring: RunWiring):

@@ -9,8 +9,9 @@ publisher pauses the rollout servers with (megatron_opd/weight_sync.py).
   out, and its tokens, log-probs and per-token versions are concatenated, so the earlier tokens
   are never re-sampled. Repeated until it finishes for a real reason (length, stop).
 - in_place: running requests keep their KV cache, computed by the old weights, and decode on
-  with the new ones. A response whose tokens span more than one version was so decoded (the
-  prefill samples the first token, so KV from older weights always shows as an older version):
+  with the new ones. A response whose tokens span more than one version was so decoded, and so
+  may be one whose first token is newer than any version the client had seen when it sent the
+  request (its prompt may have been prefilled by the old weights: `_stale_kv`):
   `GenerateResult.stale_kv` is set. The rollout servers must run without a prefix cache (the
   publisher checks), or a new request could start from a prefix computed by older weights.
 
@@ -58,6 +59,20 @@ def _user_abort(res: GenerateResult) -> bool:
     return True
 
 
+def _stale_kv(res: GenerateResult, seen: int) -> bool:
+    """Under in_place: may this call's tokens sit on KV of older weights? Yes when its tokens
+    span versions, and also when its first token is newer than every version the client had
+    seen when it sent the call: the prompt may then have been prefilled by the older weights
+    before the update paused the server, its first token sampled (and tagged) after it
+    (measured: SGLang's overlapped scheduler tags such tokens with the new version, their
+    log-probs off by up to 0.2 nats; tests/test_fleet_pause_modes.py). A call sent after an
+    answer of version v met no update to v mid-prefill: every server was paused for that update
+    before any finished it, and a paused server holds new requests. Conservative: it may also
+    flag a response whose prompt was prefilled after the update."""
+    versions = res.token_versions.tolist()
+    return len(set(versions)) > 1 or bool(versions) and versions[0] > seen
+
+
 def generate_through_updates(client, input_ids: list[list[int]],
                              sampling_params: dict | list[dict], *, pause_mode: str,
                              return_routed_experts: bool = False,
@@ -82,6 +97,9 @@ def generate_through_updates(client, input_ids: list[list[int]],
     todo = list(range(n))
     while todo:
         done = [len(results[i].output_ids) if results[i] else 0 for i in todo]
+        # the newest version any answer of this client carried before this call: an update to a
+        # newer one cannot have finished on any server before the call (see _stale_kv)
+        seen = getattr(client, "newest_version_seen", 0)
         out = client.generate([list(input_ids[i]) + (list(results[i].output_ids) if results[i]
                                                      else []) for i in todo],
                               [{**params[i], "max_new_tokens": limits[i] - d}
@@ -90,7 +108,9 @@ def generate_through_updates(client, input_ids: list[list[int]],
         for i, res in zip(todo, out):
             # in_place: one call's tokens of several versions were decoded on stale KV (a
             # continuation starts from a fresh prefill: versions across calls are not)
-            res.stale_kv = pause_mode == "in_place" and len(set(res.token_versions.tolist())) > 1
+            res.stale_kv = pause_mode == "in_place" and _stale_kv(res, seen)
+            client.newest_version_seen = max(getattr(client, "newest_version_seen", 0),
+                                             res.weight_version)
             results[i] = res if results[i] is None else merge_partial(results[i], res)
             if not _user_abort(res):
                 continue

@@ -1,0 +1,214 @@
+"""The fleets end to end, without the learner (issue 15's integration check): two rollout
+servers behind SGLang's model gateway (smg, round robin), one teacher server, and the calculator
+tool environment run by the orchestrator's `rollout_and_score`, while the weight publisher
+replaces the rollout fleet's weights again and again in each pause mode.
+
+Every sample is checked against independent references:
+- per-token versions: the rollout models A and B differ, and versions alternate between them, so
+  the behaviour log-prob of every assistant token must be transformers' log-prob under the model
+  its version names, given exactly the tokens before it (prompt, earlier turns, tool tokens).
+  That also proves token-in/token-out through continuations (abort) and retractions (retract).
+  Under in_place a response decoded on KV of older weights matches neither model and must be
+  flagged (`stale_kv`); unflagged ones are checked like the others;
+- loss masks: the masked (tool) runs are exactly the environment's observation text, with
+  log-prob 0, and every token the model sampled trains;
+- teacher: sampled-token and top-K log-probs at every response position equal a direct call to
+  the teacher server on the same tokens.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+import torch
+from safetensors.torch import load_file
+
+from megatron_opd.envs import make_env
+from megatron_opd.orchestrator import rollout_and_score
+from megatron_opd.serving.router import RoutedClient, SmgRouter
+from megatron_opd.serving.sglang_client import SGLangClient
+from megatron_opd.serving.sglang_server import SGLangServer, free_port
+from tests.hf_fixtures import make_hf_moe
+from tests.test_tool_env import make_tool_tokenizer, tool_config
+
+pytestmark = pytest.mark.slow
+
+K = 4  # teacher top-K
+TOL = 2e-4  # fp32 both sides; SGLang's torch-native attention sums in another order
+UPDATES = 4  # weight updates per pause mode
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    from transformers import Qwen3MoeForCausalLM
+
+    root = tmp_path_factory.mktemp("fleet")
+    tok = make_tool_tokenizer(root / "tok")
+    dirs = {name: make_hf_moe(root / name, tokenizer_dir=tok, max_position_embeddings=1024,
+                              seed=seed, head_scale=scale)
+            for name, seed, scale in (("A", 0, 1.0), ("B", 1, 1.0), ("teacher", 2, 3.0))}
+    rollout = [SGLangServer(f"rollout-{i}", str(dirs["A"]), free_port(),
+                            str(root / f"rollout-{i}.log"), max_total_tokens=4096, threads=1,
+                            extra_args=("--weight-version", "0", "--disable-radix-cache"))
+               for i in range(2)]
+    teacher = SGLangServer("teacher", str(dirs["teacher"]), free_port(), str(root / "teacher.log"),
+                           max_total_tokens=4096, threads=1)
+    router = None
+    try:
+        for s in rollout + [teacher]:
+            s.start()
+        for s in rollout + [teacher]:
+            s.wait_ready(300)
+        router = SmgRouter("rollout-router", [s.url for s in rollout], "round_robin",
+                           free_port(), str(root / "router.log"))
+        router.start()
+        router.wait_ready(120)
+        models = {m: Qwen3MoeForCausalLM.from_pretrained(dirs[m], dtype=torch.float32).eval()
+                  for m in "AB"}
+        yield dict(dirs=dirs, rollout=rollout, teacher=teacher, router=router, models=models)
+    finally:
+        if router is not None:
+            router.stop()
+        for s in rollout + [teacher]:
+            s.stop()
+
+
+@pytest.fixture(scope="module")
+def publisher(fleet):
+    from megatron_opd.compat.megatron_cpu import install_megatron_cpu_compat
+    from megatron_opd.config import ParallelConfig
+    from megatron_opd.learner.parallel import destroy_distributed, init_distributed
+    from megatron_opd.weight_sync import DistributedWeightPublisher
+
+    install_megatron_cpu_compat()
+    init_distributed(ParallelConfig())  # the learner's own world exists beside the update group
+    pub = DistributedWeightPublisher([SGLangClient(s.url) for s in fleet["rollout"]],
+                                     bucket_bytes=1 << 16)
+    pub.connect()
+    pub.served = {0: "A"}  # version -> the model it is (the test's bookkeeping)
+    try:
+        yield pub
+    finally:
+        pub.close()
+        destroy_distributed()
+
+
+def _reference(models, which: str, seq: list[int]) -> np.ndarray:
+    """log p(seq[j] | seq[<j]) for j >= 1 under model A or B (float64 softmax)."""
+    with torch.no_grad():
+        lp = torch.log_softmax(models[which](torch.tensor([seq])).logits[0].double(), -1)
+    return lp[:-1].gather(1, torch.tensor(seq[1:])[:, None])[:, 0].numpy()
+
+
+def _direct_teacher(url: str, seq: list[int]):
+    r = requests.post(f"{url}/generate", json={
+        "input_ids": seq, "sampling_params": {"max_new_tokens": 0, "temperature": 1.0},
+        "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": K}, timeout=120)
+    r.raise_for_status()
+    meta = r.json()["meta_info"]
+    return meta["input_token_logprobs"], meta["input_top_logprobs"]
+
+
+@pytest.mark.parametrize("mode", ["retract", "abort", "in_place"])
+def test_tool_episodes_through_the_router_across_updates_in_each_pause_mode(fleet, publisher,
+                                                                           mode):
+    cfg = tool_config(fleet["dirs"]["A"], f"teacher.top_k={K}", "rollout.max_new_tokens=12",
+                      "env.max_turns=3", "env.max_response_tokens=200",
+                      "data.max_prompt_tokens=300", f"weight_sync.pause_mode={mode}")
+    env = make_env(cfg, fleet["dirs"]["A"])
+    rollout = RoutedClient(fleet["router"].url)  # what RunWiring.rollout_client gives a fleet
+    teacher = SGLangClient(fleet["teacher"].url)
+    weights = {m: load_file(str(fleet["dirs"][m] / "model.safetensors")) for m in "AB"}
+    publisher.pause_mode = mode
+    done, errors = threading.Event(), []
+
+    def publish_repeatedly():  # A <-> B, each update while episodes run
+        try:
+            for _ in range(UPDATES):
+                time.sleep(0.4)
+                version = max(publisher.served) + 1
+                model = "B" if publisher.served[version - 1] == "A" else "A"
+                publisher.publish(weights[model].items(), version=version)
+                publisher.served[version] = model
+        except Exception as e:  # reported by the test thread
+            errors.append(e)
+        finally:
+            done.set()
+
+    stream = env.train_prompts()
+    first = max(publisher.served)
+    thread = threading.Thread(target=publish_repeatedly)
+    thread.start()
+    samples, n = [], 0
+    try:
+        while not done.is_set() or n < 2:
+            examples = [next(stream) for _ in range(4)]
+            groups = rollout_and_score(cfg, env, rollout, teacher, examples,
+                                       [f"{mode}-{n}-{i}" for i in range(4)])
+            samples += [s for g in groups for s in g]
+            n += 1
+    finally:
+        thread.join(timeout=300)
+    assert not errors, errors
+    assert len(samples) == 4 * n  # every episode came back as a sample
+
+    pre, post = cfg.env.calculator.observation.split("{result}")
+    spanning = flagged = tool_runs = 0
+    for s in samples:
+        s.validate()
+        assert s.finish_reason != "abort"  # an aborted turn is continued, never sent cut
+        P, resp = len(s.prompt_ids), s.response_ids.tolist()
+        seq = s.prompt_ids.tolist() + resp
+        mask, lp, v = s.loss_mask.astype(bool), s.behaviour_logprobs, s.token_versions
+        # versions: non-decreasing, each one the fleet served during this mode's updates
+        assert np.all(np.diff(v) >= 0) and set(v.tolist()) <= set(range(first, first + UPDATES + 1))
+        spanning += len(set(v[mask].tolist())) > 1
+        # tool tokens: each masked run is the environment's observation, log-prob 0
+        runs = [m.span() for m in re.finditer(r"0+", "".join("1" if x else "0" for x in mask))]
+        for a, b in runs:
+            text = env.tokenizer.decode(resp[a:b], skip_special_tokens=False)
+            assert re.fullmatch(re.escape(pre) + r".*" + re.escape(post), text, re.S), text
+            assert np.all(lp[a:b] == 0.0)
+        tool_runs += len(runs)
+        # behaviour log-probs: transformers under the model of each token's version
+        stale = bool(s.metadata.get("stale_kv"))
+        flagged += stale
+        assert not stale or mode == "in_place"
+        if not stale:
+            fresh = {m: _reference(fleet["models"], m, seq)[P - 1:] for m in set(
+                publisher.served[x] for x in v[mask].tolist())}
+            expect = np.array([fresh[publisher.served[x]][j] if mask[j] else 0.0
+                               for j, x in enumerate(v.tolist())])
+            assert np.abs(lp - expect)[mask].max() < TOL, (mode, v.tolist())
+        # teacher: the same numbers as a direct call on the same tokens
+        lps, tops = _direct_teacher(fleet["teacher"].url, seq)
+        np.testing.assert_allclose(s.teacher_logprobs, [lps[P + t][0] for t in range(len(resp))],
+                                   atol=1e-5)
+        for t in range(len(resp)):
+            row = tops[P + t]
+            np.testing.assert_allclose(s.teacher_topk_logprobs[t], [e[0] for e in row], atol=1e-5)
+            assert s.teacher_topk_ids[t].tolist() == [e[1] for e in row] or \
+                np.ptp([e[0] for e in row]) < 1e-5  # ties may come in another order
+    assert tool_runs > 0, "no episode had more than one turn"
+    assert spanning > 0, "no episode met a weight update"
+    # every rollout server took every update, and the router still routes to both
+    last = max(publisher.served)
+    assert last == first + UPDATES
+    for s in fleet["rollout"]:
+        assert SGLangClient(s.url).weight_version() == str(last)
+    assert fleet["router"].workers() == {s.url: True for s in fleet["rollout"]}
+    # scoring goes through the router too (a teacher fleet's path): same numbers as one server
+    seqs = [s.prompt_ids.tolist() + s.response_ids.tolist() for s in samples[:4]]
+    start = [len(s.prompt_ids) for s in samples[:4]]
+    routed = RoutedClient(fleet["router"].url).score(seqs, start=start, top_k=K)
+    direct = SGLangClient(fleet["rollout"][0].url).score(seqs, start=start, top_k=K)
+    for a, b in zip(routed, direct):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+        np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=1e-5)
+    print(f"{mode}: {len(samples)} samples, {spanning} spanning updates, {flagged} stale_kv, "
+          f"{tool_runs} tool observations")
