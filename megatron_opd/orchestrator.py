@@ -34,6 +34,7 @@ from megatron_opd.config import Config, load_config
 from megatron_opd.envs import Environment, EnvPrompt
 from megatron_opd.episodes import Trajectory, run_episodes
 from megatron_opd.interrupt_sync import InterruptGate, generate_continuing
+from megatron_opd.serving.teachers import TeacherRouter, route_key
 from megatron_opd.transport import (ControlSubscriber, Interrupt, PartialRollouts, Sample,
                                     SampleClient, Shutdown, WeightsPublished)
 from megatron_opd.wiring import RunWiring
@@ -100,7 +101,7 @@ def request_prompts(examples: list[EnvPrompt], group_size: int) -> list[list[int
 
 
 def make_groups(cfg: Config, env: Environment, examples: list[EnvPrompt], results, scores,
-                group_ids: list[str]) -> list[list[Sample]]:
+                group_ids: list[str], revisions: list[str] | None = None) -> list[list[Sample]]:
     """Generate + score results of one request (laid out as `request_prompts`) -> one list of
     Samples per prompt: its group_size responses, one group_id, loss masks and rewards from the
     environment (a multi-turn `Trajectory` carries its own: tool tokens masked, the episode's
@@ -109,7 +110,8 @@ def make_groups(cfg: Config, env: Environment, examples: list[EnvPrompt], result
     A group in which any response came back empty (e.g. an aborted request) is dropped whole,
     so every group that reaches the learner has exactly group_size samples (batches then hold
     whole groups). With group_size 1 the sample id is the group id. A response decoded partly
-    on KV of older weights (pause_mode=in_place) is flagged: metadata `stale_kv: true`."""
+    on KV of older weights (pause_mode=in_place) is flagged: metadata `stale_kv: true`.
+    `revisions`: the revision of the teacher that scored each sequence (None: teacher.revision)."""
     g, k = cfg.rollout.group_size, cfg.teacher.top_k
     if not len(results) == len(scores) == len(examples) * g == len(group_ids) * g:
         raise ValueError(f"make_groups: {len(examples)} prompts x group_size {g} != "
@@ -140,11 +142,13 @@ def make_groups(cfg: Config, env: Environment, examples: list[EnvPrompt], result
                 teacher_logprobs=np.asarray(sc.logprobs, dtype=np.float32),
                 teacher_topk_ids=np.asarray(sc.topk_ids, dtype=np.int32).reshape(n, k),
                 teacher_topk_logprobs=np.asarray(sc.topk_logprobs, dtype=np.float32).reshape(n, k),
-                teacher_revision=cfg.teacher.revision, routed_experts=_compact(res.routed_experts),
+                teacher_revision=revisions[i * g + j] if revisions else cfg.teacher.revision,
+                routed_experts=_compact(res.routed_experts),
                 reward=reward, metadata=meta,
                 created_at=time.time(), finish_reason=res.finish_reason,
                 temperature=float(cfg.rollout.temperature), top_p=float(cfg.rollout.top_p),
-                teacher_temperature=float(cfg.teacher.temperature),  # what score() was asked
+                # what the teacher servers apply (measured: TeacherRouter.verify_temperature)
+                teacher_temperature=float(cfg.teacher.temperature),
             ))
         out.append(group)
     return out
@@ -193,10 +197,12 @@ def rollout_and_score(cfg: Config, env: Environment, rollout, teacher, examples:
         results = generate(prompts, params, keys)
     if results is None:  # stopped (shutting down)
         return []
-    scores = teacher.score([p + list(r.output_ids) for p, r in zip(prompts, results)],
-                           start=[len(p) for p in prompts], top_k=cfg.teacher.top_k,
-                           temperature=cfg.teacher.temperature)
-    groups = make_groups(cfg, env, examples, results, scores, group_ids)
+    per_seq = [ex for ex in examples for _ in range(cfg.rollout.group_size)]
+    scored = teacher.score([p + list(r.output_ids) for p, r in zip(prompts, results)],
+                           start=[len(p) for p in prompts],
+                           keys=[route_key(cfg, env.name, ex.metadata) for ex in per_seq])
+    groups = make_groups(cfg, env, examples, results, scored.results, group_ids,
+                         scored.revisions)
     if gate is not None:  # a dropped group's rows are never sent: forget them now
         kept = {x.sample_id for g in groups for x in g}
         for key in keys:
@@ -239,7 +245,9 @@ def run_orchestrator(cfg: Config, wiring: RunWiring) -> None:
     env = make_env(cfg, wiring.student_dir)
     # requests that fail because a server is down are re-issued (other URL, or after restart)
     rollout = wiring.rollout_client(cfg.server)  # through the fleet's router when it has one
-    teacher = wiring.teacher_client(cfg.server)
+    # each teacher's fleet (several teachers: routed per sequence, serving/teachers.py)
+    teacher = TeacherRouter.from_config(cfg, wiring.teacher_clients(cfg.server),
+                                        wiring.teacher_servers())
     # Admission counts samples: a request of k prompts is k x group_size samples. In offline mode
     # the same budget only bounds how far the feeder runs ahead of the learner (flow control).
     admission = Admission(cfg.train.batch_size, cfg.async_.max_staleness)
@@ -320,6 +328,12 @@ def run_orchestrator(cfg: Config, wiring: RunWiring) -> None:
     if cfg.teacher.mode == "offline":
         threads = [threading.Thread(target=offline_feeder, daemon=True, name="offline")]
     else:
+        # every teacher server scores at teacher.temperature, or the run stops here (a sample's
+        # teacher_temperature is what was applied): docs/teachers.md
+        measured = teacher.verify_temperature(list(env.eval_prompts()[0].token_ids))
+        if measured:
+            print(f"[orchestrator] teacher servers score at temperature "
+                  f"{', '.join(f'{u}: {t:.4f}' for u, t in measured.items())}", flush=True)
         threads = [threading.Thread(target=worker, daemon=True, name=f"rollout-{i}")
                    for i in range(cfg.rollout.max_inflight_requests)]
     tr, secret = cfg.transport, wiring.secret_file or None

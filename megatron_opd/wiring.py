@@ -7,7 +7,7 @@ writes this file differs. Every field is a plain string or int, so it is JSON on
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
@@ -30,6 +30,10 @@ class RunWiring:
     # and the interrupt gate talk to every server directly (rollout_urls).
     rollout_router_url: str = ""
     teacher_router_url: str = ""
+    # Several teachers (teacher.teachers): each one's servers and its router ("": none), by
+    # teacher name; teacher_urls then lists every teacher server. Empty with one teacher.
+    teacher_fleets: dict[str, list[str]] = field(default_factory=dict)
+    teacher_fleet_routers: dict[str, str] = field(default_factory=dict)
 
     def rollout_endpoint(self) -> list[str]:
         """Where generation and evaluation requests go: [the router] or every server's URL (the
@@ -48,6 +52,22 @@ class RunWiring:
     def teacher_client(self, server_cfg, **kwargs):
         """The client for scoring (as rollout_client)."""
         return _client(self.teacher_router_url, self.teacher_urls, server_cfg, **kwargs)
+
+    def teacher_clients(self, server_cfg, **kwargs) -> dict:
+        """{teacher name: the client for its scoring} (serving/teachers.TeacherRouter)."""
+        from megatron_opd.serving.teachers import SINGLE
+
+        if not self.teacher_fleets:
+            return {SINGLE: self.teacher_client(server_cfg, **kwargs)}
+        return {name: _client(self.teacher_fleet_routers.get(name, ""), urls, server_cfg,
+                              **kwargs) for name, urls in self.teacher_fleets.items()}
+
+    def teacher_servers(self) -> dict[str, list[str]]:
+        """{teacher name: its servers' URLs} (checks that ask every server)."""
+        from megatron_opd.serving.teachers import SINGLE
+
+        return {k: list(v) for k, v in self.teacher_fleets.items()} or \
+            {SINGLE: list(self.teacher_urls)}
 
     def save(self, path: str | Path) -> None:
         tmp = Path(str(path) + ".tmp")

@@ -47,7 +47,8 @@ def test_prompts_are_the_templated_rows_and_held_out_rows_never_train(files):
         msgs = row["messages"]
         msgs = [{"role": "user", "content": msgs}] if isinstance(msgs, str) else msgs
         assert p.token_ids == tuple(t(chatml(msgs), add_special_tokens=False)["input_ids"])
-        assert p.label == row["label"] and p.metadata == {"row": p.source}
+        assert p.label == row["label"]  # the row's other columns ride along (route_by column)
+        assert p.metadata == {"task": row["task"], "idx": row["idx"], "row": p.source}
     again = _env(root, tok).train_prompts()  # a restart: prompt i is the same prompt
     assert [next(again).source for _ in range(50)] == [p.source for p in train]
 

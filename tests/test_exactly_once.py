@@ -1,14 +1,15 @@
 """Exactly-once across a learner crash, end to end with real processes (ISSUE 5).
 
-`megatron-opd train` runs the quickstart pipeline. The rollout SGLang server, then the teacher
-server, are SIGKILLed early (the launcher restarts them, requests are re-issued, the learner
-republishes its weights to the new rollout server); then the learner is SIGKILLed in the middle
-of the run (after a checkpoint, with trained steps after it); the launcher stops everything;
+`megatron-opd train` runs the quickstart pipeline. The learner is SIGKILLed in the middle of the
+run (after a checkpoint, with trained steps after it); the launcher stops everything;
 the same command on the same run directory resumes from the checkpoint. Then, counted by sample
 id over the whole run (the learner's ledger): every accepted sample was trained exactly once in
 the surviving history or is still in the spool (0 lost, 0 twice); the steps redone after the
 checkpoint trained the same samples as before the crash and reproduce their losses exactly; the
 final run has every step once.
+(Server deaths mid-run, with the same count by id: tests/test_fleet.py kills a rollout server
+behind the router; tests/test_server_faults.py restarts servers under in-flight requests and
+weight publishes.)
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def test_learner_sigkill_then_resume_trains_every_accepted_sample_exactly_once(t
                      "eval.interval=100", "train.keep_checkpoints=1")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    metrics, restarts = run_dir / "metrics.jsonl", run_dir / "server_restarts.json"
+    metrics = run_dir / "metrics.jsonl"
 
     def steps_done() -> int:
         return sum("train/loss" in line for line in metrics.read_text().splitlines()) \
@@ -62,16 +63,7 @@ def test_learner_sigkill_then_resume_trains_every_accepted_sample_exactly_once(t
             assert proc.poll() is None and time.time() < deadline, proc.communicate()
             time.sleep(0.2)
 
-    def server(role: str):  # the server's main process: a child of the launcher
-        return next(p for p in psutil.Process(proc.pid).children()
-                    if "sglang.launch_server" in " ".join(p.cmdline())
-                    and ("--weight-version" in p.cmdline()) == (role == "rollout"))
-
     try:
-        wait_for(lambda: steps_done() >= 2)
-        server("rollout").send_signal(signal.SIGKILL)
-        wait_for(lambda: restarts.exists() and json.loads(restarts.read_text()).get("rollout") == 1)
-        server("teacher").send_signal(signal.SIGKILL)
         wait_for(lambda: steps_done() >= CKPT + 3)  # checkpoint at CKPT, then steps after it
         learner = next(p for p in psutil.Process(proc.pid).children(recursive=True)
                        if "megatron_opd.learner.main" in " ".join(p.cmdline()))
@@ -81,11 +73,6 @@ def test_learner_sigkill_then_resume_trains_every_accepted_sample_exactly_once(t
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 1 and "learner exited with code -9" in err, err[-2000:]
-    assert json.loads(restarts.read_text()) == {"teacher": 1, "rollout": 1}
-    for role in ("rollout", "teacher"):
-        assert f"SGLang server {role} exited with code -9; restart 1/3" in \
-            (run_dir / "logs" / f"{role}.log").read_text()
-    assert "reconnecting" in (run_dir / "logs" / "learner.log").read_text()
     before = {r["step"]: r for r in _records(run_dir) if "train/loss" in r}
     _, trained_before = _ledger(run_dir)
     killed_at = max(before) + 1

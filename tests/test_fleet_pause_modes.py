@@ -33,6 +33,7 @@ from megatron_opd.orchestrator import rollout_and_score
 from megatron_opd.serving.router import RoutedClient, SmgRouter
 from megatron_opd.serving.sglang_client import SGLangClient
 from megatron_opd.serving.sglang_server import SGLangServer, free_port
+from megatron_opd.serving.teachers import TeacherRouter
 from tests.hf_fixtures import make_hf_moe
 from tests.test_tool_env import make_tool_tokenizer, tool_config
 
@@ -122,7 +123,7 @@ def test_tool_episodes_through_the_router_across_updates_in_each_pause_mode(flee
                       "data.max_prompt_tokens=300", f"weight_sync.pause_mode={mode}")
     env = make_env(cfg, fleet["dirs"]["A"])
     rollout = RoutedClient(fleet["router"].url)  # what RunWiring.rollout_client gives a fleet
-    teacher = SGLangClient(fleet["teacher"].url)
+    teacher = TeacherRouter.single(cfg, SGLangClient(fleet["teacher"].url))
     weights = {m: load_file(str(fleet["dirs"][m] / "model.safetensors")) for m in "AB"}
     publisher.pause_mode = mode
     done, errors = threading.Event(), []

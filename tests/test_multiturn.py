@@ -174,7 +174,10 @@ def test_calculator_episodes_on_a_real_server_are_token_in_token_out(server, tok
 
     stream = env.train_prompts()
     examples = [next(stream), next(stream)]
-    groups = rollout_and_score(cfg, env, Recording(), client, examples, ["g0", "g1"])
+    from megatron_opd.serving.teachers import TeacherRouter
+
+    groups = rollout_and_score(cfg, env, Recording(), TeacherRouter.single(cfg, client), examples,
+                               ["g0", "g1"])
     samples = [s for g in groups for s in g]
     assert [s.group_id for s in samples] == ["g0", "g0", "g1", "g1"]
     multi = 0

@@ -13,6 +13,7 @@ import pytest
 from megatron_opd.config import load_config
 from megatron_opd.orchestrator import make_groups, request_prompts, rollout_and_score
 from megatron_opd.serving.sglang_client import GenerateResult, ScoreResult
+from megatron_opd.serving.teachers import TeacherRouter
 from megatron_opd.envs.digits import DigitsEnv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +130,7 @@ class FakeRollout:
                 for i in range(len(prompts))]
 
 
-class FakeTeacher:
+class FakeTeacher:  # one teacher's client (TeacherRouter.single routes every row to it)
     def __init__(self):
         self.calls = []
 
@@ -143,7 +144,8 @@ def test_rollout_and_score_requests_group_copies_and_scores_prompt_plus_response
     env, task = digits(cfg)
     ex = two_prompts(task)
     rollout, teacher = FakeRollout(task), FakeTeacher()
-    groups = rollout_and_score(cfg, env, rollout, teacher, ex, ["g1", "g2"])
+    groups = rollout_and_score(cfg, env, rollout, TeacherRouter.single(cfg, teacher), ex,
+                               ["g1", "g2"])
     (prompts, params, kw), = rollout.calls
     assert prompts == request_prompts(ex, 2)
     assert len(params) == 4 and all(p == params[0] for p in params)
@@ -288,7 +290,8 @@ def test_abort_mode_continues_an_aborted_response_and_never_sends_it_cut():
     env, task = digits(cfg)
     ex = two_prompts(task)
     rollout = PausingRollout(task, "abort")
-    groups = rollout_and_score(cfg, env, rollout, FakeTeacher(), ex, ["g1", "g2"])
+    groups = rollout_and_score(cfg, env, rollout, TeacherRouter.single(cfg, FakeTeacher()), ex,
+                               ["g1", "g2"])
     assert len(rollout.calls) == 2
     (again, params), = [rollout.calls[1]]
     five, eos = task.ids["5"], task.eos
@@ -306,7 +309,8 @@ def test_in_place_mode_flags_responses_decoded_on_stale_kv_and_counts_them():
 
     cfg = config("weight_sync.pause_mode=in_place")
     env, task = digits(cfg)
-    groups = rollout_and_score(cfg, env, PausingRollout(task, "in_place"), FakeTeacher(),
+    groups = rollout_and_score(cfg, env, PausingRollout(task, "in_place"),
+                               TeacherRouter.single(cfg, FakeTeacher()),
                                two_prompts(task), ["g1", "g2"])
     flat = [s for g in groups for s in g]
     assert [s.metadata.get("stale_kv", False) for s in flat] == [True, False]
@@ -316,6 +320,7 @@ def test_in_place_mode_flags_responses_decoded_on_stale_kv_and_counts_them():
     assert counts == {"stale_kv": 1}
     # retract: spans over versions are normal (KV recomputed), nothing flagged
     cfg = config("weight_sync.pause_mode=retract")
-    groups = rollout_and_score(cfg, env, PausingRollout(task, "in_place"), FakeTeacher(),
+    groups = rollout_and_score(cfg, env, PausingRollout(task, "in_place"),
+                               TeacherRouter.single(cfg, FakeTeacher()),
                                two_prompts(task), ["g1", "g2"])
     assert not any(s.metadata.get("stale_kv") for g in groups for s in g)

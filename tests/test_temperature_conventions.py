@@ -235,8 +235,8 @@ def test_unequal_temperatures_take_a_second_pass_at_the_teachers(monkeypatch):
 
 def test_teacher_is_scored_at_the_requested_temperature():
     """SGLangClient.score asks SGLang for the temperature it is given (the orchestrator passes
-    teacher.temperature) and returns the log-probs unchanged; SGLang's prompt-token log-probs
-    ignore the request's temperature, so any other than 1 is refused, not silently mislabelled."""
+    teacher.temperature; our servers apply it to prompt tokens, tests/test_teacher_fleet.py) and
+    returns the log-probs unchanged; a temperature that is not positive is refused."""
     from megatron_opd.serving.sglang_client import SGLangClient
 
     sent = {}
@@ -250,12 +250,13 @@ def test_teacher_is_scored_at_the_requested_temperature():
 
     client = SGLangClient("http://fake")
     client._post_retrying = fake_post
-    (res,) = client.score([[5, 6, 7, 8]], start=[1], temperature=1.0)
-    assert sent["payload"]["sampling_params"]["temperature"] == 1.0
-    np.testing.assert_array_equal(res.logprobs, np.asarray(lp, dtype=np.float32))
+    for t in (1.0, 0.7):
+        (res,) = client.score([[5, 6, 7, 8]], start=[1], temperature=t)
+        assert sent["payload"]["sampling_params"] == {"max_new_tokens": 0, "temperature": t}
+        np.testing.assert_array_equal(res.logprobs, np.asarray(lp, dtype=np.float32))
     sent.clear()
     with pytest.raises(ValueError, match="temperature"):
-        client.score([[5, 6, 7, 8]], start=[1], temperature=0.7)
+        client.score([[5, 6, 7, 8]], start=[1], temperature=0.0)
     assert not sent  # nothing asked
 
 

@@ -84,8 +84,9 @@ class ChatEnv(Environment):
         return encode_prompt(row, self.tokenizer, self.data.apply_chat_template)
 
     def _prompt(self, row, ids, position: int = -1) -> EnvPrompt:
+        # the row's other columns travel with the sample (teacher.route_by=column reads one)
         return EnvPrompt(tuple(int(i) for i in ids), source=row.row_id, label=row.label,
-                         position=position, metadata={"row": row.row_id})
+                         position=position, metadata={**row.metadata, "row": row.row_id})
 
     def eval_prompts(self) -> list[EnvPrompt]:
         out = []

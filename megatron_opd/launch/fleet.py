@@ -25,6 +25,7 @@ class ServerSpec:
     gpu_ids: tuple[int, ...]  # its GPUs on that node; () where the site does not place GPUs
     extra_args: tuple[str, ...]  # further `sglang.launch_server` arguments
     routed_experts: bool  # return the routed experts of every token (routing replay R3)
+    teacher: str = ""  # the teacher it serves when teacher.teachers lists several ("" else)
 
     @property
     def world_size(self) -> int:
@@ -58,6 +59,12 @@ def fleet_specs(cfg: Config, models, nodes: dict[str, int] | None = None,
                     f"{filled} or 1 (fill the nodes)")
             layout = [(node, i) for node in range(nodes[role]) for i in range(per_node)]
         fleets[role] = []
+        if role == "teacher" and cfg.teacher.teachers:
+            if nodes is not None:
+                raise ConfigError("teacher.teachers: several teachers run on one machine only "
+                                  "so far (a Slurm job's teacher nodes serve one teacher)")
+            fleets[role] = _named_teachers(cfg, models)
+            continue
         for node, i in layout:
             gpu_ids = tuple(range(i * per_server, (i + 1) * per_server)) \
                 if gpus_per_node else ()
@@ -74,6 +81,22 @@ def fleet_specs(cfg: Config, models, nodes: dict[str, int] | None = None,
                 model_dir=str(model_dir), node=node, gpu_ids=gpu_ids, extra_args=extra,
                 routed_experts=role == "rollout" and cfg.train.routing_replay == "r3"))
     return fleets
+
+
+def _named_teachers(cfg: Config, models) -> list[ServerSpec]:
+    """One machine, several teachers (teacher.teachers): each one's `num_servers` servers of its
+    checkpoint ("" = the run's teacher), named `teacher-<name>` (`teacher-<name>-<i>` with
+    several)."""
+    from megatron_opd.serving.teachers import teacher_specs
+
+    out = []
+    for t in teacher_specs(cfg):
+        for i in range(t.num_servers):
+            out.append(ServerSpec(
+                role="teacher", name=f"teacher-{t.name}" + (f"-{i}" if t.num_servers > 1 else ""),
+                model_dir=t.init or str(models.teacher_dir), node=0, gpu_ids=(), extra_args=(),
+                routed_experts=False, teacher=t.name))
+    return out
 
 
 def server_options(cfg: Config) -> dict:

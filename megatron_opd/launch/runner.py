@@ -104,7 +104,8 @@ def run(cfg: Config, site: Site, *, preempt_signal: int | None = None) -> dict:
         teacher_urls = [s.url for s in fleets["teacher"]]
         event("launcher", "servers ready", teacher=",".join(teacher_urls),
               rollout=",".join(rollout_urls))
-        _start_routers(cfg, fleets, logs, site.address, routers)
+        groups = _router_groups(specs, fleets)
+        _start_routers(cfg, groups, logs, site.address, routers)
         offline_store = ""
         if cfg.teacher.mode == "offline":  # made here if missing, with the fresh servers
             from megatron_opd.offline_build import build_store
@@ -122,7 +123,11 @@ def run(cfg: Config, site: Site, *, preempt_signal: int | None = None) -> dict:
             rollout_server_world_size=specs["rollout"][0].world_size,
             offline_store=offline_store, secret_file=run_secret(cfg, run_dir),
             rollout_router_url=routers["rollout"].url if "rollout" in routers else "",
-            teacher_router_url=routers["teacher"].url if "teacher" in routers else "")
+            teacher_router_url=routers["teacher"].url if "teacher" in routers else "",
+            teacher_fleets={k[len("teacher-"):]: [s.url for s in v] for k, v in groups.items()
+                            if k.startswith("teacher-")},
+            teacher_fleet_routers={k[len("teacher-"):]: r.url for k, r in routers.items()
+                                   if k.startswith("teacher-")})
         wiring.save(run_dir / "wiring.json")
         py = [sys.executable, "-m"]
         children.append(Child.spawn("learner", site.learner_command(cfg, run_dir),
@@ -131,7 +136,7 @@ def run(cfg: Config, site: Site, *, preempt_signal: int | None = None) -> dict:
                                                           str(run_dir)], logs / "orchestrator.log",
                                     {"OMP_NUM_THREADS": "1"}))
         t_train = time.time()
-        _supervise(cfg, run_dir, fleets, children, routers)
+        _supervise(cfg, run_dir, fleets, children, routers, groups)
         train_seconds = time.time() - t_train
     except ProcessDied as e:  # end the message with the command that continues the run
         raise ProcessDied(f"{e}\n{_rerun_hint(cfg, run_dir, site)}") from None
@@ -179,15 +184,26 @@ def _raise_terminated(signum, frame):
     raise Terminated(f"signal {signum}")
 
 
+def _router_groups(specs: dict, fleets: dict) -> dict[str, list]:
+    """The server groups a router fronts: {"rollout", "teacher"} or, with several teachers
+    (teacher.teachers), one group per teacher, "teacher-<name>"."""
+    groups = {"rollout": list(fleets["rollout"])}
+    for spec, server in zip(specs["teacher"], fleets["teacher"]):
+        groups.setdefault(f"teacher-{spec.teacher}" if spec.teacher else "teacher",
+                          []).append(server)
+    return groups
+
+
 def _start_routers(cfg: Config, fleets: dict, logs: Path, address: str, routers: dict) -> None:
     """An smg router for each fleet of more than one server (`server.router=smg`), bound to the
     site's address, listing every server of the fleet before any traffic: into `routers`
-    ({role: SmgRouter}; the caller stops them, also when one failed to start)."""
+    ({group: SmgRouter}, groups of `_router_groups`; the caller stops them, also when one failed
+    to start)."""
     from megatron_opd.serving.router import SmgRouter
 
     if cfg.server.router != "smg":
         return
-    for role in FLEETS:
+    for role in fleets:
         if len(fleets[role]) > 1:
             r = SmgRouter(f"{role}-router", [s.url for s in fleets[role]],
                           cfg.server.router_policy, port_for_later(address),
@@ -201,7 +217,7 @@ def _start_routers(cfg: Config, fleets: dict, logs: Path, address: str, routers:
 
 
 def _supervise(cfg: Config, run_dir: Path, fleets: dict, children: list[Child],
-               routers: dict | None = None) -> None:
+               routers: dict | None = None, groups: dict | None = None) -> None:
     """Wait for the learner to finish; fail fast, naming the process, if the learner or the
     orchestrator dies; restart a dead SGLang server (bounded: server.max_restarts each), or one
     whose health probe fails for server.health_timeout_s; drain and rejoin servers behind a
@@ -211,9 +227,9 @@ def _supervise(cfg: Config, run_dir: Path, fleets: dict, children: list[Child],
     from megatron_opd.serving.sglang_server import (FleetProbe, ServerRestartLimit,
                                                     ServerSupervisor, write_json_atomic)
 
-    routers = routers or {}
+    routers, groups = routers or {}, groups or fleets
     servers = [s for role in FLEETS for s in fleets[role]]
-    roles = {s.name: role for role in FLEETS for s in fleets[role]}
+    roles = {s.name: group for group in groups for s in groups[group]}  # a server's router
     probe = FleetProbe(servers, versioned={s.name for s in fleets["rollout"]}).start()
     supervisor = ServerSupervisor(
         servers, cfg.server.max_restarts, run_dir / RESTARTS_FILE, probe=probe,
@@ -249,7 +265,7 @@ def _supervise(cfg: Config, run_dir: Path, fleets: dict, children: list[Child],
                 raise ProcessDied(str(e)) from None
             for role, r in routers.items():
                 if not r.alive():
-                    _restart_router(cfg, r, router_restarts, supervisor, fleets[role])
+                    _restart_router(cfg, r, router_restarts, supervisor, groups[role])
             if time.time() - stats_at >= STATS_EVERY_S:
                 stats_at = time.time()
                 stats = supervisor.stats()

@@ -67,12 +67,14 @@ def group_indices(group_ids: list[str]) -> np.ndarray:
 
 
 def collate(samples, pad_id: int, step: int, max_staleness: int | None,
-            teacher_revision: str | None = None) -> tuple[TrainBatch, StalenessReport]:
+            teacher_revision: str | frozenset[str] | None = None
+            ) -> tuple[TrainBatch, StalenessReport]:
     """Pad samples into a batch. A token made by version v has staleness `step - v` (the learner's
     current version is its step); tokens over `max_staleness` are masked out and counted.
     `max_staleness=None` applies no bound (offline OPD: stored data is fixed off-policy data by
     design, never dropped for its age; staleness is still reported). `teacher_revision`: the
-    run's; a sample scored under another revision gets `revision_changed` 1 (None: all 0)."""
+    run's (one per teacher with several: serving/teachers.current_revisions); a sample scored
+    under another revision gets `revision_changed` 1 (None: all 0)."""
     from megatron_opd.objectives.grpo import group_normalized_advantages
 
     B = len(samples)
@@ -122,9 +124,10 @@ def collate(samples, pad_id: int, step: int, max_staleness: int | None,
                                          dtype=getattr(torch, f.batch))
     groups = torch.from_numpy(group_indices([s.group_id for s in samples]))
     out["sample_advantages"] = group_normalized_advantages(out["rewards"], groups).to(torch.float32)
+    current = {teacher_revision} if isinstance(teacher_revision, str) else teacher_revision
     out["revision_changed"] = torch.tensor(
-        [float(teacher_revision is not None and s.teacher_revision != teacher_revision)
-         for s in samples], dtype=torch.float32)
+        [float(current is not None and s.teacher_revision not in current) for s in samples],
+        dtype=torch.float32)
     return TrainBatch(**out, routed_experts=routed), report
 
 

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from megatron_opd.config import Config, load_config
 from megatron_opd.logs import event, quiet_known_warnings
+from megatron_opd.serving.teachers import TeacherRouter, current_revisions
 from megatron_opd.wiring import RunWiring
 
 
@@ -108,7 +109,8 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
             try:
                 with proximal.holding(version):
                     return evaluate(ddp, groups, env, eval_set, io and io.rollout,
-                                    io and io.teacher, version, spec.vocab_size,
+                                    io and io.teacher.for_prompts(cfg, env.name, eval_set),
+                                    version, spec.vocab_size,
                                     cfg.rollout.max_new_tokens, seed=cfg.run.seed + version,
                                     micro_batch_size=cfg.parallel.micro_batch_size,
                                     samples_dir=run_dir / "samples" if rank0 else None,
@@ -255,7 +257,7 @@ class _RankZeroIO:
 
         # evaluation requests to a server being restarted are re-issued (docs/fault-tolerance.md)
         self.rollout = wiring.rollout_client(cfg.server)  # the router, when a fleet has one
-        self.teacher = wiring.teacher_client(cfg.server)
+        self.teacher = TeacherRouter.from_config(cfg, wiring.teacher_clients(cfg.server))
         self.restarts_path = Path(wiring.run_dir) / "server_restarts.json"
         self.fleet_stats_path = Path(wiring.run_dir) / "fleet_stats.json"  # the launcher's probe
         secret = wiring.secret_file or None
@@ -347,7 +349,7 @@ class _RankZeroIO:
         samples = [s for _, s in taken]
         # Offline OPD data is fixed off-policy data by design (version 0): no staleness bound.
         bound = None if cfg.teacher.mode == "offline" else cfg.async_.max_staleness
-        batch, stale = collate(samples, pad_id, state.version, bound, cfg.teacher.revision)
+        batch, stale = collate(samples, pad_id, state.version, bound, current_revisions(cfg))
         batch.interrupt_logprobs = self.interrupts.take(samples, batch.response_ids.shape[1])
         return samples, batch, stale
 

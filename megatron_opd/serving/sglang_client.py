@@ -240,27 +240,28 @@ class SGLangClient:
         """Teacher scoring of given sequences (no generation): log-prob of every token at
         positions >= start[i], and the top-K distribution at those positions, at `temperature`
         (teacher.temperature; the caller carries it on the sample, so it is never implied).
-        SGLang computes prompt-token log-probs from the raw logits, whatever the request's
-        temperature (sglang/srt/layers/logprob_processor.py, 0.5.23), so only 1.0 is accepted
-        rather than silently returning log-probs at another temperature."""
+        SGLang 0.5.23 alone scores prompt tokens from the raw logits whatever the request's
+        temperature; our servers carry the compat patch that applies it
+        (compat/sglang_cpu.patch_input_logprobs_at_request_temperature), and
+        serving/teachers.TeacherRouter.verify_temperature measures what a server applies."""
         if len(start) != len(input_ids) or any(not 1 <= s < len(x) for s, x in zip(start, input_ids)):
             raise ValueError("score: need 1 <= start[i] < len(input_ids[i]) for every sequence")
-        if temperature != 1.0:
-            raise ValueError(f"score: temperature {temperature} is not 1.0: SGLang's prompt-token "
-                             "log-probs are at temperature 1 (teacher.temperature)")
-        # logprob_start_len = s - 1: SGLang then reports positions s-1.., whose first entry has
-        # no log-prob of its own (it conditions nothing); entry j+1 is log q(x_{s+j} | x_<s+j).
+        if not temperature > 0:
+            raise ValueError(f"score: temperature must be > 0, got {temperature}")
+        # logprob_start_len = m: SGLang then reports positions m.., whose first entry has no
+        # log-prob of its own (it conditions nothing); entry p - m is log q(x_p | x_<p). One
+        # number for the batch (the shortest start): smg's /generate refuses a per-sequence list.
+        m = min(start) - 1
         payload = {"input_ids": input_ids,
                    "sampling_params": {"max_new_tokens": 0, "temperature": temperature},
-                   "return_logprob": True, "logprob_start_len": [s - 1 for s in start],
-                   "top_logprobs_num": top_k}
+                   "return_logprob": True, "logprob_start_len": m, "top_logprobs_num": top_k}
         out = self._post_retrying("generate", payload)[0]
         if isinstance(out, dict):
             out = [out]
         results = []
         for r, x, s in zip(out, input_ids, start):
             meta = r["meta_info"]
-            entries = meta["input_token_logprobs"][1:]
+            entries = meta["input_token_logprobs"][s - m:]
             n = len(x) - s
             # SGLang 0.5.23 reports the id of the last vocabulary entry as 0 in
             # input_token_logprobs (a clip meant for multimodal hashes); the value is right.
@@ -269,7 +270,7 @@ class SGLangClient:
                                   f"{[e[1] for e in entries]}")
             lp = np.asarray([e[0] for e in entries], dtype=np.float32)
             if top_k:
-                tops = meta["input_top_logprobs"][1:]
+                tops = meta["input_top_logprobs"][s - m:]
                 ids = np.asarray([[t[1] for t in row] for row in tops], dtype=np.int32)
                 tlp = np.asarray([[t[0] for t in row] for row in tops], dtype=np.float32)
             else:
