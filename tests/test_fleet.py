@@ -108,14 +108,9 @@ class FleetRun:
             return {}
 
     def ledger(self) -> tuple[list[int], dict[int, list[int]]]:
-        accepted, trained = [], {}
-        for line in (self.run_dir / "ledger.jsonl").read_text().splitlines():
-            rec = json.loads(line)
-            if "accepted" in rec:
-                accepted += rec["accepted"]
-            else:
-                trained[rec["step"]] = rec["trained"]
-        return accepted, trained
+        from tests.test_exactly_once import _ledger
+
+        return _ledger(self.run_dir)
 
 
 def served_version(url: str) -> int:

@@ -24,7 +24,6 @@ import time
 
 import numpy as np
 import pytest
-import requests
 import torch
 from safetensors.torch import load_file
 
@@ -35,6 +34,7 @@ from megatron_opd.serving.sglang_client import SGLangClient
 from megatron_opd.serving.sglang_server import SGLangServer, free_port
 from megatron_opd.serving.teachers import TeacherRouter
 from tests.hf_fixtures import make_hf_moe
+from tests.test_multiturn import direct_scores
 from tests.test_tool_env import make_tool_tokenizer, tool_config
 
 pytestmark = pytest.mark.slow
@@ -104,15 +104,6 @@ def _reference(models, which: str, seq: list[int]) -> np.ndarray:
     with torch.no_grad():
         lp = torch.log_softmax(models[which](torch.tensor([seq])).logits[0].double(), -1)
     return lp[:-1].gather(1, torch.tensor(seq[1:])[:, None])[:, 0].numpy()
-
-
-def _direct_teacher(url: str, seq: list[int]):
-    r = requests.post(f"{url}/generate", json={
-        "input_ids": seq, "sampling_params": {"max_new_tokens": 0, "temperature": 1.0},
-        "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": K}, timeout=120)
-    r.raise_for_status()
-    meta = r.json()["meta_info"]
-    return meta["input_token_logprobs"], meta["input_top_logprobs"]
 
 
 @pytest.mark.parametrize("mode", ["retract", "abort", "in_place"])
@@ -187,7 +178,7 @@ def test_tool_episodes_through_the_router_across_updates_in_each_pause_mode(flee
                                for j, x in enumerate(v.tolist())])
             assert np.abs(lp - expect)[mask].max() < TOL, (mode, v.tolist())
         # teacher: the same numbers as a direct call on the same tokens
-        lps, tops = _direct_teacher(fleet["teacher"].url, seq)
+        lps, tops = direct_scores(fleet["teacher"].url, seq, K)
         np.testing.assert_allclose(s.teacher_logprobs, [lps[P + t][0] for t in range(len(resp))],
                                    atol=1e-5)
         for t in range(len(resp)):
