@@ -60,6 +60,7 @@ def build_store(cfg: Config, rollout_url: str, teacher_url: str, student_dir: st
     """Reuse the store of this config, or make it with the given servers (the rollout server
     must serve the student init, version 0)."""
     from megatron_opd.serving.sglang_client import SGLangClient
+    from megatron_opd.serving.teachers import TeacherRouter
 
     path, key = store_path(cfg), store_key(cfg)
     store = open_store(path, key)
@@ -67,8 +68,10 @@ def build_store(cfg: Config, rollout_url: str, teacher_url: str, student_dir: st
         return store
     t0 = time.time()
     timeout = cfg.server.request_timeout_s
-    samples = generate_samples(cfg, SGLangClient(rollout_url, timeout=timeout),
-                               SGLangClient(teacher_url, timeout=timeout), student_dir, progress)
+    # offline mode has one teacher (config validation): the router over its one client
+    teacher = TeacherRouter.single(cfg, SGLangClient(teacher_url, timeout=timeout))
+    samples = generate_samples(cfg, SGLangClient(rollout_url, timeout=timeout), teacher,
+                               student_dir, progress)
     write_store(path, samples, key, extra={"config": store_config(cfg),
                                            "seconds": time.time() - t0})
     print(f"[offline] stored {len(samples)} teacher-scored samples in {path} "
