@@ -142,6 +142,19 @@ def direct_scores(url, seq, k):
     return meta["input_token_logprobs"], meta["input_top_logprobs"]
 
 
+def check_teacher_scores(s, url, k):
+    """A sample's teacher log-probs (sampled token and top-k, every response position) equal a
+    direct call to the teacher server on the same tokens."""
+    P, n = len(s.prompt_ids), len(s.response_ids)
+    lps, tops = direct_scores(url, s.prompt_ids.tolist() + s.response_ids.tolist(), k)
+    np.testing.assert_allclose(s.teacher_logprobs, [lps[P + t][0] for t in range(n)], atol=1e-5)
+    for t in range(n):
+        row = tops[P + t]
+        np.testing.assert_allclose(s.teacher_topk_logprobs[t], [e[0] for e in row], atol=1e-5)
+        assert s.teacher_topk_ids[t].tolist() == [e[1] for e in row] or \
+            np.ptp([e[0] for e in row]) < 1e-5  # ties may come in another order
+
+
 def direct_routing(url, seq, shape):
     """The server's experts for every position of `seq` (one token generated, so the last
     position of seq is routed too): [len(seq), layers, top_k]."""
@@ -199,14 +212,7 @@ def test_calculator_episodes_on_a_real_server_are_token_in_token_out(server, tok
             assert tool.any() and np.all(s.behaviour_logprobs[tool] == 0.0)
         assert np.all(s.token_versions == 0)  # the server's version, on every token
         # teacher: sampled-token and top-K at every response position == a direct call
-        lps, tops = direct_scores(srv.url, full, K)
-        np.testing.assert_allclose(s.teacher_logprobs, [lps[P + t][0] for t in range(len(resp))],
-                                   atol=1e-5)
-        for t in range(len(resp)):
-            row = tops[P + t]
-            np.testing.assert_allclose(s.teacher_topk_logprobs[t], [e[0] for e in row], atol=1e-5)
-            assert s.teacher_topk_ids[t].tolist() == [e[1] for e in row] or \
-                np.ptp([e[0] for e in row]) < 1e-5  # ties may order differently
+        check_teacher_scores(s, srv.url, K)
         # one model serves both: the rollout's log-prob of each assistant token is the
         # teacher's log-prob of it in the final sequence (exact token-in/token-out)
         live = mask == 1
