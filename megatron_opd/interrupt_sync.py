@@ -33,6 +33,7 @@ import time
 
 import numpy as np
 
+from megatron_opd.serving.resume import merge_partial
 from megatron_opd.serving.sglang_client import GenerateResult, SGLangError
 
 
@@ -117,17 +118,6 @@ class InterruptGate:
             self._cv.notify_all()
 
 
-def merge_continuation(first: GenerateResult, more: GenerateResult) -> GenerateResult:
-    """`first`'s partial output followed by the continuation's output (its tokens were generated
-    with prompt + first.output_ids as input)."""
-    return GenerateResult(
-        output_ids=list(first.output_ids) + list(more.output_ids),
-        output_logprobs=np.concatenate([first.output_logprobs, more.output_logprobs]),
-        token_versions=np.concatenate([first.token_versions, more.token_versions]),
-        weight_version=more.weight_version, finish_reason=more.finish_reason,
-        meta_info=more.meta_info)
-
-
 def generate_continuing(rollout, prompts: list[list[int]], sampling_params: dict | list[dict],
                         keys: list[str], gate: InterruptGate, prefixes: list[tuple] | None = None
                         ) -> list[GenerateResult] | None:
@@ -155,7 +145,7 @@ def generate_continuing(rollout, prompts: list[list[int]], sampling_params: dict
                     for i in todo]
             out = rollout.generate(inputs, call, return_logprob=True)
             for i, res in zip(todo, out):
-                results[i] = res if results[i] is None else merge_continuation(results[i], res)
+                results[i] = res if results[i] is None else merge_partial(results[i], res)
                 rows[keys[i]] = _row(prompts[i], results[i], prefixes[i] if prefixes else None)
         finally:
             gate.end_generate(rows)

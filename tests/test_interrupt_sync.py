@@ -20,7 +20,8 @@ import time
 import numpy as np
 import pytest
 
-from megatron_opd.interrupt_sync import InterruptGate, merge_continuation
+from megatron_opd.interrupt_sync import InterruptGate
+from megatron_opd.serving.resume import merge_partial
 from megatron_opd.learner.interrupt import InterruptStore, rows_to_score
 from megatron_opd.serving.sglang_client import GenerateResult, ServerUnavailable
 from megatron_opd.transport import PartialRollouts, ProtocolError, decode, encode
@@ -60,7 +61,7 @@ def test_continuation_is_the_exact_token_sequence_with_its_versions():
     first = GenerateResult([5, 6], np.array([-0.1, -0.2], np.float32), np.array([3, 3]), 3,
                            "abort")
     more = GenerateResult([7], np.array([-0.3], np.float32), np.array([4]), 4, "stop")
-    m = merge_continuation(first, more)
+    m = merge_partial(first, more)
     assert m.output_ids == [5, 6, 7] and m.finish_reason == "stop" and m.weight_version == 4
     np.testing.assert_array_equal(m.token_versions, [3, 3, 4])
     np.testing.assert_array_equal(m.output_logprobs, np.array([-0.1, -0.2, -0.3], np.float32))
