@@ -232,7 +232,9 @@ def test_later_publishes_announce_each_bucket_before_producing_it(monkeypatch):
     log.clear()
     with pytest.raises(RuntimeError, match=r"departs .* at b float32\[3\]: got b float32\[4\]"):
         pub.publish(weights(shape_b=(4,)), version=3)
-    assert log[-2:] == ["end_weight_update", "continue_generation"]
+    # (bucket b's update request, from its thread, may be logged after the update is closed)
+    assert [x for x in log if x != "update_weights_from_distributed"][-2:] == [
+        "end_weight_update", "continue_generation"]
     assert pub.manifest is None  # the next publish learns the stream again
 
 
