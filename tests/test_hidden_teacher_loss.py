@@ -1,0 +1,303 @@
+"""The hidden-state teacher (learner/hidden_teacher.py) against float64 references built from
+full materialised logits of both models, `torch.autograd.gradcheck`, a two-process gloo TP=2 run
+equal to one rank, and a tiny transformers checkpoint written here (its head rows, its log-probs
+from `hidden_states[-1]`)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from megatron_opd.learner.hidden_teacher import (KINDS, TeacherHead, fused_hidden_kl,
+                                                 hidden_teacher_kl, teacher_logprobs_from_hidden)
+from megatron_opd.procs import free_port
+
+N, V, D_T, D_S = 11, 13, 6, 5  # tokens, true vocabulary (odd: TP=2 pads it to 14), hidden sizes
+V_PAD = 14
+
+
+def _inputs(seed: int):
+    """float64 student logits (wide spread), teacher hidden and head, student hidden and head,
+    per-token weights; padded to V_PAD with junk in the padding column (must never count)."""
+    g = torch.Generator().manual_seed(seed)
+    wt = torch.randn(V_PAD, D_T, generator=g, dtype=torch.float64)
+    ht = 1.5 * torch.randn(N, D_T, generator=g, dtype=torch.float64)
+    ws = torch.randn(V_PAD, D_S, generator=g, dtype=torch.float64)
+    hs = 1.5 * torch.randn(N, D_S, generator=g, dtype=torch.float64)
+    z = 3 * torch.randn(N, V_PAD, generator=g, dtype=torch.float64)
+    z[:, V:] = 50.0  # padding junk: a huge logit that would dominate if it were read
+    wt[V:] = 7.0
+    w = torch.randn(N, generator=g, dtype=torch.float64)
+    temp = 0.5 + torch.rand(N, generator=g, dtype=torch.float64)
+    return z, ht, wt, hs, ws, w, temp
+
+
+def _reference(z, ht, wt, kind, temp):
+    """Per-token divergence from the full [N, V] logits of both models (padding dropped), float64."""
+    t = temp if torch.is_tensor(temp) else torch.tensor(float(temp), dtype=torch.float64)
+    t = t.reshape(-1, 1) if t.dim() else t
+    lp = torch.log_softmax(z[:, :V].double() / t, -1)
+    lq = torch.log_softmax(ht.double() @ wt[:V].double().T / t, -1)
+    p, q = lp.exp(), lq.exp()
+    if kind == "reverse":
+        return torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)
+    if kind == "forward":
+        return (q * (lq - lp)).sum(-1)
+    lm = torch.logaddexp(lp, lq) - torch.log(torch.tensor(2.0, dtype=torch.float64))
+    return 0.5 * torch.where(p > 0, p * (lp - lm), torch.zeros_like(p)).sum(-1) \
+        + 0.5 * (q * (lq - lm)).sum(-1)
+
+
+def _head(wt, rank=0, tp=1, dtype=torch.float32):
+    vl = V_PAD // tp
+    return TeacherHead(weight=wt[rank * vl:(rank + 1) * vl].to(dtype).clone(), vocab_size=V,
+                       tp_rank=rank, tp_size=tp)
+
+
+def _grads(fn, tensors, w):
+    ts = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*ts)
+    gs = torch.autograd.grad((out * w.to(out.dtype)).sum(), ts)
+    return out.detach(), [g.detach() for g in gs]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("temp", ["one", "scalar", "per_token"])
+def test_value_and_gradient_match_float64_reference(kind, temp):
+    z, ht, wt, hs, ws, w, tt = _inputs(1)
+    T = {"one": 1.0, "scalar": 0.7, "per_token": tt}[temp]
+    Tf = T if not torch.is_tensor(T) else T.float()
+    ref, (gref,) = _grads(lambda x: _reference(x, ht, wt, kind, T), [z], w)
+    gref = torch.cat([gref[:, :V], torch.zeros(N, V_PAD - V, dtype=torch.float64)], 1)
+    # fp32 student logits, fp32 head (chunked: 4 tokens) against the float64 reference
+    got, (g,) = _grads(lambda x: hidden_teacher_kl(x, ht.float(), _head(wt), kind=kind,
+                                                   temperature=Tf, chunk_tokens=4), [z.float()], w)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(g.double(), gref, atol=2e-5, rtol=1e-4)
+    assert torch.equal(g[:, V:], torch.zeros_like(g[:, V:]))  # padding: exactly 0
+    # fused: the student's logits are hs @ ws^T (never materialised by the function)
+    reff, grf = _grads(lambda h, w_: _reference(h @ w_.T, ht, wt, kind, T), [hs, ws], w)
+    gotf, gf = _grads(lambda h, w_: fused_hidden_kl(h, w_, ht.float(), _head(wt), kind=kind,
+                                                    temperature=Tf, chunk_tokens=3),
+                      [hs.float(), ws.float()], w)
+    torch.testing.assert_close(gotf.double(), reff, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(gf[0].double(), grf[0], atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(gf[1][:V].double(), grf[1][:V], atol=5e-5, rtol=1e-4)
+    assert torch.equal(gf[1][V:], torch.zeros_like(gf[1][V:]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck_float64(kind):
+    z, ht, wt, hs, ws, _, tt = _inputs(2)
+    head = _head(wt, dtype=torch.float64)
+    T = tt[:4]
+    assert torch.autograd.gradcheck(
+        lambda x: hidden_teacher_kl(x, ht[:4], head, kind=kind, temperature=T, chunk_tokens=3),
+        (z[:4].clone().requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        lambda h, w_: fused_hidden_kl(h, w_, ht[:4], head, kind=kind, temperature=T,
+                                      chunk_tokens=3),
+        (hs[:4].clone().requires_grad_(), ws.clone().requires_grad_()))
+
+
+def test_masked_logits_rows_and_empty():
+    z, ht, wt, *_ = _inputs(3)
+    z = z.float()
+    z[0, :5] = -torch.inf  # masked student logits: p = 0 there
+    head = _head(wt)
+    zz = z.clone().requires_grad_()
+    rev = hidden_teacher_kl(zz, ht.float(), head)
+    rev.sum().backward()
+    torch.testing.assert_close(rev.double(), _reference(z.double(), ht, wt, "reverse", 1.0),
+                               atol=2e-5, rtol=1e-5)
+    assert torch.isfinite(zz.grad).all() and torch.equal(zz.grad[0, :5], torch.zeros(5))
+    # forward KL puts teacher mass where the student has none: +inf, as the closed form
+    fwd = hidden_teacher_kl(z, ht.float(), head, kind="forward")
+    assert torch.isinf(fwd[0]) and torch.isfinite(fwd[1:]).all()
+    # rows: token i reads logits row rows[i]; unread rows get exactly 0 gradient, a row read
+    # twice gets both contributions
+    rows = torch.tensor([2, 5, 5, 9])
+    zz = z.clone().requires_grad_()
+    out = hidden_teacher_kl(zz, ht[:4].float(), head, rows=rows, chunk_tokens=3)
+    (out * torch.tensor([1.0, 2.0, -1.0, 0.5])).sum().backward()
+    ref_in = z.double()[rows].requires_grad_()
+    r = _reference(ref_in, ht[:4], wt, "reverse", 1.0)
+    (r * torch.tensor([1.0, 2.0, -1.0, 0.5], dtype=torch.float64)).sum().backward()
+    torch.testing.assert_close(out.double(), r.detach(), atol=2e-5, rtol=1e-5)
+    expect = torch.zeros(N, V_PAD, dtype=torch.float64)
+    expect[:, :V].index_add_(0, rows, ref_in.grad[:, :V])
+    torch.testing.assert_close(zz.grad.double(), expect, atol=2e-5, rtol=1e-4)
+    # no tokens: empty result, zero gradient
+    ze = torch.randn(0, V_PAD, requires_grad=True)
+    e = hidden_teacher_kl(ze, torch.zeros(0, D_T), head)
+    assert e.shape == (0,)
+    e.sum().backward()
+    assert ze.grad.shape == (0, V_PAD)
+    assert teacher_logprobs_from_hidden(head, torch.zeros(0, D_T), torch.zeros(0, 2, dtype=torch.long)).shape == (0, 2)
+
+
+def test_teacher_logprobs_and_validation():
+    _, ht, wt, *_ = _inputs(4)
+    head = _head(wt)
+    ids = torch.tensor([[0, V - 1, 3]] * N)
+    ref = torch.log_softmax(ht @ wt[:V].T / 0.8, -1).gather(1, ids)
+    got = teacher_logprobs_from_hidden(head, ht.bfloat16(), ids, temperature=0.8, chunk_tokens=4)
+    ref_bf = torch.log_softmax(ht.bfloat16().double() @ wt[:V].float().double().T / 0.8, -1).gather(1, ids)
+    torch.testing.assert_close(got.double(), ref_bf, atol=2e-5, rtol=1e-5)  # bf16 hidden: exact of its values
+    assert (got.double() - ref).abs().max() > 0  # (and bf16 rounding is visible)
+    one = teacher_logprobs_from_hidden(head, ht.float(), ids[:, 1])
+    torch.testing.assert_close(one.double(), torch.log_softmax(ht @ wt[:V].T, -1)[:, V - 1],
+                               atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="out of range"):
+        teacher_logprobs_from_hidden(head, ht.float(), torch.full((N, 1), V))
+    with pytest.raises(ValueError, match="kind"):
+        hidden_teacher_kl(torch.zeros(N, V_PAD), ht.float(), head, kind="tv")
+    with pytest.raises(ValueError, match="vocab shard"):
+        hidden_teacher_kl(torch.zeros(N, V_PAD + 2), ht.float(), head)
+    with pytest.raises(ValueError, match="hidden size"):
+        hidden_teacher_kl(torch.zeros(N, V_PAD), torch.zeros(N, D_T + 1), head)
+    with pytest.raises(ValueError, match="temperature"):
+        hidden_teacher_kl(torch.zeros(N, V_PAD), ht.float(), head, temperature=0.0)
+
+
+# --- two processes, gloo, TP=2 -------------------------------------------------------------
+
+def _tp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        group = dist.new_group([0, 1])
+        z, ht, wt, hs, ws, w, tt = _inputs(5)
+        vl = V_PAD // 2
+        head = _head(wt, rank, 2)
+        res = {}
+        for kind in KINDS:
+            res[kind] = _grads(lambda x: hidden_teacher_kl(
+                x, ht.float(), head, group=group, kind=kind, temperature=tt.float(),
+                chunk_tokens=4), [z.float()[:, rank * vl:(rank + 1) * vl]], w)
+            res["fused_" + kind] = _grads(lambda h, w_: fused_hidden_kl(
+                h, w_, ht.float(), head, group=group, kind=kind, temperature=tt.float(),
+                chunk_tokens=5), [hs.float(), ws.float()[rank * vl:(rank + 1) * vl]], w)
+        ids = torch.tensor([[0, V - 1, 6, 7]] * N)
+        res["logprobs"] = teacher_logprobs_from_hidden(head, ht.float(), ids, group=group,
+                                                       temperature=tt.float(), chunk_tokens=4)
+        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tp2_gloo_equals_one_rank(tmp_path):
+    mp.spawn(_tp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    z, ht, wt, hs, ws, w, tt = _inputs(5)
+    head = _head(wt)
+    for kind in KINDS:
+        one, (g1,) = _grads(lambda x: hidden_teacher_kl(x, ht.float(), head, kind=kind,
+                                                        temperature=tt.float(), chunk_tokens=4),
+                            [z.float()], w)
+        for r in range(2):
+            torch.testing.assert_close(ranks[r][kind][0], one, atol=1e-5, rtol=1e-5)
+        assert torch.equal(ranks[0][kind][0], ranks[1][kind][0])  # replicated
+        full = torch.cat([ranks[0][kind][1][0], ranks[1][kind][1][0]], dim=1)
+        torch.testing.assert_close(full, g1, atol=1e-5, rtol=1e-5)
+        onef, gf = _grads(lambda h, w_: fused_hidden_kl(h, w_, ht.float(), head, kind=kind,
+                                                        temperature=tt.float(), chunk_tokens=5),
+                          [hs.float(), ws.float()], w)
+        for r in range(2):
+            torch.testing.assert_close(ranks[r]["fused_" + kind][0], onef, atol=1e-5, rtol=1e-5)
+            # the hidden's gradient is all-reduced: the full one on every rank
+            torch.testing.assert_close(ranks[r]["fused_" + kind][1][0], gf[0], atol=1e-5, rtol=1e-5)
+        wfull = torch.cat([ranks[0]["fused_" + kind][1][1], ranks[1]["fused_" + kind][1][1]], 0)
+        torch.testing.assert_close(wfull, gf[1], atol=1e-5, rtol=1e-5)
+    ids = torch.tensor([[0, V - 1, 6, 7]] * N)
+    ref = torch.log_softmax(ht @ wt[:V].T / tt[:, None], -1).gather(1, ids)
+    for r in range(2):
+        torch.testing.assert_close(ranks[r]["logprobs"].double(), ref, atol=2e-5, rtol=1e-5)
+
+
+# --- a tiny transformers checkpoint --------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["untied", "tied"])
+def tiny_ckpt(request, tmp_path_factory):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(7)
+    cfg = Qwen3Config(vocab_size=37, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                      tie_word_embeddings=request.param == "tied")
+    model = Qwen3ForCausalLM(cfg).float().eval()
+    with torch.no_grad():  # a head different from the embedding where untied
+        if request.param == "untied":
+            model.lm_head.weight.normal_(0, 0.5)
+        model.model.embed_tokens.weight.normal_(0, 0.5)
+    out = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(out, safe_serialization=True)
+    return request.param, out, model
+
+
+def test_from_hf_rows_and_logprobs_equal_transformers(tiny_ckpt):
+    tied, path, model = tiny_ckpt
+    w = model.get_output_embeddings().weight.detach()
+    if tied == "tied":
+        assert torch.equal(w, model.model.embed_tokens.weight)
+    for tp, padded in ((1, None), (2, 40)):
+        for rank in range(tp):
+            head = TeacherHead.from_hf(str(path), tp_rank=rank, tp_size=tp,
+                                       padded_vocab_size=padded)
+            vl = head.v_local
+            assert head.vocab_size == 37 and vl == (37 if padded is None else 40 // tp)
+            lo, hi = rank * vl, min((rank + 1) * vl, 37)
+            assert torch.equal(head.weight[:hi - lo], w[lo:hi])
+            assert torch.equal(head.weight[hi - lo:], torch.zeros_like(head.weight[hi - lo:]))
+    ids = torch.tensor([[3, 9, 1, 36, 20, 5]])
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+    ref = torch.log_softmax(out.logits[0].float(), -1)
+    h = out.hidden_states[-1][0]
+    head = TeacherHead.from_hf(str(path))
+    got = teacher_logprobs_from_hidden(head, h, torch.arange(37).expand(6, 37))
+    assert (got - ref).abs().max() <= 1e-5
+
+
+class _AllocationProbe(TorchDispatchMode):
+    """Storages larger than `bound` bytes that ops return (inputs excluded)."""
+
+    def __init__(self, bound: int, inputs):
+        super().__init__()
+        self.bound, self.big = bound, set()
+        self.skip = {t.untyped_storage().data_ptr() for t in inputs}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                s = t.untyped_storage()
+                if s.nbytes() > self.bound and s.data_ptr() not in self.skip:
+                    self.big.add((s.data_ptr(), s.nbytes()))
+        return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_buffer_beyond_a_chunk(kind):
+    """Forward + backward allocate nothing larger than one float32 [chunk, V] block, except the
+    student logits' gradient; fused, not even that (its gradients are [N, d] and [V, d])."""
+    n, vocab, d, chunk = 96, 80, 4, 8
+    head = TeacherHead(torch.randn(vocab, d), vocab_size=vocab)
+    ht, hs, ws = torch.randn(n, d), torch.randn(n, d, requires_grad=True), torch.randn(vocab, d, requires_grad=True)
+    z = torch.randn(n, vocab, requires_grad=True)
+    probe = _AllocationProbe(chunk * vocab * 4, [z, ht, hs, ws, head.weight])
+    with probe:
+        hidden_teacher_kl(z, ht, head, kind=kind, chunk_tokens=chunk).sum().backward()
+    assert probe.big == {(z.grad.untyped_storage().data_ptr(), n * vocab * 4)}
+    probe = _AllocationProbe(chunk * vocab * 4, [z, ht, hs, ws, head.weight])
+    with probe:
+        fused_hidden_kl(hs, ws, ht, head, kind=kind, chunk_tokens=chunk).sum().backward()
+    assert probe.big == set()
