@@ -167,6 +167,15 @@ class NamedTeacherConfig:
 @dataclass
 class TeacherConfig:
     top_k: int = 0  # teacher top-K log-probs per token (0 = sampled token only)
+    # What the teacher sends per response token (ALGORITHMS.md §10, docs/teachers.md): "sampled"
+    # log q(y_t) (top_k 0); "topk" also the top_k best ids and log-probs (top_k >= 1); "hidden"
+    # also its final hidden state (the learner applies the teacher's output head: the exact
+    # distribution), with the top-K too when top_k >= 1. "auto" (old configs): topk when
+    # top_k >= 1, else sampled; validation resolves it, so the saved config names the signal.
+    signal: Literal["auto", "sampled", "topk", "hidden"] = "auto"
+    # hidden: dtype of the hidden states on the wire (bfloat16: 2 B per value; float32: exact,
+    # for parity checks at 1e-4)
+    hidden_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     num_servers: int = 1  # teacher SGLang servers of the embedded launcher (behind server.router)
     revision: str = "teacher-v0"
     # The temperature the teacher's log-probs are of (carried on every sample as
@@ -905,6 +914,7 @@ def validate(cfg: Config, stand_in_specs: frozenset[str] = frozenset()) -> None:
          f"x rollout.group_size must be <= (async.max_staleness + 1) x train.batch_size = {window} "
          "(a request larger than the staleness window is never admitted)")
     validate_teachers(cfg, need)
+    validate_teacher_signal(cfg, need)
     need(cfg.teacher.mode == "live" or cfg.train.routing_replay == "none", "teacher.mode",
          "offline needs train.routing_replay=none (stored data carries no routing of the "
          "trained policy)")
@@ -1002,6 +1012,23 @@ def validate_teachers(cfg: Config, need) -> None:
          f"must be one of teacher.teachers' names {names}, got {t.default!r}")
     need((t.route_by == "column") == bool(t.route_column.strip()), "teacher.route_column",
          "names the dataset column to route by exactly when teacher.route_by=column")
+
+
+def validate_teacher_signal(cfg: Config, need) -> None:
+    """teacher.signal and teacher.top_k agree; "auto" becomes the signal top_k implies."""
+    t = cfg.teacher
+    if t.signal == "auto":
+        t.signal = "topk" if t.top_k >= 1 else "sampled"
+    need(t.signal != "sampled" or t.top_k == 0, "teacher.top_k",
+         f"must be 0 with teacher.signal=sampled (got {t.top_k}); set teacher.signal=topk to "
+         "send the top-K")
+    need(t.signal != "topk" or t.top_k >= 1, "teacher.top_k",
+         "must be >= 1 with teacher.signal=topk (32 is usual)")
+    if t.signal == "hidden":
+        need(t.mode == "live", "teacher.signal", "hidden states are not kept in the offline "
+             "store (teacher.mode=offline): use teacher.signal=topk or sampled offline")
+        need(not t.teachers, "teacher.signal", "hidden needs one teacher (the learner holds "
+             "one teacher's output head): teacher.teachers must be empty")
 
 
 def run_teacher_spec(cfg: Config) -> MoEModelSpec:

@@ -14,7 +14,7 @@ consumers derive their lists from it:
   (`FROM_BATCH`, tested against this table).
 
 Shape letters: P prompt length, T response length, K teacher top-K width (may be 0), S = P+T-1
-input positions of a sample, N MoE layers, R router top-k; in the batch B samples, L = max(P+T)
+input positions of a sample, N MoE layers, R router top-k, D the teacher's hidden size; in the batch B samples, L = max(P+T)
 input length, T = max T. A sample shape starting with P or T is ragged: padded in the batch
 (right, with `pad`) and stored flat with offsets in the offline store.
 
@@ -60,6 +60,7 @@ VALUE_CHECKS = {
     "0/1": "bad_value: every entry is 0 or 1",
     "logprob": "non_finite / bad_value: finite and <= 0 (1e-4 slack)",
     "finite": "non_finite: no NaN/inf",
+    "finite_bf16": "non_finite: no NaN/inf (uint16 frames are bfloat16 bit patterns)",
     "versions": "bad_versions: >= 0 and non-decreasing",
 }
 # Micro-batch conditions (`reads`), resolved by learner/losses.py:objective_fields:
@@ -67,6 +68,7 @@ READS = {
     "always": "every objective",
     "topk": "an objective that reads the teacher's top-K (losses._wants_topk)",
     "grpo_opd": "the grpo_opd term",
+    "hidden": "an objective that reads the teacher's hidden states (teacher.signal=hidden)",
 }
 
 # Order matters twice: the Sample tensors are in frame order (the wire format of schema versions
@@ -121,6 +123,14 @@ FIELDS: tuple[SampleField, ...] = (
     F("routed_experts", TENSOR, "the rollout engine's experts per input position (R3)",
       wire=("uint8", "int16", "int32"), shape="SNR", batch="int64", batch_shape="BLNR",
       optional=True),
+    # teacher.signal=hidden (ALGORITHMS.md §10): row t is the teacher's final hidden state (after
+    # its final norm, as SGLang returns it) at the input position whose logits predict response
+    # token t, i.e. the positions of teacher_logprobs. Wire: uint16 = bfloat16 bits (numpy has no
+    # bfloat16; `bf16_bits_to_float32` is exact), float32 with teacher.hidden_dtype=float32.
+    # Multi-turn tool tokens carry zero rows (masked). Not in the offline store (config refuses).
+    F("teacher_hidden", TENSOR, "the teacher's final hidden state at each response position",
+      wire=("uint16", "float32"), shape="TD", batch="float32", batch_shape="BTD", pad=0,
+      optional=True, values="finite_bf16", reads="hidden"),
 )
 del F
 
@@ -137,9 +147,28 @@ def batch_fields(table=FIELDS) -> tuple[SampleField, ...]:
 
 
 def ragged_copied(table=FIELDS) -> tuple[SampleField, ...]:
-    """Sample tensors `collate` copies into [B, T, ...] batch tensors, right-padded with `pad`."""
+    """Sample tensors `collate` copies into [B, T, ...] batch tensors, right-padded with `pad`
+    (the optional ones are collated where present: learner/batch.py)."""
     return tuple(f for f in table if f.source == TENSOR and f.batch is not None
-                 and f.shape[:1] == "T" and f.batch_shape == "B" + f.shape)
+                 and not f.optional and f.shape[:1] == "T" and f.batch_shape == "B" + f.shape)
+
+
+def bf16_bits_to_float32(bits):
+    """uint16 bfloat16 bit patterns (numpy array) -> float32, exactly (bf16 is fp32's top half)."""
+    import numpy as np
+
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16_bits(x):
+    """float32 -> uint16 bfloat16 bit patterns, rounded to nearest even (torch's conversion);
+    NaN stays NaN."""
+    import numpy as np
+
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return np.where(nan, np.uint16(0x7FC0), rounded)
 
 
 def stored_ragged(table=FIELDS) -> dict[str, str]:

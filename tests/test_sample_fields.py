@@ -1,6 +1,6 @@
 """The field table (megatron_opd/sample_fields.py) is the one declaration of the per-token and
 per-sample fields: every consumer's list is derived from it or checked against it, and the wire
-format (schema version 3) and the offline store layout (version 3) it produces are the ones peers
+format (schema version 4) and the offline store layout (version 3) it produces are the ones peers
 and stores use."""
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ WIRE_V3 = {
     "teacher_logprobs": ("float32",), "teacher_topk_ids": ("int32",),
     "teacher_topk_logprobs": ("float32",), "routed_experts": ("uint8", "int16", "int32"),
 }
+# Version 4 appended one optional frame: the teacher's hidden states (bfloat16 bits / float32).
+WIRE_V4 = {**WIRE_V3, "teacher_hidden": ("uint16", "float32")}
 # Per-sample numbers in a version-3 Sample header.
 HEADER_SCALARS_V3 = {"reward", "temperature", "top_p", "teacher_temperature"}
 # The shard layout of offline store version 3 (version 2 had no teacher_temperature; a change
@@ -44,10 +46,11 @@ STORE_V3 = {
 NEW = sf.SampleField("teacher_entropy", sf.TENSOR, "entropy of the teacher per response token",
                      wire=("float32",), shape="T", batch="float32", batch_shape="BT", pad=0,
                      store="float32", values="finite", reads="topk")
-EXTENDED = sf.FIELDS[:-1] + (NEW,) + sf.FIELDS[-1:]  # optional routed_experts stays last
+EXTENDED = sf.FIELDS[:-2] + (NEW,) + sf.FIELDS[-2:]  # the optional fields stay last
 
 
-def make_sample(P=3, T=4, K=2, routed=False, seed=0, **kw) -> Sample:
+def make_sample(P=3, T=4, K=2, routed=False, seed=0, D=5, **kw) -> Sample:
+    """routed=True: with the optional tensors (routed experts, the teacher's bf16 hidden states)."""
     rng = np.random.default_rng(seed)
     s = Sample(
         sample_id=f"s{seed}", group_id=f"g{seed % 2}",
@@ -60,6 +63,7 @@ def make_sample(P=3, T=4, K=2, routed=False, seed=0, **kw) -> Sample:
         teacher_topk_ids=rng.integers(0, 30, (T, K)).astype(np.int32),
         teacher_topk_logprobs=-rng.random((T, K)).astype(np.float32),
         routed_experts=rng.integers(0, 8, (P + T - 1, 2, 2)).astype(np.int16) if routed else None,
+        teacher_hidden=sf.float32_to_bf16_bits(rng.standard_normal((T, D))) if routed else None,
         reward=float(rng.random()), temperature=0.7, top_p=0.9)
     for k, v in kw.items():
         setattr(s, k, v)
@@ -67,13 +71,13 @@ def make_sample(P=3, T=4, K=2, routed=False, seed=0, **kw) -> Sample:
 
 
 # ------------------------------------------------------------------------------ transport
-def test_schema_tensors_are_the_tables_and_the_v3_wire_contract():
-    assert SCHEMA_VERSION == 3
-    assert Sample.TENSORS == sf.wire_tensors() == WIRE_V3
-    assert list(Sample.TENSORS) == list(WIRE_V3)  # frame order
+def test_schema_tensors_are_the_tables_and_the_v4_wire_contract():
+    assert SCHEMA_VERSION == 4
+    assert Sample.TENSORS == sf.wire_tensors() == WIRE_V4
+    assert list(Sample.TENSORS) == list(WIRE_V4)  # frame order
     # the dataclass lists them in that order (encode walks the dataclass fields)
     names = [f.name for f in dataclasses.fields(Sample)]
-    assert [n for n in names if n in Sample.TENSORS] == list(WIRE_V3)
+    assert [n for n in names if n in Sample.TENSORS] == list(WIRE_V4)
     # the table's per-sample numbers are header fields of Sample
     scalars = [f.name for f in sf.FIELDS if f.source == sf.SCALAR]
     assert set(scalars) == HEADER_SCALARS_V3 and set(scalars) <= set(names) - set(Sample.TENSORS)
@@ -83,12 +87,13 @@ def test_schema_tensors_are_the_tables_and_the_v3_wire_contract():
     head = orjson.loads(bytes(frames[0]))
     assert HEADER_SCALARS_V3 <= set(head["fields"])
     assert [(e["name"], e["dtype"]) for e in head["tensors"]] == [
-        (n, d[0] if n != "routed_experts" else "int16") for n, d in WIRE_V3.items()]
+        (n, d[0] if n != "routed_experts" else "int16") for n, d in WIRE_V4.items()]
 
 
 def test_adding_a_field_reaches_every_derived_list():
     assert sf.wire_tensors(EXTENDED)["teacher_entropy"] == ("float32",)
-    assert list(sf.wire_tensors(EXTENDED))[-2:] == ["teacher_entropy", "routed_experts"]
+    assert list(sf.wire_tensors(EXTENDED))[-3:] == ["teacher_entropy", "routed_experts",
+                                                    "teacher_hidden"]
     assert sf.stored_ragged(EXTENDED)["teacher_entropy"] == "float32"
     assert NEW in sf.ragged_copied(EXTENDED) and NEW in sf.batch_fields(EXTENDED)
     assert "teacher_entropy" in sf.micro_batch_fields({"always", "topk"}, EXTENDED)
@@ -109,14 +114,15 @@ def _break(sample: Sample, f: sf.SampleField, how: str) -> None:
         setattr(sample, f.name, arr[..., None])
     else:  # a value the check refuses
         arr = arr.copy()
-        arr.flat[0] = {"0/1": 2, "finite": np.nan, "logprob": 0.5}.get(f.values, arr.flat[0])
+        arr.flat[0] = {"0/1": 2, "finite": np.nan, "logprob": 0.5,
+                       "finite_bf16": 0x7F80}.get(f.values, arr.flat[0])  # bf16 +inf
         if f.values == "versions":
             arr[:] = np.arange(arr.shape[0])[::-1]
         setattr(sample, f.name, arr)
 
 
 VALUE_REASONS = {"0/1": "bad_value", "finite": "non_finite", "logprob": "bad_value",
-                 "versions": "bad_versions"}
+                 "versions": "bad_versions", "finite_bf16": "non_finite"}
 
 
 @pytest.mark.parametrize("f", [f for f in sf.FIELDS if f.source == sf.TENSOR],
@@ -196,7 +202,7 @@ def test_collate_allocates_and_pads_as_the_table_says(routed):
     batch, _ = collate(samples, pad_id, step=2, max_staleness=None)
     B, T = len(samples), max(s.num_tokens for s in samples)
     sizes = {"B": B, "T": T, "K": 2, "L": max(len(s.prompt_ids) + s.num_tokens for s in samples),
-             "N": 2, "R": 2}
+             "N": 2, "R": 2, "D": 5}
     for f in sf.batch_fields():
         t = getattr(batch, f.batch_attr)
         if f.optional and not routed:

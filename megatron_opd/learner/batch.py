@@ -44,6 +44,9 @@ class TrainBatch:
     interrupt_logprobs: torch.Tensor
     # [B, L, layers, top_k] int64: the rollout engine's experts per input position (R3), or None
     routed_experts: torch.Tensor | None = None
+    # [B, T, D] float32: the teacher's final hidden states (teacher.signal=hidden; bfloat16 on
+    # the wire, widened exactly), 0 on padding; None when the samples carry none
+    teacher_hidden: torch.Tensor | None = None
 
 
 @dataclass
@@ -119,6 +122,7 @@ def collate(samples, pad_id: int, step: int, max_staleness: int | None,
         routed = torch.stack([experts_from_rollout(torch.from_numpy(s.routed_experts.astype(np.int64)),
                                                    L, k) for s in samples])
     out = {name: t(a) for name, a in arrays.items()}
+    out["teacher_hidden"] = _teacher_hidden(samples, T)
     for f in _PER_SAMPLE:
         out[f.batch_attr] = torch.tensor([float(getattr(s, f.name)) for s in samples],
                                          dtype=getattr(torch, f.batch))
@@ -129,6 +133,25 @@ def collate(samples, pad_id: int, step: int, max_staleness: int | None,
         [float(current is not None and s.teacher_revision not in current) for s in samples],
         dtype=torch.float32)
     return TrainBatch(**out, routed_experts=routed), report
+
+
+def _teacher_hidden(samples, T: int) -> torch.Tensor | None:
+    """[B, T, D] float32 from the samples' teacher_hidden (bfloat16 bits or float32), right-padded
+    with 0; None when no sample has one. All or none: a batch mixing signals is a bug upstream."""
+    have = [s.teacher_hidden is not None for s in samples]
+    if not any(have):
+        return None
+    if not all(have):
+        raise ValueError(f"{sum(have)} of {len(samples)} samples carry teacher_hidden: a batch "
+                         "needs all or none (teacher.signal=hidden for every sample)")
+    dims = {s.teacher_hidden.shape[1] for s in samples}
+    if len(dims) != 1:
+        raise ValueError(f"samples disagree on the teacher's hidden size: {sorted(dims)}")
+    out = np.zeros((len(samples), T, dims.pop()), dtype=np.float32)
+    for b, s in enumerate(samples):
+        h = s.teacher_hidden
+        out[b, :h.shape[0]] = sample_fields.bf16_bits_to_float32(h) if h.dtype == np.uint16 else h
+    return torch.from_numpy(out)
 
 
 def response_logits(logits: torch.Tensor, response_index: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ frames (zero-copy, read-only). Nothing is ever pickled. `decode` validates every
 Both ends of a run come from one build, so the version must match exactly: version 2 added the
 sampler fields of `Sample` (`temperature`, `top_p`); version 3 added `teacher_temperature` (the
 temperature the teacher's log-probs are of, which a v3 header must state: a missing one is
-refused, never taken as 1). An older peer is refused ("bad_schema_version"), not guessed at.
+refused, never taken as 1); version 4 added the optional `teacher_hidden` frame (teacher.signal=
+hidden: the teacher's final hidden states, bfloat16 bits as uint16 or float32). An older peer is refused ("bad_schema_version"), not guessed at.
 Version 2 also defines the kinds of the reliable sample channel (`Hello`, `Credit`, `Ack`; see
 `transport/channel.py`). They only travel between a ROUTER `SampleServer` and a DEALER
 `SampleClient`, socket types a pre-channel PUSH/PULL peer cannot even connect to, and every socket
@@ -34,7 +35,8 @@ import orjson
 from megatron_opd import sample_fields
 
 SCHEMA = "megatron-opd"
-SCHEMA_VERSION = 3  # 2: Sample.temperature / Sample.top_p; 3: Sample.teacher_temperature
+SCHEMA_VERSION = 4  # 2: Sample.temperature / Sample.top_p; 3: Sample.teacher_temperature;
+# 4: Sample.teacher_hidden
 MAX_HEADER_BYTES = 1 << 20
 
 
@@ -64,6 +66,8 @@ class Sample:
       <= 0 (1e-4 slack); token_versions >= 0 and non-decreasing (weights only move forward
       while a response is generated).
     - routed_experts, when present, is [P + T - 1, num_moe_layers, top_k].
+    - teacher_hidden, when present, is [T, D] (D the teacher's hidden size), uint16 (bfloat16
+      bit patterns) or float32, every value finite: row t at the position of teacher_logprobs[t].
     - temperature > 0 and 0 < top_p <= 1: the sampler settings that produced response_ids.
     - teacher_temperature > 0: the temperature teacher_logprobs / teacher_topk_logprobs are of
       (the distillation terms score the student at it; ratios against mu use `temperature`).
@@ -89,6 +93,7 @@ class Sample:
     teacher_topk_logprobs: np.ndarray  # float32 [T, K]
     teacher_revision: str = ""
     routed_experts: np.ndarray | None = None
+    teacher_hidden: np.ndarray | None = None  # uint16 (bfloat16 bits) / float32 [T, D]
     reward: float = 0.0
     metadata: dict = field(default_factory=dict)
     created_at: float = 0.0
@@ -412,6 +417,12 @@ def _check_tensors(s: Sample) -> None:
         if values == "0/1":
             if arr.max() > 1:  # unsigned: 0/1 exactly
                 _fail("bad_value", f"{name} must be 0/1")
+        elif values == "finite_bf16":
+            if arr.dtype.kind == "u":  # bfloat16 bits: an all-ones exponent is inf or NaN
+                if ((arr & 0x7F80) == 0x7F80).any():
+                    _fail("non_finite", f"{name} has NaN/inf")
+            elif not np.isfinite(arr).all():
+                _fail("non_finite", f"{name} has NaN/inf")
         elif values in ("finite", "logprob"):
             if not np.isfinite(arr).all():
                 _fail("non_finite", f"{name} has NaN/inf")
