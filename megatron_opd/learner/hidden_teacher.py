@@ -279,7 +279,10 @@ class _HiddenKL(torch.autograd.Function):
             else:
                 s_p = torch.sub(z, m[:, :1], out=tmp).exp_().sum(-1)
                 if kind == "reverse":  # sum_v e^(z-m_p) (z - a); p = 0 terms are exactly 0
-                    cross = torch.sub(z, a, out=z).mul_(tmp).nan_to_num_(nan=0.0).sum(-1)
+                    cross = torch.sub(z, a, out=z).mul_(tmp)
+                    if ws is None:  # given logits may hold -inf (0 * -inf); h_s W_s^T cannot
+                        cross.nan_to_num_(nan=0.0)
+                    cross = cross.sum(-1)
             payload = torch.stack([s_p, s_q] + ([] if kind == "js" else [cross]), dim=1)
             if tp > 1:
                 dist.all_reduce(payload, group=group)
@@ -339,7 +342,9 @@ class _HiddenKL(torch.autograd.Function):
             if kind == "reverse":  # p (log p - log q - KL)
                 torch.exp(z, out=gz)
                 z.sub_(a).sub_(kl_aux[s:e, None])
-                gz.mul_(z).nan_to_num_(nan=0.0)
+                gz.mul_(z)
+                if ws is None:
+                    gz.nan_to_num_(nan=0.0)
             elif kind == "forward":  # p - q
                 torch.exp(z, out=gz).sub_(a.exp_())
             else:  # 1/2 p (log p - log m - KL(p || m))
