@@ -16,13 +16,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import psutil
 import pytest
 
-from megatron_opd.learner.spool import SampleSpool
+from tests.ledger import assert_exactly_once
 from tests.net_listeners import is_loopback, listeners, process_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,26 +242,9 @@ def _snapshot(run_dir):
             for p in sorted(run_dir.rglob("*"))}
 
 
-def _ledger(run_dir):
-    accepted, trained = [], []
-    for line in (run_dir / "ledger.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "accepted" in rec:
-            accepted += rec["accepted"]
-        else:
-            trained.append((rec["step"], rec["trained"]))
-    return accepted, trained
-
-
 def _audit(run_dir, steps: int) -> None:
     """The run's records describe one run of `steps` steps, each sample trained at most once."""
-    accepted, trained = _ledger(run_dir)
-    assert [s for s, _ in trained] == list(range(steps))  # every step once, in order
-    counts = Counter(i for _, ids in trained for i in ids)
-    assert max(counts.values()) == 1  # no id trained twice
-    assert len(accepted) == len(set(accepted))  # none accepted twice
-    leftover = {s.sample_id for _, s in SampleSpool(run_dir / "spool").pending(after=-1)}
-    assert set(accepted) == set(counts) | leftover  # trained, or still spooled
+    assert_exactly_once(run_dir, steps)
     train = [r["step"] for r in _records(run_dir) if "train/loss" in r]
     assert train == list(range(steps))
 

@@ -16,14 +16,13 @@ import os
 import signal
 import subprocess
 import time
-from collections import Counter
 from pathlib import Path
 
 import psutil
 import pytest
 import requests
 
-from megatron_opd.learner.spool import SampleSpool
+from tests.ledger import assert_exactly_once
 from tests.test_e2e_quickstart import ROOT, _records, _train_cmd
 
 pytestmark = pytest.mark.slow
@@ -107,11 +106,6 @@ class FleetRun:
         except FileNotFoundError:
             return {}
 
-    def ledger(self) -> tuple[list[int], dict[int, list[int]]]:
-        from tests.test_exactly_once import _ledger
-
-        return _ledger(self.run_dir)
-
 
 def served_version(url: str) -> int:
     return int(requests.get(f"{url}/model_info", timeout=5).json()["weight_version"])
@@ -141,19 +135,6 @@ def assert_router_serves_like_its_servers(router: str, urls: list[str]) -> None:
     assert len(out) == 2
     for r in out:
         assert len(r.output_ids) == len(r.output_logprobs) == len(r.token_versions) >= 1
-
-
-def assert_exactly_once(run: FleetRun) -> None:
-    """Every accepted sample id was accepted once and trained once, or is still in the spool."""
-    accepted, trained = run.ledger()
-    counts = Counter(i for ids in trained.values() for i in ids)
-    assert counts and max(counts.values()) == 1
-    assert len(accepted) == len(set(accepted))
-    final = run.run_dir / "checkpoints" / (run.run_dir / "checkpoints" / "latest").read_text().strip()
-    through = json.loads((final / "meta.json").read_text())["data_cursor"]["consumed_through"]
-    leftover = {s.sample_id for _, s in SampleSpool(run.run_dir / "spool").pending(after=through)}
-    assert not leftover & set(counts)
-    assert set(accepted) == set(counts) | leftover
 
 
 def test_a_killed_rollout_server_is_drained_restarted_and_rejoins(tmp_path):
@@ -199,7 +180,7 @@ def test_a_killed_rollout_server_is_drained_restarted_and_rejoins(tmp_path):
     assert [r["weights/version"] for r in train] == list(range(1, steps + 1))
     assert json.loads((run.run_dir / "server_restarts.json").read_text()) == \
         {"teacher": 0, "rollout-0": 0, "rollout-1": 1}
-    assert_exactly_once(run)
+    assert_exactly_once(run.run_dir)
     for name in ("teacher", "rollout-0", "rollout-1"):
         for key in ("queue", "running", "gen_tokens_per_s", "errors", "restarts", "up"):
             assert f"fleet/{name}/{key}" in stats, (name, key, stats)

@@ -305,5 +305,5 @@ def test_client_without_retries_fails_at_once_and_with_retries_gives_up_at_the_d
     assert time.time() - t0 < 10
 
 
-# The end-to-end run with SIGKILLed servers (and a SIGKILLed learner) is
-# tests/test_exactly_once.py: one pipeline run covers both.
+# End to end: tests/test_fleet.py SIGKILLs a rollout server behind the router, and
+# tests/test_e2e_hf.py a learner, each counting every sample by id.
