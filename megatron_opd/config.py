@@ -1137,10 +1137,17 @@ def validate_objective(cfg: Config) -> None:
     need(all(w >= 0 for w in o.weights) and (not o.weights or sum(o.weights) > 0), "weights",
          "must be >= 0 with a positive sum")
     k = cfg.teacher.top_k
+    # teacher.signal=hidden: lsm, aopd and vopd use the teacher's whole distribution (from its
+    # hidden states) instead of its top-K (docs/teacher-signals.md)
+    hidden = cfg.teacher.signal == "hidden"
     for t in o.terms:
-        need(t not in NEEDS_TOPK or k >= 1, "terms",
-             f"{t} needs the teacher's top-K log-probs: set teacher.top_k >= 1 (32 is usual)")
-    if "vopd" in o.terms:
+        need(t not in NEEDS_TOPK or k >= 1 or hidden, "terms",
+             f"{t} needs the teacher's top-K log-probs: set teacher.top_k >= 1 (32 is usual) "
+             "or teacher.signal=hidden")
+    need(not hidden or "lsm" not in o.terms or o.lsm.log_ratio_clamp == 0, "lsm.log_ratio_clamp",
+         "must be 0 with teacher.signal=hidden (the full-vocabulary LSM is the exact reverse KL, "
+         "unclamped)")
+    if "vopd" in o.terms and not hidden:
         if o.vopd.support == "topk":
             need(k >= 1, "vopd.support", "topk needs teacher.top_k >= 1")
         else:

@@ -301,3 +301,111 @@ def test_no_buffer_beyond_a_chunk(kind):
     with probe:
         fused_hidden_kl(hs, ws, ht, head, kind=kind, chunk_tokens=chunk).sum().backward()
     assert probe.big == set()
+
+
+# --- the learner's loss with teacher.signal=hidden -----------------------------------------
+
+def _hidden_case(seed: int):
+    """test_objective_library's micro-batch with its whole teacher distribution as "top-K"
+    (K = V) and, for the hidden path, teacher hidden states whose head (the identity: D = V) gives
+    the same teacher at each sample's teacher temperature (h = teacher logits x T_q)."""
+    from test_objective_library import B as B_, T as T_, V as V_, _batch
+
+    z, d = _batch(seed, full_teacher=True)
+    lq = torch.full((B_, T_, V_), 0.0, dtype=torch.float64)
+    lq.scatter_(-1, d["teacher_topk_ids"], d["teacher_topk_logprobs"].double())
+    lq = torch.log_softmax(lq, -1)  # the fp32-rounded log-probs, normalised again in float64
+    hidden = dict(d)
+    hidden["teacher_hidden"] = lq * d["teacher_temperature"].double()[:, None, None]
+    for name in ("teacher_topk_ids", "teacher_topk_logprobs"):
+        hidden.pop(name)
+    head = TeacherHead(weight=torch.eye(V_, dtype=torch.float64), vocab_size=V_)
+    return z, d, hidden, head, lq
+
+
+def _loss(cfg, z, d, head=None):
+    from megatron_opd.learner.losses import objective_fields, objective_loss_fn
+    from megatron_opd.learner.train_step import MicroBatch
+
+    fields = objective_fields(cfg, hidden=head is not None)
+    mb = MicroBatch(torch.zeros(z.shape[0], z.shape[1], dtype=torch.long),
+                    {f: d[f] for f in fields if f in d})
+    zt = z.clone().requires_grad_()
+    s, n, metrics = objective_loss_fn(cfg, None, teacher_head=head)(zt, mb)
+    loss = s / n
+    (g,) = torch.autograd.grad(loss, zt)
+    return loss.detach(), g, {k: (v / c).detach() for k, (v, c) in metrics.items()}
+
+
+@pytest.mark.parametrize("terms", [["lsm"], ["vopd"], ["sampled_token_opd"]])
+def test_learner_loss_with_hidden_equals_the_full_vocabulary_topk_path(terms):
+    """lsm on the whole vocabulary is the exact reverse KL, vopd's KL the exact one, k_t takes
+    log q(y_t) from the head: equal (value and gradient) to the top-K path given K = V, even when
+    the fleet's sampled log-probs are off (the head's replace them)."""
+    from test_objective_library import _cfg
+
+    z, d, hidden, head, lq = _hidden_case(1)
+    cfg = _cfg(terms, **({"vopd.support": "full"} if terms == ["vopd"] else {}))
+    exact = lq.gather(-1, d["response_ids"][..., None])[..., 0]  # float64 (the batch's is fp32)
+    d["teacher_logprobs"] = torch.where(d["loss_mask"] > 0, exact, d["teacher_logprobs"].double())
+    ref, gref, mref = _loss(cfg, z, d)
+    hidden["teacher_logprobs"] = d["teacher_logprobs"] + 0.5 * (d["loss_mask"] > 0)
+    got, g, m = _loss(cfg, z, hidden, head)
+    assert abs(ref.item()) > 1e-3 and gref.abs().max() > 1e-4
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(g, gref, rtol=1e-8, atol=1e-10)
+    # the exact reverse KL at the teacher temperatures, from the full logits
+    tq = d["teacher_temperature"].double()[:, None, None]
+    lp = torch.log_softmax(z[:, :-1] / tq, -1)
+    lqt = torch.log_softmax(hidden["teacher_hidden"] / tq, -1)
+    kl = (lp.exp() * (lp - lqt)).sum(-1)
+    mask = d["loss_mask"].double()
+    torch.testing.assert_close(m["kl_exact"], (kl * mask).sum() / mask.sum(), rtol=1e-9, atol=1e-10)
+
+
+def test_learner_aopd_with_hidden_uses_the_exact_forward_kl():
+    """AOPD's gated tokens train the forward KL(q || pi) over the whole vocabulary: the loss equals
+    aopd_loss given that KL computed in float64 from the full logits (value and gradient)."""
+    from test_objective_library import _cfg
+
+    from megatron_opd.objectives.compose import ObjectiveInputs, objective_loss
+
+    z, _, hidden, head, _ = _hidden_case(2)
+    cfg = _cfg(["aopd"])
+    got, g, m = _loss(cfg, z, hidden, head)
+    zr = z.clone().requires_grad_()
+    t_ratio = hidden["temperature"].double()[:, None]
+    tq = hidden["teacher_temperature"].double()[:, None, None]
+    lp_all = torch.log_softmax(zr[:, :-1] / tq, -1)
+    lq = torch.log_softmax(hidden["teacher_hidden"] / tq, -1)
+    ids = hidden["response_ids"][..., None]
+    logprobs = torch.log_softmax(zr[:, :-1] / t_ratio[..., None], -1).gather(-1, ids)[..., 0]
+    inp = ObjectiveInputs(
+        mask=hidden["loss_mask"], response_ids=hidden["response_ids"], logprobs=logprobs,
+        behaviour_logprobs=hidden["behaviour_logprobs"],
+        teacher_logprobs=lq.gather(-1, ids)[..., 0], logsumexp=torch.zeros_like(logprobs),
+        distill_logprobs=lp_all.gather(-1, ids)[..., 0].detach(),
+        distill_logsumexp=torch.zeros_like(logprobs),
+        hidden_forward_kl=(lq.exp() * (lq - lp_all)).sum(-1),
+        hidden_reverse_kl=(lp_all.exp() * (lp_all - lq)).sum(-1))
+    ref, n, mr = objective_loss(inp, cfg)
+    (gref,) = torch.autograd.grad(ref, zr)
+    assert 0 < m["aopd/aopd_gate_fraction"] < 1  # both branches train
+    torch.testing.assert_close(got, ref.detach(), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(g, gref, rtol=1e-8, atol=1e-10)
+
+
+def test_config_accepts_full_distribution_terms_with_hidden_and_names_the_clamp():
+    from pathlib import Path
+
+    from megatron_opd.config import ConfigError, load_config
+
+    qs = Path(__file__).resolve().parents[1] / "configs/quickstart.yaml"
+    for term in ("lsm", "aopd", "vopd"):  # no top-K needed: the full distribution replaces it
+        cfg = load_config(qs, ["teacher.signal=hidden", "teacher.top_k=0", f"objective.name={term}"])
+        assert cfg.objective.terms == [term] and cfg.teacher.signal == "hidden"
+    with pytest.raises(ConfigError, match=r"^objective.terms: lsm needs the teacher's top-K"):
+        load_config(qs, ["teacher.signal=sampled", "objective.name=lsm"])
+    with pytest.raises(ConfigError, match=r"^objective.lsm.log_ratio_clamp: must be 0 with"):
+        load_config(qs, ["teacher.signal=hidden", "objective.name=lsm",
+                         "objective.lsm.log_ratio_clamp=5"])

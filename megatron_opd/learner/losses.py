@@ -22,27 +22,33 @@ def response_logits(logits: torch.Tensor, response_index: torch.Tensor) -> torch
     return torch.gather(logits, 1, idx)
 
 
-def objective_fields(objective) -> tuple[str, ...]:
+def objective_fields(objective, hidden: bool = False) -> tuple[str, ...]:
     """The `TrainBatch` fields the configured objective reads (what micro-batches must carry):
-    the field table's (megatron_opd/sample_fields.py) fields whose `reads` condition holds."""
+    the field table's (megatron_opd/sample_fields.py) fields whose `reads` condition holds.
+    `hidden`: teacher.signal=hidden (the teacher's hidden states replace its top-K)."""
     conditions = {"always"}
-    if _wants_topk(objective):
+    if _wants_topk(objective, hidden):
         conditions.add("topk")
+    if hidden:
+        conditions.add("hidden")
     if "grpo_opd" in objective.terms:
         conditions.add("grpo_opd")
     return micro_batch_fields(conditions)
 
 
-def _wants_topk(objective) -> bool:
+def _wants_topk(objective, hidden: bool = False) -> bool:
+    """With the hidden signal, lsm / aopd / vopd use the full distribution (only TIP's top-K
+    divergence still reads the top-K)."""
     from megatron_opd.objectives import NEEDS_TOPK
 
     sel = objective.token_selection
-    return (any(t in NEEDS_TOPK for t in objective.terms) or "vopd" in objective.terms
-            or (sel.method == "tip" and sel.divergence == "topk"))
+    terms = not hidden and (any(t in NEEDS_TOPK for t in objective.terms)
+                            or "vopd" in objective.terms)
+    return terms or (sel.method == "tip" and sel.divergence == "topk")
 
 
 def objective_loss_fn(objective, tp_group, masked_ids: tuple[int, ...] = (),
-                      correction=None) -> LossFn:
+                      correction=None, teacher_head=None) -> LossFn:
     """The configured objective (megatron_opd/objectives/compose.py) on vocab-sharded logits: the
     per-token statistics come from `vocab_parallel_token_stats` (log-prob of y_t, log-normaliser,
     entropy, logits at the teacher's top-K ids: two collectives per chunk), never the gathered
@@ -55,14 +61,22 @@ def objective_loss_fn(objective, tp_group, masked_ids: tuple[int, ...] = (),
     `objective.use_sampler_temperature` (else 1); every distillation quantity (k_t, LSM, AOPD's
     gate and local KL, vOPD's KL, TIP's divergence, kl_sample) is at the sample's
     `teacher_temperature`. Where the two agree on every sample, one statistics pass serves both
-    (bit-identical to a single-temperature loss); otherwise a second pass at the teacher's."""
+    (bit-identical to a single-temperature loss); otherwise a second pass at the teacher's.
+
+    `teacher_head` (teacher.signal=hidden: this TP rank's `TeacherHead`): the micro-batch's
+    `teacher_hidden` [b, T, D] gives the teacher's exact distribution (`hidden_teacher_inputs`):
+    log q(y_t) of the sampled tokens replaces the fleet's, lsm / aopd / vopd use the full
+    vocabulary instead of the top-K, and `kl_exact` (the exact reverse KL) is logged."""
     from megatron_opd.learner.vocab_parallel import vocab_parallel_reverse_kl
     from megatron_opd.objectives.compose import ObjectiveInputs, objective_loss
 
     tip = objective.token_selection.method == "tip"
     want_entropy = objective.log_entropy or tip
-    want_topk = _wants_topk(objective)
-    full_kl = "vopd" in objective.terms and objective.vopd.support == "full"
+    hidden = teacher_head is not None
+    want_topk = _wants_topk(objective, hidden)
+    full_kl = "vopd" in objective.terms and objective.vopd.support == "full" and not hidden
+    reverse_grad = hidden and "lsm" in objective.terms
+    forward_kl = hidden and "aopd" in objective.terms
     proximal = getattr(correction, "proximal", "behaviour")
 
     def loss_fn(logits: torch.Tensor, mb: MicroBatch):
@@ -91,6 +105,11 @@ def objective_loss_fn(objective, tp_group, masked_ids: tuple[int, ...] = (),
             full = vocab_parallel_reverse_kl(
                 logits, d["teacher_topk_ids"], d["teacher_topk_logprobs"], dstats.logsumexp,
                 group=tp_group, temperature=dtemp, positions=pos)
+        teacher_lp, rev, fwd = d["teacher_logprobs"], None, None
+        if hidden:
+            teacher_lp, rev, fwd = hidden_teacher_inputs(
+                logits, d, dtemp, teacher_head, tp_group, reverse_grad=reverse_grad,
+                forward=forward_kl)
         old = d.get("old_logprobs")
         if "proximal_alpha" in d:  # correction.proximal = loglinear / linear: mu <-> pi_theta
             from megatron_opd.learner.proximal import interpolated_logprobs
@@ -99,7 +118,7 @@ def objective_loss_fn(objective, tp_group, masked_ids: tuple[int, ...] = (),
                                         d["proximal_alpha"])
         inp = ObjectiveInputs(
             mask=d["loss_mask"], response_ids=d["response_ids"], logprobs=stats.logprobs,
-            behaviour_logprobs=d["behaviour_logprobs"], teacher_logprobs=d["teacher_logprobs"],
+            behaviour_logprobs=d["behaviour_logprobs"], teacher_logprobs=teacher_lp,
             logsumexp=stats.logsumexp,
             entropy=None if stats.entropy is None else stats.entropy.detach(),
             topk_logits=stats.topk_logits,
@@ -109,13 +128,51 @@ def objective_loss_fn(objective, tp_group, masked_ids: tuple[int, ...] = (),
             # None: the ratio side's statistics are also the distillation side's
             distill_logprobs=None if same else dstats.logprobs,
             distill_logsumexp=None if same else dstats.logsumexp,
-            distill_topk_logits=None if same else dstats.topk_logits)
+            distill_topk_logits=None if same else dstats.topk_logits,
+            hidden_reverse_kl=rev, hidden_forward_kl=fwd)
         loss, n, terms = objective_loss(inp, objective, masked_ids, correction)
         # token-weighted means over the step (ratio maxima do not average: left out)
         metrics = {k: (v * n, n) for k, v in terms.items()
                    if k != "tokens" and not k.endswith("ratio_max")}
         return loss * n, n, metrics
     return loss_fn
+
+
+def hidden_teacher_inputs(logits: torch.Tensor, d: dict, temperature: torch.Tensor | None,
+                          head, tp_group, *, reverse_grad: bool, forward: bool):
+    """From the teacher's hidden states `d["teacher_hidden"]` [b, T, D] and this rank's teacher
+    head: (log q(y_t) [b, T] (exact, from the head: the fleet's value on tokens outside the loss
+    mask), exact reverse KL(pi || q) [b, T] (with grad when `reverse_grad`), forward KL(q || pi)
+    [b, T] with grad or None), the student at `temperature` [b, T] (None: 1), both vocab-parallel
+    and chunked (learner/hidden_teacher.py). Only tokens of the loss mask are computed (0
+    elsewhere); the logits rows are read in place at `response_index`."""
+    from megatron_opd.learner.hidden_teacher import (hidden_teacher_kl,
+                                                     teacher_logprobs_from_hidden)
+
+    b, s, v = logits.shape
+    pos = d["response_index"]
+    t_len = pos.shape[1]
+    if head.weight.device != logits.device:  # loaded on the CPU; moved once
+        head.weight = head.weight.to(logits.device)
+    keep = torch.nonzero((d["loss_mask"] > 0).reshape(-1)).view(-1)
+    rows = (pos.long() + torch.arange(b, device=pos.device)[:, None] * s).reshape(-1)[keep]
+    ht = d["teacher_hidden"].to(logits.device).reshape(b * t_len, -1)[keep]
+    temp = 1.0 if temperature is None else temperature.reshape(-1)[keep]
+    flat = logits.reshape(b * s, v)
+    lq = teacher_logprobs_from_hidden(head, ht, d["response_ids"].reshape(-1)[keep],
+                                      group=tp_group, temperature=temp)
+    teacher_lp = d["teacher_logprobs"].to(lq.dtype).reshape(-1).index_put((keep,), lq)
+
+    def per_token(kind):
+        kl = hidden_teacher_kl(flat, ht, head, group=tp_group, kind=kind, temperature=temp,
+                               rows=rows)
+        return torch.zeros(b * t_len, dtype=kl.dtype, device=kl.device).index_put(
+            (keep,), kl).view(b, t_len)
+
+    with torch.set_grad_enabled(reverse_grad and torch.is_grad_enabled()):
+        rev = per_token("reverse")
+    fwd = per_token("forward") if forward else None
+    return teacher_lp.view(b, t_len), rev, fwd
 
 
 def ratio_temperatures(objective, data: dict) -> torch.Tensor:

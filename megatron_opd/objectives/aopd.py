@@ -43,11 +43,16 @@ def aopd_loss(logprobs: torch.Tensor, kl_logprobs: torch.Tensor, old_logprobs: t
               pg_form: str = "clipped", clip_eps_low: float = 0.2, clip_eps_high: float = 0.28,
               discrepancy_weight: torch.Tensor | None = None,
               discrepancy_mask: torch.Tensor | None = None, dual_clip: float = 0.0,
+              local_kl: torch.Tensor | None = None,
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """logprobs [..., T] (with grad): current log pi_theta(y_t); kl_logprobs: the pi of A_t and
     the gate (a constant); student_topk_logprobs [..., T, K] (with grad): full-softmax
     log pi_theta at the teacher's top-K ids; teacher_topk_logprobs [..., T, K]: log q there.
-    discrepancy_weight / discrepancy_mask / dual_clip: the §6 r_d treatment of the PG branch."""
+    discrepancy_weight / discrepancy_mask / dual_clip: the §6 r_d treatment of the PG branch.
+    local_kl [..., T] (with grad; teacher.signal=hidden): the local term over the whole
+    vocabulary, KL(q || pi_theta) exactly, used instead of the top-K sum (the two top-K arguments
+    are then unused, may be None). The top-K form's 1/K is not carried over: with K = V it would
+    scale the term to nothing; the full KL is the sum the top-K form truncates."""
     if pg_form not in PG_FORMS:
         raise ValueError(f"objective.aopd.pg_form: unknown {pg_form!r}; known: {list(PG_FORMS)}")
     maskf = mask.to(logprobs.dtype)
@@ -57,10 +62,14 @@ def aopd_loss(logprobs: torch.Tensor, kl_logprobs: torch.Tensor, old_logprobs: t
     gate = gated.to(logprobs.dtype)
     ungated = live & ~gated
     # each branch sees only its own tokens: junk (or -inf) of the other cannot reach it
-    m = gated[..., None]
-    lq = torch.where(m, teacher_topk_logprobs.to(logprobs.dtype), torch.zeros_like(student_topk_logprobs))
-    lp = torch.where(m, student_topk_logprobs, torch.zeros_like(student_topk_logprobs))
-    local = masked_where(local_forward_kl(lq, lp), gate)
+    if local_kl is not None:
+        local = masked_where(local_kl.to(logprobs.dtype), gate)
+    else:
+        m = gated[..., None]
+        lq = torch.where(m, teacher_topk_logprobs.to(logprobs.dtype),
+                         torch.zeros_like(student_topk_logprobs))
+        lp = torch.where(m, student_topk_logprobs, torch.zeros_like(student_topk_logprobs))
+        local = masked_where(local_forward_kl(lq, lp), gate)
     kept = ungated if discrepancy_mask is None else ungated & (discrepancy_mask > 0)
     pg_adv = masked_where(adv, ungated)
     if pg_form == "plain":

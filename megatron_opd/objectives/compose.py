@@ -33,7 +33,8 @@ import torch
 
 from megatron_opd.objectives.aopd import aopd_loss
 from megatron_opd.objectives.grpo import grpo_opd_loss
-from megatron_opd.objectives.lsm import first_occurrence_mask, lsm_loss, renormalised_topk_reverse_kl
+from megatron_opd.objectives.lsm import (first_occurrence_mask, full_lsm_loss, lsm_loss,
+                                         renormalised_topk_reverse_kl)
 from megatron_opd.objectives.offpolicy import discrepancy_weights, offpolicy_metrics, quantiles
 from megatron_opd.objectives.policy_gradient import masked_mean, masked_where
 from megatron_opd.objectives.sampled_token_opd import (opd_advantages, pick_kl_logprobs,
@@ -69,6 +70,11 @@ class ObjectiveInputs:
     distill_logprobs: torch.Tensor | None = None  # log pi_{T_q}(y_t) (constant where used)
     distill_logsumexp: torch.Tensor | None = None  # (grad) log-normaliser of z / T_q
     distill_topk_logits: torch.Tensor | None = None  # (grad) [b, T, K] z / T_q at top-K ids
+    # teacher.signal=hidden (ALGORITHMS.md §10; learner/hidden_teacher.py): the exact divergences
+    # against the teacher's whole distribution, the student at the teacher's temperature; given,
+    # lsm, aopd and vopd use them instead of the teacher's top-K (docs/teacher-signals.md)
+    hidden_reverse_kl: torch.Tensor | None = None  # (grad) KL(pi || q) per token
+    hidden_forward_kl: torch.Tensor | None = None  # (grad) KL(q || pi) per token (aopd)
 
 
 # The inputs that are training-batch fields as they are (input -> TrainBatch attribute, declared
@@ -136,6 +142,8 @@ def objective_loss(inp: ObjectiveInputs, cfg, masked_ids=(), correction=None) ->
             metrics["entropy"] = masked_mean(inp.entropy, mask)
         k = masked_where(inp.distill_logprobs - inp.teacher_logprobs, mask)
         metrics["kl_sample"] = masked_mean(k, mask)
+        if inp.hidden_reverse_kl is not None:  # the exact reverse KL, not a one-sample estimate
+            metrics["kl_exact"] = masked_mean(inp.hidden_reverse_kl.detach(), mask)
         metrics["mismatch_abs"] = masked_mean((inp.logprobs - inp.behaviour_logprobs).abs(), mask)
         if first_pg is not None:
             # over the final mask (the caller's token weights); clip and active fractions are
@@ -181,16 +189,24 @@ def _term(name: str, inp: ObjectiveInputs, cfg, mask, old, kl_lp, return_mask, o
                                           cfg.discount), mask)
         m.pop("tokens"), m.pop("kl_sample"), m.pop("mismatch_abs")
         return loss, m | _quantiles("advantage", adv, mask)
+    if name == "lsm" and inp.hidden_reverse_kl is not None:  # support = the whole vocabulary
+        return full_lsm_loss(inp.hidden_reverse_kl, mask)
     if name == "lsm":
         return lsm_loss(inp.distill_topk_logits, inp.teacher_topk_logprobs, mask,
                         log_ratio_clamp=cfg.lsm.log_ratio_clamp, logsumexp=inp.distill_logsumexp)
     if name == "aopd":
+        if inp.hidden_forward_kl is not None:  # the local KL over the whole vocabulary
+            return aopd_loss(inp.logprobs, kl_lp, old, inp.teacher_logprobs, None, None, mask,
+                             tau=cfg.aopd.tau, pg_form=cfg.aopd.pg_form,
+                             local_kl=inp.hidden_forward_kl, **pg)
         student_topk_logprobs = inp.distill_topk_logits - inp.distill_logsumexp.unsqueeze(-1)
         return aopd_loss(inp.logprobs, kl_lp, old, inp.teacher_logprobs, student_topk_logprobs,
                          inp.teacher_topk_logprobs, mask, tau=cfg.aopd.tau,
                          pg_form=cfg.aopd.pg_form, **pg)
     if name == "vopd":
-        if cfg.vopd.support == "full":
+        if inp.hidden_reverse_kl is not None:  # exact, whatever vopd.support says
+            kl = inp.hidden_reverse_kl.detach()
+        elif cfg.vopd.support == "full":
             kl = inp.full_reverse_kl
         else:
             m3 = mask[..., None] > 0
@@ -217,7 +233,8 @@ def _in_compute_dtype(inp: ObjectiveInputs) -> ObjectiveInputs:
     dt = inp.logprobs.dtype
     out = ObjectiveInputs(**vars(inp))
     for name in ("behaviour_logprobs", "teacher_logprobs", "old_logprobs", "teacher_topk_logprobs",
-                 "full_reverse_kl", "sample_advantages", "entropy"):
+                 "full_reverse_kl", "sample_advantages", "entropy", "hidden_reverse_kl",
+                 "hidden_forward_kl"):
         t = getattr(out, name)
         if t is not None and t.is_floating_point() and t.dtype != dt:
             setattr(out, name, t.to(dt))

@@ -52,6 +52,16 @@ def lsm_loss(student_topk_logits: torch.Tensor, teacher_topk_logprobs: torch.Ten
     return loss, metrics
 
 
+def full_lsm_loss(reverse_kl: torch.Tensor, mask: torch.Tensor
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """LSM with the support S_t = the whole vocabulary (teacher.signal=hidden): renormalising
+    inside S_t changes nothing, so the loss is the exact reverse KL(pi || q) per token
+    (`reverse_kl` [..., T], with grad: learner/hidden_teacher.py), token mean over the mask. The
+    teacher's and student's masses on the support are 1 by construction (no metric for them)."""
+    loss = masked_mean(masked_where(reverse_kl, mask), mask)
+    return loss, {"lsm_kl": loss.detach()}
+
+
 def first_occurrence_mask(response_ids: torch.Tensor, mask: torch.Tensor,
                           special_ids: list[int] | tuple[int, ...]) -> torch.Tensor:
     """The loss mask with the first occurrence, in each assistant turn, of each of `special_ids`

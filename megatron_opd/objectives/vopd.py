@@ -5,8 +5,9 @@ closed form, so the advantage
     A_t = lambda * sg(log q(y_t) - log pi(y_t) + KL_t)
 is unbiased with lower variance than -lambda*k_t. KL_t is exact over the full vocabulary (needs the
 teacher's whole distribution: `vocab_parallel_reverse_kl`) or, in the top-k form, the renormalised
-reverse KL on the teacher's top-K support (`lsm.renormalised_topk_reverse_kl`). Trained with the
-clipped §6 loss.
+reverse KL on the teacher's top-K support (`lsm.renormalised_topk_reverse_kl`). With
+teacher.signal=hidden KL_t is always the exact one, from the teacher's hidden states
+(learner/hidden_teacher.py), whatever vopd.support says. Trained with the clipped §6 loss.
 """
 
 from __future__ import annotations
