@@ -1,4 +1,6 @@
-"""GpuMetrics: {} without a GPU; names and units parsed from NVML through a stand-in `pynvml`."""
+"""GpuMetrics: {} without a GPU; names and units parsed from NVML through a stand-in `pynvml`;
+on a GPU machine (bench/gpu_suite.sh runs this file there) real readings checked against
+torch's own view of the device."""
 
 from __future__ import annotations
 
@@ -6,8 +8,12 @@ import sys
 import types
 
 import pytest
+import torch
 
 from megatron_opd.gpu_metrics import GIB, GpuMetrics
+
+HAVE_GPU = torch.cuda.is_available() and getattr(torch.version, "hip", None) is None
+gpu_only = pytest.mark.skipif(not HAVE_GPU, reason="needs an NVIDIA GPU (bench/gpu_suite.sh)")
 
 
 class NVMLError(Exception):
@@ -47,6 +53,7 @@ def fake_pynvml(devices: list[dict], init_error: Exception | None = None) -> typ
 H100 = dict(util=87, used=int(61.5 * GIB), total=int(79.6 * GIB), power=512_345)
 
 
+@pytest.mark.skipif(HAVE_GPU, reason="a GPU is present: test_real_readings checks it")
 def test_no_gpu_here_returns_empty():
     metrics = GpuMetrics()
     assert metrics.sample() == {}
@@ -109,3 +116,45 @@ def test_device_selection(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     out = GpuMetrics(devices=[2, 7]).sample()  # 7 does not exist: ignored
     assert {k.split("/")[1] for k in out} == {"2"}
+
+
+def _nvml_index(device: int) -> int:
+    """NVML numbers every GPU, CUDA only the visible ones: match by UUID."""
+    import pynvml
+
+    uuid = str(torch.cuda.get_device_properties(device).uuid).lower().removeprefix("gpu-")
+    pynvml.nvmlInit()
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+        for i in range(count):
+            got = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i))
+            got = (got.decode() if isinstance(got, bytes) else got).lower().removeprefix("gpu-")
+            if got == uuid:
+                return i
+    finally:
+        pynvml.nvmlShutdown()
+    if count == 1 and torch.cuda.device_count() == 1:
+        return 0
+    raise AssertionError(f"CUDA device {device} (uuid {uuid}) not found by NVML")
+
+
+@gpu_only
+def test_real_readings():
+    """Every metric is read, in range, and memory agrees with torch's CUDA view: the total within
+    2 % of cudaMemGetInfo's (NVML counts a little the driver reserves), and 2 GiB allocated by
+    this process show up in mem_used_gib."""
+    i = _nvml_index(0)
+    free, total = torch.cuda.mem_get_info(0)  # (creates this process's CUDA context first)
+    with GpuMetrics(devices=[i]) as metrics:
+        before = metrics.sample()
+        assert set(before) == {f"gpu/{i}/{k}" for k in ("util", "mem_used_gib", "mem_total_gib",
+                                                          "power_w")}, before
+        assert before[f"gpu/{i}/mem_total_gib"] == pytest.approx(total / GIB, rel=0.02)
+        assert 0.0 <= before[f"gpu/{i}/util"] <= 100.0
+        assert 10.0 < before[f"gpu/{i}/power_w"] < 1500.0
+        block = torch.empty(2 * GIB, dtype=torch.uint8, device="cuda:0")
+        torch.cuda.synchronize()
+        after = metrics.sample()
+        grown = after[f"gpu/{i}/mem_used_gib"] - before[f"gpu/{i}/mem_used_gib"]
+        assert 1.9 <= grown <= 2.6, (before, after)  # + the allocator's rounding, other processes
+        del block
