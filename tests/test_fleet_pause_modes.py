@@ -14,6 +14,11 @@ Every sample is checked against independent references:
   log-prob 0, and every token the model sampled trains;
 - teacher: sampled-token and top-K log-probs at every response position equal a direct call to
   the teacher server on the same tokens.
+
+The same fleet then takes updates directly (no router) while long greedy responses run through
+`serving/resume.generate_through_updates`, in each pause mode and by disk (the fallback), with
+the same per-token reference; and in_place is refused on a server with a prefix cache. (One
+module: the servers start once.)
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ import time
 
 import numpy as np
 import pytest
+import requests
 import torch
 from safetensors.torch import load_file
 
 from megatron_opd.envs import make_env
 from megatron_opd.orchestrator import rollout_and_score
+from megatron_opd.serving.resume import generate_through_updates
 from megatron_opd.serving.router import RoutedClient, SmgRouter
 from megatron_opd.serving.sglang_client import SGLangClient
 from megatron_opd.serving.sglang_server import SGLangServer, free_port
@@ -197,3 +204,153 @@ def test_tool_episodes_through_the_router_across_updates_in_each_pause_mode(flee
         np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=1e-5)
     print(f"{mode}: {len(samples)} samples, {spanning} spanning updates, {flagged} stale_kv, "
           f"{tool_runs} tool observations")
+
+# Direct to the two rollout servers (no router): long greedy responses with an update mid-way,
+# continued by `serving/resume.generate_through_updates` (what the orchestrator's turns use).
+N = 160  # new tokens per request: long enough to be running when the update comes
+PROMPTS = [[1, 5, 9, 13, 17], [1, 22, 7, 40], [1, 60, 3, 3, 8, 11]]
+SEQ = [1, 13, 4, 5, 6, 17, 6, 5, 4, 2, 31, 63]
+
+
+def _running(url: str) -> int:
+    """Requests the server is decoding now (GET /v1/loads)."""
+    loads = requests.get(f"{url}/v1/loads", timeout=10).json()["loads"]
+    return sum(int(x.get("num_running_reqs", 0)) for x in loads)
+
+
+def _wait_running(urls, deadline_s=60.0):
+    deadline = time.time() + deadline_s
+    while not all(_running(u) for u in urls):
+        assert time.time() < deadline, "requests never started running"
+        time.sleep(0.02)
+
+
+def _generate_during_update(fleet, mode, update):
+    """Each server decodes PROMPTS (greedy, N tokens) through generate_through_updates while
+    `update()` runs once every server has requests running; returns the results per server."""
+    servers = fleet["rollout"]
+    out, errors = {}, []
+
+    def work(i, url):
+        try:
+            out[i] = generate_through_updates(
+                SGLangClient(url), PROMPTS,
+                {"temperature": 0.0, "max_new_tokens": N, "ignore_eos": True}, pause_mode=mode)
+        except Exception as e:  # reported by the test thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i, s.url)) for i, s in enumerate(servers)]
+    for t in threads:
+        t.start()
+    try:
+        _wait_running([s.url for s in servers])
+        update()
+    finally:
+        for t in threads:
+            t.join(timeout=300)
+    assert not errors, errors
+    return [out[i] for i in range(len(servers))]
+
+
+def _check(results, fleet, old, new, served, mode):
+    spanned = 0
+    for per_server in results:
+        for prompt, r in zip(PROMPTS, per_server):
+            assert r.finish_reason == "length" and len(r.output_ids) == N  # never truncated
+            v = r.token_versions.tolist()
+            assert set(v) <= {old, new} and v == sorted(v), v
+            spanned += len(set(v)) == 2
+            assert r.stale_kv == (mode == "in_place" and len(set(v)) == 2)
+            seq = list(prompt) + list(r.output_ids)
+            fresh = {m: _reference(fleet["models"], m, seq)[len(prompt) - 1:] for m in "AB"}
+            expect = np.array([fresh[served[x]][j] for j, x in enumerate(v)])
+            diff = np.abs(r.output_logprobs - expect)
+            if mode == "in_place":
+                old_part = np.array(v) == old
+                assert diff[old_part].max() < TOL
+                # decoded with the new weights on the old weights' KV: not a fresh computation
+                if (~old_part).any() and r.stale_kv:
+                    assert diff[~old_part].max() > 10 * TOL
+            else:
+                assert diff.max() < TOL, (mode, v, diff)
+            if mode == "abort" and len(set(v)) == 2:  # continued: the server's input was
+                # prompt + the partial output (the last call's prompt)
+                assert r.meta_info["prompt_tokens"] > len(prompt)
+                assert r.meta_info["prompt_tokens"] + r.meta_info["completion_tokens"] \
+                    == len(prompt) + N
+    assert spanned >= 2, "no response met the update on both servers"
+
+
+def _expect_serving(fleet, version, model):
+    want = _reference(fleet["models"], model, SEQ)[5:]
+    for s in fleet["rollout"]:
+        c = SGLangClient(s.url)
+        assert c.weight_version() == str(version)
+        assert np.abs(c.score([SEQ], start=[6])[0].logprobs - want).max() < TOL
+
+
+def _next(pub):
+    old = max(pub.served)
+    new = old + 1
+    model = "B" if pub.served[old] == "A" else "A"
+    return old, new, model
+
+
+@pytest.mark.parametrize("mode", ["retract", "abort", "in_place"])
+def test_distributed_update_in_each_pause_mode_with_requests_in_flight(fleet, publisher, mode):
+    dirs = fleet["dirs"]
+    old, new, model = _next(publisher)
+    publisher.pause_mode = mode
+    results = _generate_during_update(fleet, mode, lambda: publisher.publish(
+        load_file(str(dirs[model] / "model.safetensors")).items(), version=new))
+    publisher.served[new] = model
+    _check(results, fleet, old, new, publisher.served, mode)
+    _expect_serving(fleet, new, model)
+
+    # interrupt sync (correction.proximal=interrupt) aborts and pauses the fleet in abort mode
+    # itself before the publisher pauses it with its own mode: the update still goes through
+    old, new, model = _next(publisher)
+    for c in publisher.clients:
+        c.abort_all()
+        c.pause_generation("abort")
+    try:
+        publisher.publish(load_file(str(dirs[model] / "model.safetensors")).items(), version=new)
+    finally:
+        for c in publisher.clients:
+            c.continue_generation()
+    publisher.served[new] = model
+    _expect_serving(fleet, new, model)
+
+
+def test_disk_fallback_updates_every_server_in_place_with_requests_in_flight(fleet, publisher,
+                                                                            tmp_path):
+    """Paused in_place, a disk update that flushes the cache is refused by SGLang (HTTP 400:
+    requests still run); the publisher sends it without the flush."""
+    from megatron_opd.weight_sync import DiskWeightPublisher
+
+    dirs = fleet["dirs"]
+    old, new, model = _next(publisher)
+    disk = DiskWeightPublisher(publisher.clients, tmp_path / "weights", dirs["A"],
+                               pause_mode="in_place")
+    results = _generate_during_update(fleet, "in_place", lambda: disk.publish(
+        load_file(str(dirs[model] / "model.safetensors")).items(), version=new))
+    publisher.served[new] = model
+    _check(results, fleet, old, new, publisher.served, "in_place")
+    _expect_serving(fleet, new, model)
+
+
+def test_in_place_is_refused_on_a_server_with_a_prefix_cache(fleet):
+    """A server that keeps finished requests' prefixes would serve them to new requests after
+    an in_place update: KV of older weights that no span shows."""
+    from megatron_opd.weight_sync import check_servers_for_mode
+
+    class WithCache(SGLangClient):
+        def server_info(self):
+            return {**super().server_info(), "disable_radix_cache": False}
+
+    servers = fleet["rollout"]
+    assert SGLangClient(servers[0].url).server_info()["disable_radix_cache"] is True
+    check_servers_for_mode([SGLangClient(servers[0].url)], "in_place")
+    with pytest.raises(ValueError, match="weight_sync.pause_mode=in_place.*radix"):
+        check_servers_for_mode([WithCache(servers[0].url)], "in_place")
+    check_servers_for_mode([WithCache(servers[0].url)], "retract")  # flushed with the update
