@@ -201,6 +201,20 @@ class TeacherConfig:
     # The teacher's architecture when it is a real checkpoint (`init.teacher`); null = the
     # quickstart teacher `prepare.teacher_model` that `megatron-opd prepare` trains.
     model: MoEModelSpec | None = None
+    # Privileged self-distillation (OPSD, ALGORITHMS.md §10, docs/teachers.md). source "self":
+    # the teacher is the student: teacher.num_servers servers started from the student init
+    # that load the learner's published weights every `self_refresh` versions (1: the newest
+    # policy; N: a lagged copy, at most N - 1 versions behind); samples carry teacher_revision
+    # "self@v<version>". "external": init.teacher (or the prepared quickstart teacher).
+    source: Literal["external", "self"] = "external"
+    self_refresh: int = 1
+    # prompt "privileged": the teacher scores the same response after a prompt that also holds
+    # privileged text: `privileged_template` with {prompt} (the student's prompt text) and
+    # {hint} (the row's `hint_key` column; the digits task: its answer), tokenised once per
+    # prompt. "plain": the student's prompt.
+    prompt: Literal["plain", "privileged"] = "plain"
+    privileged_template: str = "{prompt}\n{hint}"
+    hint_key: str = "hint"
 
 
 @dataclass
@@ -534,6 +548,7 @@ RANGES: dict[str, str | tuple[str, str]] = {
     "TeacherConfig.top_k": (">= 0", "0: the sampled token only"),
     "TeacherConfig.temperature": "> 0",
     "TeacherConfig.offline_samples": ">= 1",
+    "TeacherConfig.self_refresh": (">= 1", "1: every published version"),
     "NamedTeacherConfig.num_servers": ">= 1",
     "AsyncConfig.max_staleness": ">= 0",
     "AsyncConfig.publish_lag": ">= 0",
@@ -633,6 +648,8 @@ TEXT: dict[str, Literal["nonempty", "checked"]] = {
     "TeacherConfig.revision": "nonempty",
     "TeacherConfig.route_column": "checked",
     "TeacherConfig.default": "checked",
+    "TeacherConfig.privileged_template": "checked",
+    "TeacherConfig.hint_key": "nonempty",
     "NamedTeacherConfig.name": "nonempty",
     "NamedTeacherConfig.revision": "nonempty",
     "NamedTeacherConfig.routes": "nonempty",
@@ -915,6 +932,7 @@ def validate(cfg: Config, stand_in_specs: frozenset[str] = frozenset()) -> None:
          "(a request larger than the staleness window is never admitted)")
     validate_teachers(cfg, need)
     validate_teacher_signal(cfg, need)
+    validate_self_teacher(cfg, need)
     need(cfg.teacher.mode == "live" or cfg.train.routing_replay == "none", "teacher.mode",
          "offline needs train.routing_replay=none (stored data carries no routing of the "
          "trained policy)")
@@ -1029,6 +1047,31 @@ def validate_teacher_signal(cfg: Config, need) -> None:
              "store (teacher.mode=offline): use teacher.signal=topk or sampled offline")
         need(not t.teachers, "teacher.signal", "hidden needs one teacher (the learner holds "
              "one teacher's output head): teacher.teachers must be empty")
+
+
+def validate_self_teacher(cfg: Config, need) -> None:
+    """teacher.source=self and teacher.prompt=privileged (docs/teachers.md)."""
+    import re
+
+    t = cfg.teacher
+    fields = set(re.findall(r"{([^{}]*)}", t.privileged_template))
+    need("hint" in fields and fields <= {"prompt", "hint"}, "teacher.privileged_template",
+         f"must contain {{hint}} and no other field than {{prompt}} (got {sorted(fields)})")
+    if t.source == "self":
+        need(not t.teachers, "teacher.source", "self is the one teacher: teacher.teachers must "
+             "be empty")
+        need(t.mode == "live", "teacher.source", "self scores live rollouts with the learner's "
+             "weights (teacher.mode=offline stores scores of a fixed teacher)")
+        need(t.signal != "hidden", "teacher.signal", "hidden needs a fixed teacher output head; "
+             "with teacher.source=self use sampled or topk")
+        need(cfg.teacher.model is None, "teacher.model", "must be unset with teacher.source=self "
+             "(the teacher is the student: model)")
+    if t.prompt == "privileged":
+        from megatron_opd.envs.privileged import validate_privileged
+
+        need(t.mode == "live", "teacher.prompt", "privileged needs live scoring "
+             "(teacher.mode=offline)")
+        validate_privileged(cfg, need)  # the environment must have hints
 
 
 def run_teacher_spec(cfg: Config) -> MoEModelSpec:

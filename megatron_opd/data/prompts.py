@@ -253,6 +253,33 @@ def encode_prompt(row: PromptRow, tokenizer, apply_chat_template: bool) -> list[
     return [int(i) for i in out]
 
 
+def privileged_row(row: PromptRow, template: str, hint_key: str) -> PromptRow:
+    """The row as the privileged teacher sees it (teacher.prompt=privileged): its last user
+    message becomes `template` with {prompt} = that message and {hint} = the row's `hint_key`
+    column (a string, or JSON of anything else); every other message is kept. Encode it with
+    `encode_prompt` as the row itself."""
+    if hint_key not in row.metadata:
+        raise PromptDataError(f"{row.row_id}: no {hint_key!r} column for the privileged teacher "
+                              f"prompt (teacher.hint_key; the row has {sorted(row.metadata)})")
+    hint = row.metadata[hint_key]
+    hint = hint if isinstance(hint, str) else json.dumps(hint)
+    users = [i for i, (role, _) in enumerate(row.messages) if role == "user"]
+    if not users:
+        raise PromptDataError(f"{row.row_id}: no user message to add the hint to")
+    last = users[-1]
+    # one pass over the template: a {hint} inside the prompt's text is never expanded
+    text = "".join(row.messages[last][1] if part == "{prompt}" else hint if part == "{hint}"
+                   else part for part in _template_parts(template))
+    messages = tuple((r, text if i == last else c) for i, (r, c) in enumerate(row.messages))
+    return PromptRow(row.row_id, messages, row.label, row.metadata)
+
+
+def _template_parts(template: str) -> list[str]:
+    import re
+
+    return [p for p in re.split(r"({prompt}|{hint})", template) if p]
+
+
 class StreamItem(NamedTuple):
     position: int  # stable prompt id: epoch * len(rows) + index within the epoch's order
     row: PromptRow

@@ -50,6 +50,10 @@ def max_prompt_tokens(cfg) -> int:
 def make_env(cfg, tokenizer_dir: str | Path | None = None) -> Environment:
     """The run's environment. `tokenizer_dir`: the student's model directory (its tokenizer,
     generation_config and chat template); the digits environment has its own vocabulary."""
+    if cfg.teacher.prompt == "privileged":  # the teacher's prompt holds a hint: privileged.py
+        from megatron_opd.envs.privileged import privileged_env
+
+        return privileged_env(cfg, tokenizer_dir)
     if cfg.env.name == "digits":
         from megatron_opd.envs.digits import DigitsEnv
 
