@@ -2,11 +2,12 @@
 nodes, one slurmd each, so the learner, rollout and teacher components of the heterogeneous job
 each get a node, as on a cluster).
 
-1. The CPU quickstart submitted through launchers/slurm/submit.sh completes: metrics for every
-   step, evaluation of the final weights, checkpoint, per-component logs, the rendered script.
-2. Preemption: SIGUSR1 (what sbatch's --signal=B:USR1@N sends before the time limit) mid-run ->
-   the learner checkpoints, the job requeues itself, the restarted job resumes from that
-   checkpoint and finishes; every step is trained exactly once, no sample twice.
+The CPU quickstart submitted through launchers/slurm/submit.sh, one heterogeneous job, gets
+SIGUSR1 mid-run (what sbatch's --signal=B:USR1@N sends before the time limit): the learner
+checkpoints, the job requeues itself, the restarted job resumes from that checkpoint and finishes;
+every step is trained exactly once, no sample twice; metrics for every step, evaluation of the
+final weights, checkpoint, per-component logs, the rendered script. (One run checks both the
+plain submission and the preemption path: each sbatch run costs a minute of CI.)
 
 `.ci/run` installs slurm-wlm and munge (MEGATRON_OPD_REQUIRE_SLURM=1 there: a missing Slurm
 fails instead of skipping).
@@ -92,35 +93,10 @@ def _train_records(run_dir: Path) -> list[dict]:
     return [r for r in read_metrics(path) if "train/loss" in r] if path.exists() else []
 
 
-def test_quickstart_through_sbatch_completes(slurm, tmp_path):
-    run_dir, steps = tmp_path / "run", 10
-    job_id = _submit(slurm, run_dir, f"train.steps={steps}", "eval.interval=1000")
-    job = _wait(slurm, job_id, lambda j: j.get("JobState") == "COMPLETED", 600, run_dir,
-                "completion")
-    assert job["ExitCode"] == "0:0", _logs(run_dir)
-    # One heterogeneous job: learner, rollout and teacher each on their own node.
-    script = (run_dir / "job.sbatch").read_text()
-    assert script.count("#SBATCH hetjob") == 2
-    out = (run_dir / "logs" / f"slurm-{job_id}.out").read_text()
-    assert "learner: n1, rollout: n2, teacher: n3" in out, out
-    endpoints = {p.stem: json.loads(p.read_text()) for p in (run_dir / "endpoints").glob("*.json")}
-    assert set(endpoints) == {"rollout-0", "teacher-0"}
-    # The run itself: every step once, versions advance, final evaluation, checkpoint, summary.
-    train = _train_records(run_dir)
-    assert [r["step"] for r in train] == list(range(steps))
-    assert [r["weights/version"] for r in train] == list(range(1, steps + 1))
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["eval/version"] == steps
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["final_version"] == steps and summary["steps"] == steps
-    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    assert latest == f"step_{steps:08d}"
-    for name in ("learner.log", "orchestrator.log", "rollout-0.log", "teacher-0.log"):
-        assert (run_dir / "logs" / name).stat().st_size > 0, name
-    assert "[learner] precision" in (run_dir / "logs" / "learner.log").read_text()
-
-
-def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, tmp_path):
+def test_quickstart_through_sbatch_is_preempted_requeued_and_completes(slurm, tmp_path):
+    """The quickstart as one heterogeneous sbatch job (learner, rollout and teacher each on
+    their own node); mid-run the batch shell gets the warning signal: the learner checkpoints,
+    the job requeues itself, the second start resumes and completes the run."""
     run_dir, steps = tmp_path / "run", 24
     job_id = _submit(slurm, run_dir, f"train.steps={steps}", "eval.interval=1000")
     deadline = time.time() + 600
@@ -153,4 +129,18 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, tmp_path):
     trained = [json.loads(x) for x in (run_dir / "ledger.jsonl").read_text().splitlines()]
     ids = [i for r in trained if "trained" in r for i in r["trained"]]
     assert ids and len(ids) == len(set(ids)) == steps * 64
+    # One heterogeneous job: learner, rollout and teacher each on their own node.
+    assert (run_dir / "job.sbatch").read_text().count("#SBATCH hetjob") == 2
+    assert "learner: n1, rollout: n2, teacher: n3" in out, out
+    endpoints = {p.stem: json.loads(p.read_text()) for p in (run_dir / "endpoints").glob("*.json")}
+    assert set(endpoints) == {"rollout-0", "teacher-0"}
+    # The run's artifacts: final evaluation, checkpoint, summary, every process's log.
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["eval/version"] == steps
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_version"] == steps and summary["steps"] == steps
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{steps:08d}"
+    for name in ("learner.log", "orchestrator.log", "rollout-0.log", "teacher-0.log"):
+        assert (run_dir / "logs" / name).stat().st_size > 0, name
+    assert "[learner] precision" in learner_log
     assert json.loads((run_dir / "summary.json").read_text())["final_version"] == steps
