@@ -190,6 +190,27 @@ def micro_batch_fields(conditions, table=FIELDS) -> tuple[str, ...]:
     return tuple(f.batch_attr for f in table if f.reads in conditions)
 
 
+TEACHER_FIELDS = ("teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs", "teacher_hidden")
+
+
+def teacher_wire_bytes(sample) -> int:
+    """Bytes of a Sample's teacher frames on the ZeroMQ wire (raw arrays: each frame is exactly
+    its array's bytes; header fields such as teacher_revision not counted)."""
+    return sum(getattr(sample, n).nbytes for n in TEACHER_FIELDS
+               if getattr(sample, n) is not None)
+
+
+def teacher_payload_metrics(samples) -> dict:
+    """Teacher payload per response token on each leg (docs/teachers.md): SGLang -> orchestrator,
+    the HTTP response bytes of teacher scoring the teacher client measured (each sample's share:
+    metadata `teacher_http_bytes`); orchestrator -> learner, the ZeroMQ frames of the samples'
+    teacher fields (`teacher_wire_bytes`)."""
+    tokens = sum(s.num_tokens for s in samples) or 1
+    return {"teacher/bytes_per_token_http":
+            sum(float(s.metadata.get("teacher_http_bytes", 0.0)) for s in samples) / tokens,
+            "teacher/bytes_per_token_zmq": sum(teacher_wire_bytes(s) for s in samples) / tokens}
+
+
 def pad_value(f: SampleField, pad_id: int):
     return pad_id if f.pad == PAD_ID else f.pad
 

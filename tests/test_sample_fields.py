@@ -258,7 +258,8 @@ def test_objective_inputs_from_the_batch_are_table_fields():
     assert names - set(FROM_BATCH) == {"logprobs", "old_logprobs", "logsumexp", "entropy",
                                        "topk_logits", "full_reverse_kl", "context_lag",
                                        "distill_logprobs", "distill_logsumexp",
-                                       "distill_topk_logits"}
+                                       "distill_topk_logits", "hidden_reverse_kl",
+                                       "hidden_forward_kl"}
     table = {f.batch_attr: f for f in sf.batch_fields()}
     shapes = {"teacher_topk_logprobs": "BTK", "sample_advantages": "B"}  # the rest: [b, T]
     for inp, attr in FROM_BATCH.items():

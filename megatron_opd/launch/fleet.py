@@ -43,7 +43,9 @@ def fleet_specs(cfg: Config, models, nodes: dict[str, int] | None = None,
     (the default: fill them) or that count (docs/slurm.md). The rollout servers start at weight
     version 0."""
     fleets: dict[str, list[ServerSpec]] = {}
-    for role, model_dir in zip(FLEETS, (models.teacher_dir, models.student_dir)):
+    # teacher.source=self: the teacher is the student, from its init (serving/self_teacher.py)
+    teacher_dir = models.student_dir if cfg.teacher.source == "self" else models.teacher_dir
+    for role, model_dir in zip(FLEETS, (teacher_dir, models.student_dir)):
         per_server = getattr(cfg.cluster, role).gpus_per_server
         per_node = gpus_per_node // per_server if gpus_per_node else 1
         wanted = getattr(cfg, role).num_servers
@@ -70,7 +72,10 @@ def fleet_specs(cfg: Config, models, nodes: dict[str, int] | None = None,
                 if gpus_per_node else ()
             extra = ("--tp-size", str(per_server), "--base-gpu-id", str(gpu_ids[0])) \
                 if gpu_ids else ()
-            if role == "rollout":
+            if role == "teacher" and cfg.teacher.signal == "hidden":
+                # the final hidden states of scored positions (docs/teachers.md)
+                extra += ("--enable-return-hidden-states",)
+            if role == "rollout" or cfg.teacher.source == "self":  # self: refreshed versions
                 extra += ("--weight-version", "0")
                 # in_place updates cannot flush the cache: no prefix may outlive them
                 if cfg.weight_sync.pause_mode == "in_place":
@@ -101,10 +106,11 @@ def _named_teachers(cfg: Config, models) -> list[ServerSpec]:
 
 def server_options(cfg: Config) -> dict:
     """SGLangServer keyword arguments every server of a run shares (`server.*`; Prometheus
-    metrics on, for the supervisor's per-server tokens/s)."""
+    metrics on, for the supervisor's per-server tokens/s; the frames a server started with
+    --enable-return-hidden-states sends them in: teacher.hidden_dtype)."""
     sv = cfg.server
     return dict(dtype=sv.dtype, max_total_tokens=sv.max_total_tokens, threads=sv.threads or None,
-                enable_metrics=True)
+                enable_metrics=True, hidden_states_dtype=cfg.teacher.hidden_dtype)
 
 
 def learner_ranks_per_node(cfg: Config, nnodes: int) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -49,6 +50,40 @@ class ScoreResult:
     logprobs: np.ndarray  # float32 [n]: log q(token_j | tokens_<j) for positions j >= start
     topk_ids: np.ndarray  # int32 [n, K]: teacher's top-K ids at those positions (K may be 0)
     topk_logprobs: np.ndarray  # float32 [n, K]
+    # [n, d]: the teacher's final hidden state at the position predicting each scored token
+    # (score(hidden=...)): uint16 bfloat16 bits or float32; None when not asked for
+    hidden: np.ndarray | None = None
+    http_bytes: float = 0.0  # this sequence's share of the scoring response body (by tokens)
+
+
+HIDDEN_DTYPES = {"bfloat16": np.dtype("<u2"), "float32": np.dtype("<f4")}
+
+
+def decode_hidden_states(item, dtype: str) -> np.ndarray:
+    """One forward's hidden states from SGLang's `meta_info.hidden_states` as a 2-D array of
+    `dtype` ("bfloat16": uint16 bit patterns, "float32"): a frame of our servers' compat patch
+    ({"dtype", "shape", "b64"}: compat/sglang_cpu.patch_hidden_states_as_frames) or upstream's
+    JSON float lists."""
+    from megatron_opd.sample_fields import float32_to_bf16_bits
+
+    if isinstance(item, dict):
+        if set(item) != {"dtype", "shape", "b64"} or item["dtype"] not in HIDDEN_DTYPES:
+            raise SGLangError(f"hidden states frame with keys {sorted(item)} / dtype "
+                              f"{item.get('dtype')!r}")
+        got = HIDDEN_DTYPES[item["dtype"]]
+        arr = np.frombuffer(base64.b64decode(item["b64"]), dtype=got)
+        shape = [int(x) for x in item["shape"]]
+        if arr.size != int(np.prod(shape)):
+            raise SGLangError(f"hidden states frame: {arr.size} values for shape {shape}")
+        arr = arr.reshape(shape)
+    else:
+        arr = np.asarray(item, dtype=np.float32)
+    arr = arr.reshape(-1, arr.shape[-1]) if arr.ndim != 2 else arr
+    if dtype == "bfloat16" and arr.dtype != np.uint16:
+        return float32_to_bf16_bits(arr)
+    if dtype == "float32" and arr.dtype == np.uint16:
+        raise SGLangError("asked for float32 hidden states, the server sent bfloat16")
+    return arr
 
 
 def token_versions_from_meta(meta: dict, num_tokens: int) -> np.ndarray:
@@ -112,7 +147,7 @@ class SGLangClient:
         self.retries = 0  # requests re-issued after a server fault (all calls of this client)
         self._turn = itertools.count()  # round robin over the fleet (next() is atomic)
         self._session = requests.Session()
-
+        self._last = threading.local()  # body size of this thread's latest response
     def _post(self, path: str, payload: dict | None = None, timeout: float | None = None,
               url: str | None = None):
         url = url or self.url
@@ -122,6 +157,7 @@ class SGLangClient:
         except requests.RequestException as e:
             raise ServerUnavailable(f"{url}/{path}: {e}") from e
         _raise_for(f"{url}/{path}", r)
+        self._last.response_bytes = len(r.content)
         return r.json() if r.content else None
 
     def _get(self, path: str, url: str | None = None, timeout: float | None = None):
@@ -236,14 +272,21 @@ class SGLangClient:
             routed_experts=routed, routed_experts_start=routed_experts_start, meta_info=meta)
 
     def score(self, input_ids: list[list[int]], *, start: list[int], top_k: int = 0,
-              temperature: float = 1.0) -> list[ScoreResult]:
+              temperature: float = 1.0, hidden: str | None = None) -> list[ScoreResult]:
         """Teacher scoring of given sequences (no generation): log-prob of every token at
         positions >= start[i], and the top-K distribution at those positions, at `temperature`
         (teacher.temperature; the caller carries it on the sample, so it is never implied).
         SGLang 0.5.23 alone scores prompt tokens from the raw logits whatever the request's
         temperature; our servers carry the compat patch that applies it
         (compat/sglang_cpu.patch_input_logprobs_at_request_temperature), and
-        serving/teachers.TeacherRouter.verify_temperature measures what a server applies."""
+        serving/teachers.TeacherRouter.verify_temperature measures what a server applies.
+
+        `hidden` ("bfloat16" / "float32"; teacher.signal=hidden): also the teacher's final hidden
+        state at each scored position (the row whose logits give the log-prob), from a server
+        started with --enable-return-hidden-states. SGLang returns none with max_new_tokens 0;
+        with 1 its first list is the prefill's, one row per position it computed (from the end
+        of the cached prefix, which stops at logprob_start_len), so such a request generates one
+        token that is ignored (docs/teachers.md)."""
         if len(start) != len(input_ids) or any(not 1 <= s < len(x) for s, x in zip(start, input_ids)):
             raise ValueError("score: need 1 <= start[i] < len(input_ids[i]) for every sequence")
         if not temperature > 0:
@@ -252,12 +295,19 @@ class SGLangClient:
         # log-prob of its own (it conditions nothing); entry p - m is log q(x_p | x_<p). One
         # number for the batch (the shortest start): smg's /generate refuses a per-sequence list.
         m = min(start) - 1
+        if hidden is not None and hidden not in HIDDEN_DTYPES:
+            raise ValueError(f"score: hidden must be one of {list(HIDDEN_DTYPES)}, got {hidden!r}")
         payload = {"input_ids": input_ids,
-                   "sampling_params": {"max_new_tokens": 0, "temperature": temperature},
+                   "sampling_params": {"max_new_tokens": 0 if hidden is None else 1,
+                                       "temperature": temperature},
                    "return_logprob": True, "logprob_start_len": m, "top_logprobs_num": top_k}
+        if hidden is not None:
+            payload["return_hidden_states"] = True
         out = self._post_retrying("generate", payload)[0]
+        body = getattr(self._last, "response_bytes", 0)
         if isinstance(out, dict):
             out = [out]
+        scored = sum(len(x) - s for x, s in zip(input_ids, start))
         results = []
         for r, x, s in zip(out, input_ids, start):
             meta = r["meta_info"]
@@ -276,8 +326,30 @@ class SGLangClient:
             else:
                 ids = np.zeros((n, 0), dtype=np.int32)
                 tlp = np.zeros((n, 0), dtype=np.float32)
-            results.append(ScoreResult(lp, ids.reshape(n, top_k), tlp.reshape(n, top_k)))
+            rows = self._hidden_rows(meta, x, s, hidden) if hidden is not None else None
+            results.append(ScoreResult(lp, ids.reshape(n, top_k), tlp.reshape(n, top_k),
+                                       hidden=rows, http_bytes=body * n / scored))
         return results
+
+    @staticmethod
+    def _hidden_rows(meta: dict, x: list[int], s: int, dtype: str) -> np.ndarray:
+        """[len(x) - s, d]: the prefill's hidden states at positions s-1 .. len(x)-2 (position p
+        predicts token p+1). The prefill's rows are the last positions of the input (those after
+        the cached prefix)."""
+        states = meta.get("hidden_states")
+        if not states:
+            raise SGLangError("score: no hidden_states in the answer: start the teacher server "
+                              "with --enable-return-hidden-states")
+        rows = decode_hidden_states(states[0], dtype)
+        first = len(x) - rows.shape[0]  # position of the first row
+        cached = meta.get("cached_tokens")
+        if cached is not None and int(cached) != first:  # e.g. a chunked prefill: rows missing
+            raise SGLangError(f"score: {rows.shape[0]} hidden-state rows for {len(x)} tokens of "
+                              f"which {cached} were cached: the prefill's rows are incomplete")
+        if first > s - 1 or first < 0:
+            raise SGLangError(f"score: {rows.shape[0]} hidden-state rows for {len(x)} tokens do "
+                              f"not cover the scored positions {s - 1}..{len(x) - 2}")
+        return np.ascontiguousarray(rows[s - 1 - first:len(x) - 1 - first])
 
     # ------------------------------------------------------------------ control
     def health(self) -> bool:

@@ -50,7 +50,8 @@ class SGLangServer:
                  host: str = "127.0.0.1", extra_args: tuple[str, ...] = (),
                  dtype: str = "float32", max_total_tokens: int = 16384,
                  context_length: int | None = None, enable_return_routed_experts: bool = False,
-                 threads: int | None = None, enable_metrics: bool = False):
+                 threads: int | None = None, enable_metrics: bool = False,
+                 hidden_states_dtype: str = "bfloat16"):
         self.name, self.model_path, self.port, self.host = name, model_path, port, host
         self.log_path = str(log_path)
         self.extra_args = tuple(extra_args)
@@ -59,6 +60,9 @@ class SGLangServer:
         self.enable_return_routed_experts = enable_return_routed_experts
         self.threads = threads  # torch/OpenMP threads per server process (None: SGLang's choice)
         self.enable_metrics = enable_metrics  # Prometheus /metrics (the fleet probe's tokens/s)
+        # with --enable-return-hidden-states (a teacher of teacher.signal=hidden): the dtype of
+        # the binary frames its hidden states are sent in (compat patch_hidden_states_as_frames)
+        self.hidden_states_dtype = hidden_states_dtype
         self.proc: subprocess.Popen | None = None
         self.nccl_port: int | None = None  # its torch.distributed port: ours, not SGLang's pick
 
@@ -117,6 +121,11 @@ class SGLangServer:
         # --host only, a short server_args log line), the CPU compat where there is no CUDA
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(_SITE_DIR), env.get("PYTHONPATH", "")) if p)
+        from megatron_opd.compat.sglang_cpu import HIDDEN_STATES_ENV
+
+        env.pop(HIDDEN_STATES_ENV, None)
+        if "--enable-return-hidden-states" in self.server_args():  # frames, not JSON floats
+            env[HIDDEN_STATES_ENV] = self.hidden_states_dtype
         env.update(self.socket_env(env))
         return env
 

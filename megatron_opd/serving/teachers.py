@@ -55,6 +55,12 @@ def teacher_specs(cfg) -> list[TeacherSpec]:
                         tuple(n.routes) or (n.name,)) for n in t.teachers]
 
 
+def hidden_dtype(cfg) -> str | None:
+    """The dtype teacher scoring asks hidden states in: teacher.hidden_dtype with
+    teacher.signal=hidden, else None (not asked)."""
+    return cfg.teacher.hidden_dtype if cfg.teacher.signal == "hidden" else None
+
+
 def current_revisions(cfg) -> frozenset[str]:
     """The revisions that score this run's samples now (a sample under any other one was scored
     by an older teacher: the learner's `revision_changed`)."""
@@ -105,11 +111,13 @@ class TeacherRouter:
     """Sends each sequence to its teacher's fleet and puts the answers back in order."""
 
     def __init__(self, fleets: list[TeacherFleet], *, temperature: float, top_k: int,
-                 default: str = ""):
+                 default: str = "", hidden: str | None = None):
         if not fleets:
             raise ValueError("TeacherRouter: no teacher")
         self.fleets = {f.spec.name: f for f in fleets}
         self.temperature, self.top_k, self.default = float(temperature), int(top_k), default
+        # teacher.signal=hidden: the dtype its scoring asks hidden states in (None: not asked)
+        self.hidden = hidden
         self._by_key: dict[str, str] = {}
         for f in fleets:
             for key in f.spec.routes:
@@ -134,7 +142,7 @@ class TeacherRouter:
         fleets = [TeacherFleet(s, clients[s.name], tuple(server_urls.get(s.name, ())))
                   for s in specs]
         return cls(fleets, temperature=cfg.teacher.temperature, top_k=cfg.teacher.top_k,
-                   default=cfg.teacher.default)
+                   default=cfg.teacher.default, hidden=hidden_dtype(cfg))
 
     @classmethod
     def single(cls, cfg, client) -> "TeacherRouter":
@@ -142,7 +150,8 @@ class TeacherRouter:
         if cfg.teacher.teachers:
             raise ValueError("TeacherRouter.single: teacher.teachers lists several teachers")
         return cls([TeacherFleet(teacher_specs(cfg)[0], client)],
-                   temperature=cfg.teacher.temperature, top_k=cfg.teacher.top_k)
+                   temperature=cfg.teacher.temperature, top_k=cfg.teacher.top_k,
+                   hidden=hidden_dtype(cfg))
 
     def teacher_for(self, key: str) -> str:
         if self._single is not None:
@@ -156,12 +165,13 @@ class TeacherRouter:
 
     def score(self, input_ids: list[list[int]], *, start: list[int],
               keys: list[str] | None = None, top_k: int | None = None,
-              temperature: float | None = None) -> RoutedScores:
+              temperature: float | None = None, hidden: bool = True) -> RoutedScores:
         """Prefill-only scoring of each sequence by its teacher (positions >= start[i]: the
         sampled-token log-prob and the top-K), at the router's temperature and top-K unless
         given (evaluation asks for its own). `keys`: one route key per sequence (None: "" for
         every one: the single teacher, or the default). Every key is resolved before any request
-        is sent; the teachers are asked concurrently."""
+        is sent; the teachers are asked concurrently. `hidden`: with teacher.signal=hidden, also
+        the hidden states (False: not, e.g. evaluation)."""
         top_k = self.top_k if top_k is None else int(top_k)
         temperature = self.temperature if temperature is None else float(temperature)
         keys = [""] * len(input_ids) if keys is None else list(keys)
@@ -173,11 +183,13 @@ class TeacherRouter:
         for i, name in enumerate(names):
             rows.setdefault(name, []).append(i)
 
+        extra = {"hidden": self.hidden} if hidden and self.hidden else {}
+
         def ask(name: str) -> list:
             idx = rows[name]
             return self.fleets[name].client.score(
                 [input_ids[i] for i in idx], start=[start[i] for i in idx], top_k=top_k,
-                temperature=temperature)
+                temperature=temperature, **extra)
 
         results: list = [None] * len(input_ids)
         if len(rows) == 1:
@@ -254,4 +266,4 @@ class PromptKeyedTeacher:
               temperature: float = 1.0) -> list:
         keys = [self.keys.get(tuple(x[:s]), "") for x, s in zip(input_ids, start)]
         return self.router.score(input_ids, start=start, keys=keys, top_k=top_k,
-                                 temperature=temperature).results
+                                 temperature=temperature, hidden=False).results
