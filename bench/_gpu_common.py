@@ -31,6 +31,10 @@ DRY_BUCKET_MB = 1 / 16
 DRY_MEMORY_GIB = 5.0 + 5 / 1024
 
 
+# Of the GPU's memory, what the layer search may plan for.
+GPU_MEMORY_FRACTION = 0.92
+
+
 @dataclasses.dataclass(frozen=True)
 class Shapes:
     seq_len: int
@@ -100,6 +104,8 @@ def checksum(t) -> list[int]:
     import torch
 
     flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    if flat.storage_offset() % 4:  # an int32 view needs 4-byte alignment
+        flat = flat.clone()
     words = flat.view(torch.int32) if flat.numel() % 4 == 0 else flat
     s1 = torch.zeros((), dtype=torch.int64, device=t.device)
     s2 = torch.zeros((), dtype=torch.int64, device=t.device)

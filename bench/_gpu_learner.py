@@ -36,7 +36,8 @@ def main() -> None:
 
     import torch
 
-    from _gpu_common import DRY_SHAPES, GPU_SHAPES, layers_that_fit, model_flops, slice_config, with_layers
+    from _gpu_common import (DRY_SHAPES, GPU_MEMORY_FRACTION, GPU_SHAPES, layers_that_fit,
+                             model_flops, slice_config, with_layers)
     from learner_step import _rate, matmul_baseline, peak_for, run_mode, skip_reason
 
     from megatron_opd.compat.megatron_cpu import install_megatron_cpu_compat
@@ -63,7 +64,8 @@ def main() -> None:
     groups = init_distributed(ParallelConfig(), seed=0)
     if on_gpu:
         device_name = torch.cuda.get_device_name()
-        memory = torch.cuda.get_device_properties(0).total_memory
+        # plan is an estimate: keep a margin rather than lose the run to an OOM
+        memory = torch.cuda.get_device_properties(0).total_memory * GPU_MEMORY_FRACTION
     else:
         device_name, memory = None, shapes.memory_gib * 2 ** 30
     cap = min(shapes.max_layers, args.max_layers or shapes.max_layers)
@@ -107,8 +109,12 @@ def main() -> None:
         try:
             result = run_mode(mode, spec, run_args, groups, env, flops_per_step)
         except Exception as e:
-            modes[mode] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+            modes[mode] = {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000],
+                           "out_of_memory": isinstance(e, torch.cuda.OutOfMemoryError)}
             print(f"FAILED {mode}: {type(e).__name__}: {e}", flush=True)
+            del e  # (its traceback holds the model)
+            if on_gpu:
+                torch.cuda.empty_cache()
             continue
         gpu_now = metrics.sample()  # just after the timed steps: utilisation, power, memory
         after = matmul_baseline(base_dtype, flops_per_step, on_gpu)

@@ -147,13 +147,25 @@ def part_learner(s: Suite, name: str, modes: str, steps: int, warmup: int) -> di
     cmd = [sys.executable, str(BENCH / "_gpu_learner.py"), "--out", str(out), "--modes", modes,
            "--steps", str(steps), "--warmup", str(warmup)] + (["--dry-run"] if s.dry_run else [])
     rc, log = s.run(name, name, cmd)
-    if rc == 0 and out.exists():
+    first = json.loads(out.read_text()) if out.exists() else None
+    if first and not s.dry_run and any(m.get("out_of_memory") for m in first["modes"].values()) \
+            and first["layers"] > 1:
+        # plan's estimate was short of the truth: half the layers, once (and say so)
+        print(f"[{name}] out of memory with {first['layers']} layers; again with "
+              f"{first['layers'] // 2}", flush=True)
+        out.unlink()
+        rc, log = s.run(name, name + "_retry", cmd + ["--max-layers", str(first["layers"] // 2)])
+    if out.exists():
         result = json.loads(out.read_text())
+        if first is not None and result is not first and first["layers"] != result["layers"]:
+            result["out_of_memory_at_layers"] = first["layers"]
         result["status"] = "ok" if any(m["status"] == "ok" for m in result["modes"].values()) \
             else "skipped" if all(m["status"] == "skipped" for m in result["modes"].values()) \
             else "failed"
         if result["status"] == "skipped":
             result["reason"] = "; ".join(f"{m}: {r['reason']}" for m, r in result["modes"].items())
+        if rc:
+            result.update(exit=rc, log_tail=log)
     else:
         result = {"status": "failed",
                   "error": f"timed out after {s.budget(name):.0f} s" if rc == 124 else f"exit {rc}",
@@ -166,8 +178,9 @@ def part_nccl(s: Suite, layers: int) -> None:
     t0 = time.monotonic()
     out = s.work / "nccl.json"
     env_r, env_s = dict(s.env), dict(s.env)
-    if not s.dry_run:  # two hosts to NCCL (see the module docstring)
+    if not s.dry_run:  # two hosts to NCCL (see the module docstring); sockets, never InfiniBand
         env_r["NCCL_HOSTID"], env_s["NCCL_HOSTID"] = "gpu-suite-receiver", "gpu-suite-sender"
+        env_r["NCCL_IB_DISABLE"] = env_s["NCCL_IB_DISABLE"] = "1"
     rlog = open(s.work / "receiver.log", "w")
     receiver = subprocess.Popen(
         [sys.executable, str(BENCH / "_gpu_receiver.py"), "--device", "cpu" if s.dry_run else "cuda"],
