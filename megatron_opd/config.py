@@ -387,7 +387,7 @@ class TransportConfig:
     # "": the embedded launcher makes one per run (run_dir/transport.key); sockets beyond
     # loopback refuse to start without one.
     secret_file: str = ""
-    mac: Literal["hmac-sha256", "poly1305"] = "hmac-sha256"
+    mac: Literal["hmac-sha256", "poly1305", "blake3"] = "hmac-sha256"  # docs/transport.md: speeds
     credit: int = 128  # samples in flight per orchestrator before the learner takes them
     resend_after_s: float = 60.0  # re-send a sample the learner has not taken by then
     max_unacked: int = 0  # bound on samples the orchestrator holds unacknowledged (0: none)

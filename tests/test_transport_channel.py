@@ -6,6 +6,7 @@ import os
 import socket
 import stat
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -18,6 +19,8 @@ from megatron_opd.transport import (
     generate_secret, is_loopback_endpoint, load_secret, write_secret,
 )
 from megatron_opd.transport.auth import Opener, Sealer
+from megatron_opd.transport.schema import encode
+from megatron_opd.transport.zmq_link import PACK_BELOW, pack_batch
 from test_transport import assert_same, make_sample
 
 KEY = generate_secret()
@@ -390,11 +393,12 @@ def _frame_of(arr: np.ndarray):
 def test_payload_is_never_copied(pair):
     server, client = pair()
     s = make_sample(T=64, K=256, routed=True)
-    sealed = client._outgoing(s)  # the frames send() hands to ZeroMQ (copy=False)
-    arrays = [a for a in (s.prompt_ids, s.response_ids, s.loss_mask, s.behaviour_logprobs,
-                          s.token_versions, s.teacher_logprobs, s.teacher_topk_ids,
-                          s.teacher_topk_logprobs, s.routed_experts)]
-    for arr, frame in zip(arrays, sealed[2:]):  # [auth, header, tensors...]
+    # the frames send() hands to ZeroMQ (copy=False): [auth, batch index, packed small parts,
+    # then every tensor of PACK_BELOW bytes or more as a view of the sample's own array]
+    sealed = client._sealed_batch([encode(s)])
+    big = [s.teacher_topk_ids, s.teacher_topk_logprobs]  # 64 x 256 x 4 bytes = 64 KiB each
+    assert all(a.nbytes >= PACK_BELOW for a in big) and len(sealed) == 3 + len(big)
+    for arr, frame in zip(big, sealed[3:]):
         assert isinstance(frame, memoryview) and np.shares_memory(
             np.frombuffer(frame, dtype=np.uint8), arr.view(np.uint8).reshape(-1))
     assert client.send(s, timeout_ms=3000)
@@ -428,3 +432,104 @@ def test_poly1305_mac_round_trip_and_mismatch_is_bad_mac():
         opener.open([sealer.seal([b"abc", b"def"])[0], b"abcd", b"ef"])
     for c in (server, client, other):
         c.close()
+
+
+# ------------------------------------------------------------------ batches (issue 16 item 4)
+MACS = ["hmac-sha256", "poly1305", "blake3"]
+
+
+def _raw_peer(server, sealer):
+    """A raw DEALER that said Hello to server (so its samples count against credit)."""
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(server.endpoint)
+    dealer.send_multipart(sealer.seal(encode(Hello(run_id="run", client="raw", epoch=1))))
+    deadline = time.monotonic() + 5
+    while server.stats["handshakes"] == 0 and time.monotonic() < deadline:
+        server.poll(timeout_ms=10)
+    assert server.stats["handshakes"] == 1
+    return dealer
+
+
+def _poll_until(server, n_rejected, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while server.stats["rejected_total"] < n_rejected and time.monotonic() < deadline:
+        server.poll(timeout_ms=10)
+
+
+@pytest.mark.parametrize("mac", [None] + MACS)
+def test_batches_round_trip_exactly_and_without_copying_big_tensors(mac):
+    if mac is not None:
+        pytest.importorskip({"poly1305": "cryptography", "blake3": "blake3"}.get(mac, "hmac"))
+    kw = {} if mac is None else {"secret": KEY, "mac": mac}
+    server = SampleServer("tcp://127.0.0.1:0", run_id="run", credit=16, **kw)
+    client = SampleClient(server.endpoint, run_id="run", batch_max=8, hello_interval_s=0.1, **kw)
+    shake(server, client)
+    # sizes: tiny, and one with a 64 KiB+ tensor that travels as its own zero-copy frame
+    sent = [make_sample(T=t, K=k, routed=r, sid=sid(i))
+            for i, (t, k, r) in enumerate([(1, 0, False), (5, 3, True), (600, 32, False),
+                                           (3, 1, True), (7, 2, False)])]
+    for s in sent:
+        assert client.send(s, timeout_ms=2000)
+    assert client.stats["batches"] == 0  # taken, waiting for more or a poll
+    got = pump(server, client, 5.0, consume=True, until=lambda: server.stats["received"] == 5)
+    assert client.stats["batches"] == 1 and len(got) == 5
+    for a, b in zip(sent, got):
+        assert_same(a, b)
+    big = got[2].teacher_topk_logprobs  # 600 x 32 float32 = 75 KiB: a frame of its own
+    assert np.shares_memory(big, np.frombuffer(_frame_of(big).buffer, dtype=np.uint8))
+    small = got[1].token_versions  # packed: a view into the shared frame, 8-byte aligned
+    assert _frame_of(small) is not None and small.ctypes.data % 8 == 0
+    assert server.stats["rejected_total"] == 0 and server.stats["duplicates"] == 0
+    client.close(), server.close()
+
+
+@pytest.mark.parametrize("mac", MACS)
+def test_tampered_batches_are_rejected_and_counted_and_give_their_credit_back(mac):
+    pytest.importorskip({"poly1305": "cryptography", "blake3": "blake3"}.get(mac, "hmac"))
+    server = SampleServer("tcp://127.0.0.1:0", secret=KEY, mac=mac, run_id="run", credit=16)
+    sealer = Sealer(KEY, mac)
+    dealer = _raw_peer(server, sealer)
+    samples = [make_sample(T=600, K=32, sid=sid(0)), make_sample(sid=sid(1))]
+    body = pack_batch([encode(s) for s in samples])  # [index, packed, top-K ids, top-K lps]
+    assert len(body) == 4
+    sent, expect = 0, Counter()
+    for j in range(1 + len(body)):  # a byte flipped in every frame, the auth frame included
+        frames = [bytearray(f) for f in sealer.seal(list(body))]
+        frames[j][len(frames[j]) // 2] ^= 0x5A
+        dealer.send_multipart(frames)
+        sent += 1
+        expect["bad_mac"] += 1
+    dealer.send_multipart(Sealer(generate_secret(), mac).seal(list(body)))  # wrong key
+    expect["bad_mac"] += 1
+    index = bytearray(body[0])
+    index[4] = 99  # a batch version this build does not speak, properly signed
+    dealer.send_multipart(sealer.seal([bytes(index)] + body[1:]))
+    expect["bad_batch_version"] += 1
+    dealer.send_multipart(sealer.seal([body[0], body[1][:-8], body[2]]))  # part out of its frame
+    expect["bad_batch"] += 1
+    dealer.send_multipart(list(body))  # not authenticated
+    expect["unauthenticated"] += 1
+    hello = encode(Hello(run_id="run", client="raw", epoch=1))
+    dealer.send_multipart(sealer.seal(pack_batch([encode(samples[1]), hello])))
+    expect["wrong_kind"] += 1  # only samples travel in a batch
+    total = sum(expect.values())
+    _poll_until(server, total)
+    assert server.stats["rejected_by_reason"] == dict(expect)
+    assert server.stats["received"] == 0 and server.stats["queued"] == 0
+    # every rejected batch gave back the 2 credits it claimed (capped at the window): a good
+    # batch still fits, and a replay of it is refused
+    good = sealer.seal(list(body))
+    dealer.send_multipart(good)
+    got = [server.recv(timeout_ms=3000) for _ in samples]
+    for a, b in zip(samples, got):
+        assert_same(a, b)
+    dealer.send_multipart(good)
+    _poll_until(server, total + 1)
+    assert server.stats["rejected_by_reason"]["replay"] == 1
+    opener, totals = Opener(KEY, mac), []
+    while dealer.poll(100):
+        totals.append(decode(opener.open(dealer.recv_multipart())).total)
+    # 16 at the handshake, + 2 per rejected message (10), + the 2 taken, + 2 for the replay
+    assert max(totals) == 16 + 2 * 10 + 2 + 2
+    dealer.close(), server.close()

@@ -18,6 +18,7 @@ from megatron_opd.transport import (
     WeightsPublished, encode, generate_secret,
 )
 from megatron_opd.transport.auth import Sealer
+from megatron_opd.transport.schema import SCHEMA_VERSION
 from megatron_opd.transport.zmq_link import ControlPublisher
 from test_transport import assert_same, make_sample
 
@@ -70,7 +71,8 @@ def _sample_semantic_bad() -> list[list[bytes]]:
     out.append(good[:3] + [bytes(mask)] + good[4:])
     versions = np.frombuffer(good[5], dtype=np.int64)[::-1].copy() + np.arange(6)[::-1]
     out.append(good[:5] + [versions.tobytes()] + good[6:])  # decreasing token versions
-    for change in ({"version": 1}, {"version": 2}, {"version": 4}, {"version": "3"},
+    v = SCHEMA_VERSION  # relative: the schema's version moves as fields are added
+    for change in ({"version": v - 2}, {"version": v - 1}, {"version": v + 1}, {"version": str(v)},
                    {"schema": "x"},
                    {"kind": "nope"}, {"kind": 7}, {"fields": []}, {"tensors": {}},
                    {"extra": 1}):
@@ -266,7 +268,7 @@ def test_client_and_control_subscriber_reject_bad_messages_and_keep_serving():
     _drain(lambda: client.credit, 1, lambda: client.poll(10))
     assert client.send(s, timeout_ms=2000)
     got = router.recv_multipart()
-    assert got[0] == identity and b"c-1" in got[2]
+    assert got[0] == identity and b"c-1" in b"".join(got[2:])  # [id, auth, batch index, data]
     client.close(), router.close()
 
     # ---- control subscriber: a raw PUB next to the real publisher's socket type

@@ -21,7 +21,7 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" --no-deps sglang==0.5.23
 "${PIP[@]}" -r tools/requirements-sglang-cpu.txt
-"${PIP[@]}" megatron-core==0.16.1 pyyaml matplotlib tensorboard pytest pytest-timeout
+"${PIP[@]}" megatron-core==0.16.1 pyyaml matplotlib tensorboard pytest pytest-timeout blake3==1.0.11
 "${PIP[@]}" --no-deps -e .
 # Guard against a dependency having swapped in a CUDA torch build.
 "$VENV/bin/python" - <<'PYCHECK'

@@ -17,18 +17,23 @@ the schema's frames (JSON header, then one raw frame per tensor):
     offset  size  field
     0       4     magic b"OPDA"
     4       1     AUTH_VERSION (1); any other value is refused ("bad_auth_version")
-    5       1     algorithm: 1 = HMAC-SHA256 (default), 2 = Poly1305 (one-time key per message)
+    5       1     algorithm: 1 = HMAC-SHA256 (default), 2 = Poly1305 (one-time key per message),
+                  3 = keyed BLAKE3 (PyPI `blake3`)
     6       2     zero
     8       16    sender nonce: random per sending socket
     24      8     sequence number, little-endian, strictly increasing per sender nonce
     32      8     sender wall-clock time, float64 little-endian
-    40      32|16 tag (HMAC-SHA256: 32 bytes; Poly1305: 16 bytes)
+    40      32|16 tag (HMAC-SHA256, BLAKE3: 32 bytes; Poly1305: 16 bytes)
 
 The tag covers the first 40 bytes of this frame, the number of following frames, and each
 following frame as (8-byte length, bytes): so the header (schema, version, kind, fields, tensor
 table) and every tensor byte are covered, and bytes cannot move between frames. Poly1305 uses the
 one-time key HMAC-SHA256(secret, "megatron-opd poly1305 key" + first 40 bytes), unique because
-(nonce, sequence) never repeats. Tags are compared with `hmac.compare_digest`.
+(nonce, sequence) never repeats. BLAKE3 runs in its keyed mode with the key
+HMAC-SHA256(secret, "megatron-opd blake3 key") (derived once per socket). Every algorithm hashes
+the frames in place (incremental updates over the frame buffers, never a concatenation). A
+receiver of an older build refuses algorithm 3 as "bad_mac" (it takes only its own algorithm).
+Tags are compared with `hmac.compare_digest`.
 
 What a receiver guarantees (`Opener.open`), in this order, before anything is parsed: the
 message has an authentication frame ("unauthenticated" otherwise), of the known version and the
@@ -62,12 +67,13 @@ from megatron_opd.transport.schema import ProtocolError
 SECRET_BYTES = 32
 MAGIC = b"OPDA"
 AUTH_VERSION = 1
-ALGORITHMS = {"hmac-sha256": 1, "poly1305": 2}
-_TAG_BYTES = {1: 32, 2: 16}
+ALGORITHMS = {"hmac-sha256": 1, "poly1305": 2, "blake3": 3}
+_TAG_BYTES = {1: 32, 2: 16, 3: 32}
 _PREFIX = struct.Struct("<4sBBH16sQd")  # magic, version, alg, zero, nonce, seq, time: 40 bytes
 _LEN = struct.Struct("<Q")
 _COUNT = struct.Struct("<I")
 _POLY_KEY_LABEL = b"megatron-opd poly1305 key\x00"
+_BLAKE3_KEY_LABEL = b"megatron-opd blake3 key\x00"
 MAX_SENDERS = 1024
 
 
@@ -231,9 +237,7 @@ class Sealer:
     def __init__(self, secret: bytes, mac: str = "hmac-sha256"):
         if mac not in ALGORITHMS:
             raise ValueError(f"mac must be one of {sorted(ALGORITHMS)}, got {mac!r}")
-        if mac == "poly1305":
-            _poly1305()  # fail now, not at the first message
-        self._key, self._alg = secret, ALGORITHMS[mac]
+        self._key, self._alg = _mac_key(secret, mac), ALGORITHMS[mac]
         self.nonce = os.urandom(16)
         self._seq = 0
 
@@ -251,9 +255,7 @@ class Opener:
     def __init__(self, secret: bytes, mac: str = "hmac-sha256", max_age_s: float | None = None):
         if mac not in ALGORITHMS:
             raise ValueError(f"mac must be one of {sorted(ALGORITHMS)}, got {mac!r}")
-        if mac == "poly1305":
-            _poly1305()
-        self._key, self._alg, self.max_age_s = secret, ALGORITHMS[mac], max_age_s
+        self._key, self._alg, self.max_age_s = _mac_key(secret, mac), ALGORITHMS[mac], max_age_s
         self._last_seq: OrderedDict[bytes, int] = OrderedDict()
 
     def open(self, frames: list) -> list:
@@ -286,9 +288,22 @@ class Opener:
         return rest
 
 
+def _mac_key(secret: bytes, mac: str) -> bytes:
+    """The key `_tag` uses (checks now that the algorithm's package is there, not at the first
+    message)."""
+    if mac == "poly1305":
+        _poly1305()
+    if mac == "blake3":
+        _blake3()
+        return hmac.new(secret, _BLAKE3_KEY_LABEL, hashlib.sha256).digest()  # 32 bytes exactly
+    return secret
+
+
 def _tag(key: bytes, alg: int, prefix: bytes, bufs: list[memoryview]) -> bytes:
     if alg == 1:
         h = hmac.new(key, prefix, hashlib.sha256)
+    elif alg == 3:
+        h = _blake3()(prefix, key=key)
     else:
         h = _poly1305()(hmac.new(key, _POLY_KEY_LABEL + prefix, hashlib.sha256).digest())
         h.update(prefix)
@@ -297,7 +312,15 @@ def _tag(key: bytes, alg: int, prefix: bytes, bufs: list[memoryview]) -> bytes:
         h.update(_LEN.pack(b.nbytes))
         if b.nbytes:
             h.update(b if b.contiguous and b.format == "B" else b.cast("B"))
-    return h.digest() if alg == 1 else h.finalize()
+    return h.finalize() if alg == 2 else h.digest()
+
+
+def _blake3():
+    try:
+        from blake3 import blake3
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ValueError("mac='blake3' needs the `blake3` package (tools/setup_env.sh)") from e
+    return blake3
 
 
 def _poly1305():

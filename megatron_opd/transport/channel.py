@@ -63,9 +63,9 @@ import zmq
 
 from megatron_opd.transport.dedup import SeenIds
 from megatron_opd.transport.schema import (
-    MAX_IDS_PER_MESSAGE, Ack, Credit, Hello, PartialRollouts, ProtocolError, Sample,
+    MAX_IDS_PER_MESSAGE, Ack, Credit, Hello, PartialRollouts, ProtocolError, Sample, encode,
 )
-from megatron_opd.transport.zmq_link import DEFAULT_MAX_MESSAGE_BYTES, _Socket
+from megatron_opd.transport.zmq_link import DEFAULT_MAX_MESSAGE_BYTES, _Socket, batch_claims
 
 
 @dataclass
@@ -116,6 +116,7 @@ class SampleServer(_Socket):
         self._peers: dict[bytes, _Peer] = {}
         self._by_name: dict[str, bytes] = {}
         self._queue: deque[tuple[bytes, int, Sample]] = deque()
+        self._queued_ids: set[str] = set()  # ids in _queue (duplicate check without a scan)
         self._seen = SeenIds()
         self._pending: dict[str, str] = {}  # returned by recv, not acked yet: id -> client name
         self._owed: set[bytes] = set()  # peers with freed credit not announced yet
@@ -138,6 +139,7 @@ class SampleServer(_Socket):
                 return None
             self._handle(self.sock.recv_multipart(copy=False))
         identity, epoch, sample = self._queue.popleft()
+        self._queued_ids.discard(sample.sample_id)
         self._seen.add(sample.sample_id)
         self._counts["received"] += 1
         peer = self._peers.get(identity)
@@ -216,13 +218,19 @@ class SampleServer(_Socket):
         identity, body = frames[0].bytes, frames[1:]
         peer = self._peers.get(identity)
         try:
-            msg = self._incoming(body)
+            msgs = self._incoming_many(body)
+            if len(msgs) > 1 and not all(isinstance(m, Sample) for m in msgs):
+                raise ProtocolError("wrong_kind", "only samples travel in a batch")
         except ProtocolError as e:
             self._reject(e)
-            if peer is not None:  # its client spent a credit on it: give it back
-                peer.arrived += 1
-                self._release(identity, peer, [])
+            if peer is not None:  # its client spent credit on it: give that back (what the
+                # batch says it held, unverified, so at most what the client may have in flight)
+                claimed = batch_claims(body)
+                for _ in range(max(1, min(claimed, peer.total - peer.arrived))):
+                    peer.arrived += 1
+                    self._release(identity, peer, [])
             return
+        msg = msgs[0]
         if isinstance(msg, Hello):
             self._hello(identity, peer, msg)
             return
@@ -237,12 +245,16 @@ class SampleServer(_Socket):
             self._reject(ProtocolError("no_handshake", "sample from a client without Hello"))
             self._send(identity, Credit(session=self.session, epoch=0, total=0))
             return
+        for msg in msgs:
+            self._take(identity, peer, msg)
+
+    def _take(self, identity: bytes, peer: _Peer, msg: Sample) -> None:
         if peer.arrived + 1 > peer.total:
             self._reject(ProtocolError("over_credit", f"{peer.name} sent beyond its credit"))
             return
         peer.arrived += 1
         sid = msg.sample_id
-        if sid in self._seen or any(s.sample_id == sid for _, _, s in self._queue):
+        if sid in self._seen or sid in self._queued_ids:
             self._counts["duplicates"] += 1
             if sid in self._seen and sid not in self._pending:  # durable already: say so again
                 self._counts["reacked"] += 1
@@ -251,6 +263,7 @@ class SampleServer(_Socket):
             return
         peer.buffered += 1
         self._queue.append((identity, peer.epoch, msg))
+        self._queued_ids.add(sid)
 
     def _hello(self, identity: bytes, peer: _Peer | None, msg: Hello) -> None:
         if self.run_id and msg.run_id != self.run_id:
@@ -297,6 +310,7 @@ class SampleServer(_Socket):
 @dataclass
 class _Entry:
     sample: Sample
+    frames: list  # encode(sample), kept for re-sends (validated once)
     sent_at: float = 0.0
     sends: int = 0
     received: bool = False  # the server reported it consumed (no timed resend)
@@ -315,7 +329,10 @@ class SampleClient(_Socket):
                  max_unacked: int | None = None, sndhwm: int = 1000, rcvhwm: int = 100_000,
                  max_message_bytes: int = 16 << 20, mac: str = "hmac-sha256",
                  allow_insecure: bool = False, max_age_s: float | None = None,
+                 batch_bytes: int = 1 << 20, batch_max: int = 1,
                  context: zmq.Context | None = None):
+        if batch_max < 1 or batch_bytes < 0:
+            raise ValueError("batch_max must be >= 1 and batch_bytes >= 0")
         super().__init__(zmq.DEALER, context, endpoint, secret=secret, mac=mac,
                          allow_insecure=allow_insecure, max_age_s=max_age_s,
                          max_message_bytes=max_message_bytes, kinds=(Credit, Ack),
@@ -331,6 +348,9 @@ class SampleClient(_Socket):
         self.sock.connect(endpoint)
         self._unacked: OrderedDict[str, _Entry] = OrderedDict()
         self._resend: deque[str] = deque()
+        self.batch_bytes, self.batch_max = batch_bytes, batch_max
+        self._batch: list[_Entry] = []  # samples taken (credit spent), not yet handed to zmq
+        self._batch_nbytes = 0
         self.session: str | None = None
         self._epoch = 0
         self._total = 0
@@ -340,7 +360,7 @@ class SampleClient(_Socket):
         self._heard_at = time.monotonic()
         self._next_scan = 0.0
         self._counts = {"sent": 0, "resent": 0, "acked": 0, "handshakes": 0,
-                        "sessions": 0, "send_timeouts": 0}
+                        "sessions": 0, "send_timeouts": 0, "batches": 0}
         self._start_handshake()
 
     # -------------------------------------------------------------------- orchestrator API
@@ -353,21 +373,25 @@ class SampleClient(_Socket):
         return len(self._unacked)
 
     def send(self, sample: Sample, timeout_ms: int = 10_000) -> bool:
-        """Send one sample once credit allows (pending resends go first). True: it was sent and
-        is held until acked. False: no credit (or `max_unacked` reached) within timeout_ms; the
-        sample was not taken. Raises ProtocolError for an invalid sample, ValueError for an id
-        already held."""
+        """Send one sample once credit allows (pending resends go first). True: it was taken
+        (credit spent) and is held until acked. It leaves in a batch with the samples sent after
+        it: at once when the batch holds `batch_max` samples or `batch_bytes` bytes, else at the
+        next `poll`, `flush`, `wait_acked`, `send_outside_credit`, or when `send` waits for
+        credit. False: no credit (or `max_unacked` reached) within timeout_ms; the sample was
+        not taken. Raises ProtocolError for an invalid sample, ValueError for an id already
+        held."""
         if sample.sample_id in self._unacked:
             raise ValueError(f"sample id {sample.sample_id!r} is already in flight")
         deadline = time.monotonic() + timeout_ms / 1000
         while True:
             self._service()
             room = self.max_unacked is None or len(self._unacked) < self.max_unacked
-            if room and not self._resend and self.credit > 0:
-                entry = _Entry(sample)
-                if self._transmit(entry, deadline):
-                    self._unacked[sample.sample_id] = entry
-                    return True
+            if room and not self._resend and self.credit > 0 and self._batch_room():
+                entry = _Entry(sample, encode(sample))  # validates
+                self._unacked[sample.sample_id] = entry
+                self._take(entry)
+                return True
+            self.flush()  # about to wait for credit: what is taken must go out first
             left = deadline - time.monotonic()
             if left <= 0:
                 self._counts["send_timeouts"] += 1
@@ -378,16 +402,39 @@ class SampleClient(_Socket):
         """Send an interrupt-sync answer now: no credit, never held or re-sent (a lost one only
         costs exactness, which the learner counts). False without a handshake or on timeout."""
         self._service()
+        self.flush()  # it must arrive after every sample sent before it
         if self._handshaking or not self.sock.poll(timeout_ms, zmq.POLLOUT):
             return False
         self.sock.send_multipart(self._outgoing(msg), copy=False)
         return True
+
+    def flush(self) -> bool:
+        """Hand the samples taken by `send` to ZeroMQ now, as one message; False when ZeroMQ's
+        queue is full (they stay in the batch and go with the next flush)."""
+        if not self._batch:
+            return True
+        frames = self._sealed_batch([e.frames for e in self._batch])
+        try:
+            self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        now = time.monotonic()
+        for e in self._batch:
+            e.sent_at = now
+        self._batch, self._batch_nbytes = [], 0
+        self._counts["batches"] += 1
+        return True
+
+    def close(self) -> None:
+        self.flush()
+        super().close()
 
     def poll(self, timeout_ms: int = 0) -> int:
         """Handle Credit / Ack messages arriving within timeout_ms, repeat the handshake if due,
         re-send what is due; returns the number of unacked samples."""
         self._wait(timeout_ms / 1000)
         self._service()
+        self.flush()
         return len(self._unacked)
 
     def wait_acked(self, timeout_s: float) -> bool:
@@ -439,32 +486,41 @@ class SampleClient(_Socket):
                 self._resend or any(not e.received for e in self._unacked.values())):
             self._start_handshake()  # credit may have been lost, or the server is gone
             return
-        deadline = now + 0.05
-        while self._resend and self.credit > 0:
-            entry = self._unacked.get(self._resend[0])
+        while self._resend and self.credit > 0 and self._batch_room():
+            entry = self._unacked.get(self._resend.popleft())
             if entry is None:
-                self._resend.popleft()
                 continue
-            if not self._transmit(entry, deadline):
-                return
-            self._resend.popleft()
             entry.queued = False
+            self._take(entry)
             self._counts["resent"] += 1
 
-    def _transmit(self, entry: _Entry, deadline: float) -> bool:
-        frames = self._outgoing(entry.sample)
-        if not self.sock.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLOUT):
-            return False
-        self.sock.send_multipart(frames, copy=False)
+    def _batch_room(self) -> bool:
+        """False while a full batch could not be flushed (ZeroMQ's queue is full)."""
+        return len(self._batch) < self.batch_max and self._batch_nbytes < self.batch_bytes
+
+    def _take(self, entry: _Entry) -> None:
+        """Spend one credit on entry: into the outgoing batch, flushed when full."""
+        n = sum(memoryview(f).nbytes for f in entry.frames)
+        if self._batch and self._batch_nbytes + n > self.batch_bytes:
+            self.flush()
+        self._batch.append(entry)
+        self._batch_nbytes += n
         self._sent += 1
         entry.sends += 1
         entry.sent_at = time.monotonic()
         entry.received = False
         if entry.sends == 1:
             self._counts["sent"] += 1
-        return True
+        if len(self._batch) >= self.batch_max or self._batch_nbytes >= self.batch_bytes:
+            self.flush()
 
     def _start_handshake(self) -> None:
+        # samples taken but not handed to zmq: their credit is void, they go again after it
+        for e in self._batch:
+            if not e.queued and e.sample.sample_id in self._unacked:
+                e.queued = True
+                self._resend.append(e.sample.sample_id)
+        self._batch, self._batch_nbytes = [], 0
         self._epoch += 1
         self._handshaking, self._total, self._sent = True, 0, 0
         self._counts["handshakes"] += 1

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 from collections import Counter
 
+import numpy as np
 import zmq
 
 from megatron_opd.transport.auth import (
@@ -32,6 +34,111 @@ from megatron_opd.transport.schema import (
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+
+# ------------------------------------------------------------------ batch framing (samples)
+# The sample channel (client -> server) sends one or more schema messages in one ZeroMQ message:
+# per-message costs (a zmq send per frame, a MAC setup, a credit round) are paid once per batch,
+# and small frames are packed instead of each costing a zmq frame:
+#
+#   [auth frame (with a secret)] [index frame] [data frame 0] [data frame 1] ...
+#
+# index frame (little-endian): b"OPDB", BATCH_VERSION (u8), 3 zero bytes, messages m (u32),
+# parts p (u32), then m part counts (u32), then p parts of (data frame u32, offset u64, length u64).
+# Message i is its parts in order: the schema's frames (JSON header, tensors), each a view into a
+# data frame. The sender packs parts under PACK_BELOW bytes into data frame 0 (8-byte aligned:
+# int64/float64 views stay aligned) and hands bigger ones to ZeroMQ as their own zero-copy frames.
+# A schema header starts with "{", so a receiver tells a batch from a single message by its first
+# byte; a receiver of an older build refuses a batch as "bad_header", an unknown BATCH_VERSION is
+# "bad_batch_version", an inconsistent index "bad_batch".
+BATCH_MAGIC = b"OPDB"
+BATCH_VERSION = 1
+MAX_BATCH_MESSAGES = 1024
+PACK_BELOW = 64 << 10  # pyzmq copies frames under 64 KiB anyway (zmq.COPY_THRESHOLD)
+_BATCH_HEAD = struct.Struct("<4sB3xII")
+_PART = np.dtype([("frame", "<u4"), ("offset", "<u8"), ("length", "<u8")])
+
+
+def _view(f) -> memoryview:
+    return memoryview(f.buffer if hasattr(f, "buffer") else f)
+
+
+def pack_batch(messages: list[list]) -> list:
+    """Frames of several encoded messages (each a list of bytes / memoryviews) as one batch."""
+    counts = np.array([len(m) for m in messages], dtype="<u4")
+    parts = np.zeros(int(counts.sum()), dtype=_PART)
+    small, big, at, k = [], [], 0, 0
+    for m in messages:
+        for f in m:
+            n = memoryview(f).nbytes
+            if n < PACK_BELOW:
+                parts[k] = (0, at, n)
+                small.append((at, f))
+                at += (n + 7) & ~7
+            else:
+                big.append(f)
+                parts[k] = (len(big), 0, n)  # data frame 0 is the packed one
+            k += 1
+    packed = bytearray(at)
+    for off, f in small:
+        n = memoryview(f).nbytes
+        if n:
+            packed[off:off + n] = f
+    index = _BATCH_HEAD.pack(BATCH_MAGIC, BATCH_VERSION, len(messages), len(parts)) \
+        + counts.tobytes() + parts.tobytes()
+    return [index, packed] + big
+
+
+def is_batch(frames: list) -> bool:
+    return bool(frames) and bytes(_view(frames[0])[:4]) == BATCH_MAGIC
+
+
+def batch_claims(frames: list) -> int:
+    """How many messages an (unverified) batch says it holds, behind an authentication frame
+    or not; 1 for anything else."""
+    if frames and not is_batch(frames) and bytes(_view(frames[0])[:4]) == MAGIC:
+        frames = frames[1:]
+    if not is_batch(frames):
+        return 1
+    b = _view(frames[0])
+    if b.nbytes < _BATCH_HEAD.size:
+        return 1
+    return max(1, _BATCH_HEAD.unpack(b[:_BATCH_HEAD.size])[2])
+
+
+def unpack_batch(frames: list) -> list[list[memoryview]]:
+    """The messages of a batch as lists of views into the received frames (no copy). Raises
+    ProtocolError("bad_batch_version" | "bad_batch")."""
+    index = _view(frames[0])
+    if index.nbytes < _BATCH_HEAD.size:
+        raise ProtocolError("bad_batch", "index frame too short")
+    _, version, m, p = _BATCH_HEAD.unpack(index[:_BATCH_HEAD.size])
+    if version != BATCH_VERSION:
+        raise ProtocolError("bad_batch_version", f"batch version {version} (this build: "
+                                                 f"{BATCH_VERSION})")
+    if not 1 <= m <= MAX_BATCH_MESSAGES or index.nbytes != _BATCH_HEAD.size + 4 * m \
+            + _PART.itemsize * p:
+        raise ProtocolError("bad_batch", f"index of {index.nbytes} bytes for {m} messages, "
+                                         f"{p} parts")
+    counts = np.frombuffer(index, dtype="<u4", count=m, offset=_BATCH_HEAD.size)
+    parts = np.frombuffer(index, dtype=_PART, count=p, offset=_BATCH_HEAD.size + 4 * m)
+    data = [_view(f) for f in frames[1:]]
+    sizes = np.array([d.nbytes for d in data], dtype=np.uint64)
+    if int(counts.astype(np.int64).sum()) != p or (counts == 0).any():
+        raise ProtocolError("bad_batch", "part counts do not add up")
+    if p and (parts["frame"] >= len(data)).any():
+        raise ProtocolError("bad_batch", "a part points past the data frames")
+    if p:  # offset + length within the frame, without overflow
+        room = sizes[parts["frame"]]
+        if (parts["offset"] > room).any() or (parts["length"] > room - np.minimum(
+                parts["offset"], room)).any():
+            raise ProtocolError("bad_batch", "a part lies outside its data frame")
+    out, k = [], 0
+    rows = list(zip(parts["frame"].tolist(), parts["offset"].tolist(),
+                    parts["length"].tolist()))
+    for c in counts.tolist():
+        out.append([data[fr][off:off + n] for fr, off, n in rows[k:k + c]])
+        k += c
+    return out
 
 
 def free_tcp_endpoint(host: str = "127.0.0.1") -> str:
@@ -67,9 +174,13 @@ class _Socket:
         frames = encode(msg)
         return self._sealer.seal(frames) if self._sealer is not None else frames
 
-    def _incoming(self, frames: list) -> Message:
-        """Size check, authentication, decode, kind check; raises ProtocolError (never parses an
-        unauthenticated or oversize message)."""
+    def _sealed_batch(self, encoded: list[list]) -> list:
+        """One batch (`pack_batch`) of already encoded messages, sealed when authenticated."""
+        frames = pack_batch(encoded)
+        return self._sealer.seal(frames) if self._sealer is not None else frames
+
+    def _opened(self, frames: list) -> list:
+        """Size check and authentication: the frames after the authentication frame."""
         if not frames:
             raise ProtocolError("empty", "no frames")
         if self.max_message_bytes is not None:
@@ -77,16 +188,34 @@ class _Socket:
             if total > self.max_message_bytes:
                 raise ProtocolError("oversize", f"{total} bytes > {self.max_message_bytes}")
         if self._opener is not None:
-            frames = self._opener.open(frames)
-        else:
-            first = frames[0]
-            if bytes(memoryview(first.buffer if hasattr(first, "buffer") else first)[:4]) == MAGIC:
-                raise ProtocolError("auth_not_configured",
-                                    "authenticated message but this socket has no secret")
+            return self._opener.open(frames)
+        if bytes(_view(frames[0])[:4]) == MAGIC:
+            raise ProtocolError("auth_not_configured",
+                                "authenticated message but this socket has no secret")
+        return frames
+
+    def _checked(self, frames: list) -> Message:
         msg = decode(frames)
         if self._kinds is not None and not isinstance(msg, self._kinds):
             raise ProtocolError("wrong_kind", f"{msg.KIND} is not accepted on this socket")
         return msg
+
+    def _incoming(self, frames: list) -> Message:
+        """Size check, authentication, decode, kind check; raises ProtocolError (never parses an
+        unauthenticated or oversize message). Batches are refused here ("unexpected_batch")."""
+        frames = self._opened(frames)
+        if is_batch(frames):
+            raise ProtocolError("unexpected_batch", "a batch on a socket that takes single "
+                                                    "messages")
+        return self._checked(frames)
+
+    def _incoming_many(self, frames: list) -> list:
+        """As `_incoming`, for a single message or a batch (all or nothing: one bad message
+        rejects the batch)."""
+        frames = self._opened(frames)
+        if not is_batch(frames):
+            return [self._checked(frames)]
+        return [self._checked(m) for m in unpack_batch(frames)]
 
     def _reject(self, e: ProtocolError) -> None:
         self.rejected[e.reason] += 1
