@@ -51,8 +51,8 @@ TOTAL_S = 470
 
 
 class Suite:
-    def __init__(self, dry_run: bool, work: Path, total_s: float):
-        self.dry_run, self.work = dry_run, work
+    def __init__(self, dry_run: bool, work: Path, total_s: float, wheels: Path = WHEELS):
+        self.dry_run, self.work, self.wheels = dry_run, work, wheels
         self.deadline = time.monotonic() + total_s
         self.site = work / "site"
         self.parts: dict[str, dict] = {}
@@ -110,12 +110,12 @@ def wheel_tags_ok(wheel: Path) -> str | None:
 # ---------------------------------------------------------------- parts
 def part_wheels(s: Suite) -> None:
     t0 = time.monotonic()
-    wheels = sorted(WHEELS.glob("*.whl"))
+    wheels = sorted(s.wheels.glob("*.whl"))
     usable = [w for w in wheels if wheel_tags_ok(w) is None]
     result: dict = {"wheels": [w.name for w in wheels], "site": str(s.site),
                     "not_installed": {w.name: wheel_tags_ok(w) for w in wheels if w not in usable}}
     if not wheels:
-        result.update(status="skipped", reason=f"no {WHEELS.name}/ wheels here (bench/gpu_wheels.sh "
+        result.update(status="skipped", reason=f"no {s.wheels.name}/ wheels here (bench/gpu_wheels.sh "
                                                "fetches them); using what is installed")
     elif usable:
         rc, out = s.run("wheels", "wheels", [
@@ -288,11 +288,12 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="work directory (default: a temporary one)")
     ap.add_argument("--parts", default="wheels,learner,nccl,fp8,gpu_tests")
     ap.add_argument("--total-s", type=float, default=TOTAL_S)
+    ap.add_argument("--wheels", default=str(WHEELS), help="folder of wheels to install (.whl)")
     args = ap.parse_args()
     t0 = time.monotonic()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpu_suite_"))
     work.mkdir(parents=True, exist_ok=True)
-    s = Suite(args.dry_run, work, args.total_s)
+    s = Suite(args.dry_run, work, args.total_s, Path(args.wheels))
     wanted = args.parts.split(",")
     print(f"gpu_suite: {'dry run (CPU)' if args.dry_run else 'GPU'}; python {platform.python_version()};"
           f" work {work}", flush=True)

@@ -20,7 +20,7 @@ if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
   cp "$log" "$OUT/gpu_suite.log"
   tail -n 1 "$log" > "$OUT/gpu_suite.json"
-  for f in learner publish receiver fp8 gpu_tests; do
+  for f in learner learner_retry publish receiver fp8 gpu_tests; do
     [ -f "$work/$f.log" ] && cp "$work/$f.log" "$OUT/$f.log"
   done
 fi

@@ -122,14 +122,15 @@ def _nvml_index(device: int) -> int:
     """NVML numbers every GPU, CUDA only the visible ones: match by UUID."""
     import pynvml
 
-    uuid = str(torch.cuda.get_device_properties(device).uuid).lower().removeprefix("gpu-")
+    uuid = str(getattr(torch.cuda.get_device_properties(device), "uuid", "")).lower()
+    uuid = uuid.removeprefix("gpu-")
     pynvml.nvmlInit()
     try:
         count = pynvml.nvmlDeviceGetCount()
         for i in range(count):
             got = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i))
             got = (got.decode() if isinstance(got, bytes) else got).lower().removeprefix("gpu-")
-            if got == uuid:
+            if uuid and got == uuid:
                 return i
     finally:
         pynvml.nvmlShutdown()
