@@ -160,18 +160,33 @@ def test_short_async_opd_run_learns(short_run):
     assert (ckpt / "hf" / "model.safetensors").is_file() and (ckpt / "megatron").is_dir()
 
 
+def process_cmdlines(procs) -> list[str]:
+    out = []
+    for p in procs:
+        try:
+            out.append(" ".join(p.cmdline()))
+        except psutil.Error:  # exited meanwhile
+            pass
+    return out
+
+
 @pytest.mark.parametrize("fault", ["kill_orchestrator", "ctrl_c"])
 def test_a_dying_process_or_ctrl_c_stops_every_process(tmp_path, fault):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(_train_cmd(run_dir, "train.steps=1000"), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        # the launcher starts the learner and the orchestrator once its servers are ready:
+        # with both there, every process of the run is (no training is waited for)
         deadline = time.time() + 300
-        metrics = run_dir / "metrics.jsonl"
-        while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):
+        while True:
             assert proc.poll() is None, proc.communicate()
-            time.sleep(1)
-        descendants = psutil.Process(proc.pid).children(recursive=True)
+            descendants = psutil.Process(proc.pid).children(recursive=True)
+            names = " ".join(process_cmdlines(descendants))
+            if "megatron_opd.learner.main" in names and "megatron_opd.orchestrator" in names:
+                break
+            assert time.time() < deadline, names
+            time.sleep(0.5)
         assert len(descendants) >= 6  # 2 servers (+ their children), learner, orchestrator
         if fault == "ctrl_c":
             proc.send_signal(signal.SIGINT)
