@@ -189,6 +189,9 @@ def _tp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         ids = torch.tensor([[0, V - 1, 6, 7]] * N)
         res["logprobs"] = teacher_logprobs_from_hidden(head, ht.float(), ids, group=group,
                                                        temperature=tt.float(), chunk_tokens=4)
+        # the learner's loss on vocab-sharded logits with this rank's rows of the teacher head
+        for terms in (["lsm"], ["aopd"], ["vopd", "sampled_token_opd"]):
+            res["learner_" + "+".join(terms)] = _learner_loss(terms, rank, 2, group)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -221,6 +224,13 @@ def test_tp2_gloo_equals_one_rank(tmp_path):
     ref = torch.log_softmax(ht @ wt[:V].T / tt[:, None], -1).gather(1, ids)
     for r in range(2):
         torch.testing.assert_close(ranks[r]["logprobs"].double(), ref, atol=2e-5, rtol=1e-5)
+    for terms in (["lsm"], ["aopd"], ["vopd", "sampled_token_opd"]):
+        name = "learner_" + "+".join(terms)
+        loss, grad = _learner_loss(terms, 0, 1, None)
+        full = torch.cat([ranks[0][name][1], ranks[1][name][1]], dim=-1)
+        for r in range(2):
+            torch.testing.assert_close(ranks[r][name][0], loss, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(full, grad, rtol=1e-8, atol=1e-10)
 
 
 # --- a tiny transformers checkpoint --------------------------------------------------------
@@ -323,7 +333,21 @@ def _hidden_case(seed: int):
     return z, d, hidden, head, lq
 
 
-def _loss(cfg, z, d, head=None):
+def _learner_loss(terms, rank: int, tp: int, group):
+    """(loss, gradient w.r.t. this rank's logits shard) of the learner's loss fn with the hidden
+    teacher, on rank `rank` of `tp` (vocabulary 20 split in halves, head rows alike)."""
+    from test_objective_library import _cfg
+
+    z, _, hidden, head, _ = _hidden_case(3)
+    vl = z.shape[-1] // tp
+    shard = TeacherHead(weight=head.weight[rank * vl:(rank + 1) * vl].clone(),
+                        vocab_size=head.vocab_size, tp_rank=rank, tp_size=tp)
+    loss, g, _ = _loss(_cfg(terms), z[..., rank * vl:(rank + 1) * vl].contiguous(), hidden, shard,
+                       group=group)
+    return loss, g
+
+
+def _loss(cfg, z, d, head=None, group=None):
     from megatron_opd.learner.losses import objective_fields, objective_loss_fn
     from megatron_opd.learner.train_step import MicroBatch
 
@@ -331,7 +355,7 @@ def _loss(cfg, z, d, head=None):
     mb = MicroBatch(torch.zeros(z.shape[0], z.shape[1], dtype=torch.long),
                     {f: d[f] for f in fields if f in d})
     zt = z.clone().requires_grad_()
-    s, n, metrics = objective_loss_fn(cfg, None, teacher_head=head)(zt, mb)
+    s, n, metrics = objective_loss_fn(cfg, group, teacher_head=head)(zt, mb)
     loss = s / n
     (g,) = torch.autograd.grad(loss, zt)
     return loss.detach(), g, {k: (v / c).detach() for k, (v, c) in metrics.items()}
