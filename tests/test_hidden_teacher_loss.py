@@ -120,6 +120,14 @@ def test_masked_logits_rows_and_empty():
     # forward KL puts teacher mass where the student has none: +inf, as the closed form
     fwd = hidden_teacher_kl(z, ht.float(), head, kind="forward")
     assert torch.isinf(fwd[0]) and torch.isfinite(fwd[1:]).all()
+    # ... but 0 where the teacher's probability underflows to 0 there too (0 * inf is no nan)
+    w = torch.zeros(4, 1, dtype=torch.float64)
+    w[0, 0], w[1, 0] = -200.0, 1.0
+    z1 = torch.tensor([[-torch.inf, 0.0, 0.0, 0.0]])
+    got = hidden_teacher_kl(z1, torch.ones(1, 1), TeacherHead(w.float(), vocab_size=4), kind="forward")
+    lq = torch.log_softmax(torch.tensor([-200.0, 1.0, 0.0, 0.0], dtype=torch.float64), -1)[1:]
+    ref = (lq.exp() * (lq - torch.log(torch.tensor(1 / 3, dtype=torch.float64)))).sum()
+    torch.testing.assert_close(got.double(), ref.view(1), atol=1e-6, rtol=1e-6)
     # rows: token i reads logits row rows[i]; unread rows get exactly 0 gradient, a row read
     # twice gets both contributions
     rows = torch.tensor([2, 5, 5, 9])

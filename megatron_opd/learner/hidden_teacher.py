@@ -26,7 +26,8 @@ The backward recomputes each chunk's blocks from the saved per-token normalisers
 softmax). `fused_hidden_kl` also fuses the student's own output head: its logits block is
 h_s W_s^T, and the backward returns d/dh_s (all-reduced over the group: h_s is replicated, each
 rank's shard contributes its share, as megatron's column-parallel output layer does) and d/dW_s
-(this rank's rows). Extra memory: three [c, V_l] blocks (compute dtype) besides the gradients.
+(this rank's rows). Extra memory: three [c, V_l] blocks (four for JS), in the compute dtype,
+besides the gradients.
 
 Vocabulary padding: columns at global ids >= vocab_size (megatron pads to a multiple of TP) are
 excluded from every sum and get exactly zero gradient, for the student and the teacher, whatever
@@ -274,7 +275,10 @@ class _HiddenKL(torch.autograd.Function):
             if kind == "forward":
                 # sum_v e^(a-m_q) (a - z) (z = -inf: +inf, q > 0), then e^(z-m_p) = e^(a-(a-z)-m_p)
                 diff = z.neg_().add_(a)
-                cross = tmp.mul_(diff).sum(-1)
+                cross = tmp.mul_(diff)
+                if ws is None:  # q = 0 (underflow) where z = -inf: 0 * inf, a 0 term
+                    cross.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+                cross = cross.sum(-1)
                 s_p = torch.sub(a, diff, out=tmp).sub_(m[:, :1]).exp_().sum(-1)
             else:
                 s_p = torch.sub(z, m[:, :1], out=tmp).exp_().sum(-1)
