@@ -33,7 +33,7 @@ def test_hidden_teacher_quickstart_learns(tmp_path):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = {r["eval/version"]: r["eval/reverse_kl"] for r in records if "eval/reverse_kl" in r}
     assert 0 in evals and STEPS in evals, sorted(evals)
-    assert evals[STEPS] < 0.8 * evals[0], evals
+    assert evals[STEPS] < 0.85 * evals[0], evals  # 2.01 -> 1.35 (0.67x) measured
     exact = [r[k] for r in records for k in r if k.endswith("kl_exact")]
     assert len(exact) >= STEPS // 2 and all(0 <= x < 50 for x in exact), exact[:5]
     n = len(exact) // 4
