@@ -206,7 +206,8 @@ def teacher_logprobs_from_hidden(head: TeacherHead, hidden: Tensor, ids: Tensor,
             dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
         local = ids2[s:e].long() - off
         owned = (local >= 0) & (local < nv)
-        at = a.gather(1, local.clamp(0, max(nv - 1, 0))) if nv else torch.zeros(e - s, k, dtype=cd, device=dev)
+        at = a.gather(1, local.clamp(0, max(nv - 1, 0))) if nv else \
+            torch.zeros(e - s, k, dtype=cd, device=dev)
         at = torch.where(owned, at, torch.zeros_like(at))
         a.sub_(m[:, None]).exp_()
         payload = torch.cat([a.sum(-1, keepdim=True), at], dim=1)
