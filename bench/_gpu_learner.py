@@ -43,7 +43,7 @@ def main() -> None:
     from megatron_opd.compat.megatron_cpu import install_megatron_cpu_compat
     from megatron_opd.config import ParallelConfig
     from megatron_opd.gpu_metrics import GpuMetrics
-    from megatron_opd.learner.parallel import init_distributed
+    from megatron_opd.learner.parallel import destroy_distributed, init_distributed
     from megatron_opd.models.precision import detect_environment
 
     t0 = time.perf_counter()
@@ -145,6 +145,7 @@ def main() -> None:
               f"{out['peak_gpu_mem_gib'] if out['peak_gpu_mem_gib'] is None else round(out['peak_gpu_mem_gib'], 1)}"
               f" GiB (plan {plan_gib:.1f})", flush=True)
     metrics.close()
+    destroy_distributed()
     ok = {m: r for m, r in modes.items() if r["status"] == "ok"}
     ratios = {f"tokens_per_s {m}/bfloat16-te": r["tokens_per_s"] / ok["bfloat16-te"]["tokens_per_s"]
               for m, r in ok.items() if m.startswith("fp8-") and "bfloat16-te" in ok}

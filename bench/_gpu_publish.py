@@ -47,7 +47,7 @@ def main() -> None:
 
     from megatron_opd.compat.megatron_cpu import install_megatron_cpu_compat
     from megatron_opd.config import ParallelConfig
-    from megatron_opd.learner.parallel import init_distributed
+    from megatron_opd.learner.parallel import destroy_distributed, init_distributed
     from megatron_opd.models.hf_mapping import iter_hf_weights
     from megatron_opd.models.qwen3_moe import build_model_chunks, transformer_config
     from megatron_opd.serving.sglang_client import SGLangClient
@@ -142,6 +142,7 @@ def main() -> None:
                  and all(torch.equal(received[n], kept[n]) for n in kept))
         Path(dump).unlink()
     pub.close()
+    destroy_distributed()
 
     nbytes = sum(t.numel() * t.element_size() for _, t in named)
     med = {k: statistics.median(v) for k, v in

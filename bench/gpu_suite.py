@@ -181,6 +181,8 @@ def part_nccl(s: Suite, layers: int) -> None:
     if not s.dry_run:  # two hosts to NCCL (see the module docstring); sockets, never InfiniBand
         env_r["NCCL_HOSTID"], env_s["NCCL_HOSTID"] = "gpu-suite-receiver", "gpu-suite-sender"
         env_r["NCCL_IB_DISABLE"] = env_s["NCCL_IB_DISABLE"] = "1"
+        for env in (env_r, env_s):  # the logs say which transport NCCL chose, or why it failed
+            env.update(NCCL_DEBUG="INFO", NCCL_DEBUG_SUBSYS="INIT,NET")
     rlog = open(s.work / "receiver.log", "w")
     receiver = subprocess.Popen(
         [sys.executable, str(BENCH / "_gpu_receiver.py"), "--device", "cpu" if s.dry_run else "cuda"],
