@@ -25,6 +25,11 @@ Protocol (messages in `schema.py`):
    process restarted), the client re-sends *every* unacked sample, consumed or not, to the new
    server, with fresh credit.
 
+   Samples travel in batches (`zmq_link.pack_batch`): with `batch_max > 1` the client gathers
+   samples it has credit for and sends them as one message (flushed when full, on `poll`,
+   `flush`, `wait_acked`, `send_outside_credit` and before `send` waits); each sample in a batch
+   spends one credit and is acked, re-sent and deduplicated on its own. A rejected batch gives
+   its client back the credit it claims (at most the window).
 5. `PartialRollouts` (the answer to the learner's `Interrupt`, interrupt sync) travel outside
    credit: `send_outside_credit` sends one at once, never holds or re-sends it; the server
    keeps the last few in `partial_rollouts` (only from a client that said Hello) and counts them.
@@ -426,7 +431,10 @@ class SampleClient(_Socket):
         return True
 
     def close(self) -> None:
-        self.flush()
+        try:
+            self.flush()  # best effort: unflushed samples are unacked anyway
+        except zmq.ZMQError:
+            pass
         super().close()
 
     def poll(self, timeout_ms: int = 0) -> int:

@@ -22,7 +22,6 @@ import socket
 import struct
 from collections import Counter
 
-import numpy as np
 import zmq
 
 from megatron_opd.transport.auth import (
@@ -55,7 +54,7 @@ BATCH_VERSION = 1
 MAX_BATCH_MESSAGES = 1024
 PACK_BELOW = 64 << 10  # pyzmq copies frames under 64 KiB anyway (zmq.COPY_THRESHOLD)
 _BATCH_HEAD = struct.Struct("<4sB3xII")
-_PART = np.dtype([("frame", "<u4"), ("offset", "<u8"), ("length", "<u8")])
+_PART = struct.Struct("<IQQ")  # data frame, offset, length
 
 
 def _view(f) -> memoryview:
@@ -64,27 +63,25 @@ def _view(f) -> memoryview:
 
 def pack_batch(messages: list[list]) -> list:
     """Frames of several encoded messages (each a list of bytes / memoryviews) as one batch."""
-    counts = np.array([len(m) for m in messages], dtype="<u4")
-    parts = np.zeros(int(counts.sum()), dtype=_PART)
-    small, big, at, k = [], [], 0, 0
+    counts, parts, small, big, at = [], [], [], [], 0
     for m in messages:
+        counts.append(len(m))
         for f in m:
             n = memoryview(f).nbytes
             if n < PACK_BELOW:
-                parts[k] = (0, at, n)
-                small.append((at, f))
+                parts += (0, at, n)
+                small.append((at, n, f))
                 at += (n + 7) & ~7
             else:
                 big.append(f)
-                parts[k] = (len(big), 0, n)  # data frame 0 is the packed one
-            k += 1
+                parts += (len(big), 0, n)  # data frame 0 is the packed one
     packed = bytearray(at)
-    for off, f in small:
-        n = memoryview(f).nbytes
+    for off, n, f in small:
         if n:
             packed[off:off + n] = f
-    index = _BATCH_HEAD.pack(BATCH_MAGIC, BATCH_VERSION, len(messages), len(parts)) \
-        + counts.tobytes() + parts.tobytes()
+    p = len(parts) // 3
+    index = _BATCH_HEAD.pack(BATCH_MAGIC, BATCH_VERSION, len(messages), p) \
+        + struct.pack(f"<{len(counts)}I{'IQQ' * p}", *counts, *parts)
     return [index, packed] + big
 
 
@@ -116,27 +113,23 @@ def unpack_batch(frames: list) -> list[list[memoryview]]:
         raise ProtocolError("bad_batch_version", f"batch version {version} (this build: "
                                                  f"{BATCH_VERSION})")
     if not 1 <= m <= MAX_BATCH_MESSAGES or index.nbytes != _BATCH_HEAD.size + 4 * m \
-            + _PART.itemsize * p:
+            + _PART.size * p:
         raise ProtocolError("bad_batch", f"index of {index.nbytes} bytes for {m} messages, "
                                          f"{p} parts")
-    counts = np.frombuffer(index, dtype="<u4", count=m, offset=_BATCH_HEAD.size)
-    parts = np.frombuffer(index, dtype=_PART, count=p, offset=_BATCH_HEAD.size + 4 * m)
-    data = [_view(f) for f in frames[1:]]
-    sizes = np.array([d.nbytes for d in data], dtype=np.uint64)
-    if int(counts.astype(np.int64).sum()) != p or (counts == 0).any():
+    counts = struct.unpack_from(f"<{m}I", index, _BATCH_HEAD.size)
+    if sum(counts) != p or 0 in counts:
         raise ProtocolError("bad_batch", "part counts do not add up")
-    if p and (parts["frame"] >= len(data)).any():
-        raise ProtocolError("bad_batch", "a part points past the data frames")
-    if p:  # offset + length within the frame, without overflow
-        room = sizes[parts["frame"]]
-        if (parts["offset"] > room).any() or (parts["length"] > room - np.minimum(
-                parts["offset"], room)).any():
+    data = [_view(f) for f in frames[1:]]
+    views = []
+    for fr, off, n in _PART.iter_unpack(index[_BATCH_HEAD.size + 4 * m:]):
+        if fr >= len(data):
+            raise ProtocolError("bad_batch", "a part points past the data frames")
+        if off > data[fr].nbytes or n > data[fr].nbytes - off:
             raise ProtocolError("bad_batch", "a part lies outside its data frame")
+        views.append(data[fr][off:off + n])
     out, k = [], 0
-    rows = list(zip(parts["frame"].tolist(), parts["offset"].tolist(),
-                    parts["length"].tolist()))
-    for c in counts.tolist():
-        out.append([data[fr][off:off + n] for fr, off, n in rows[k:k + c]])
+    for c in counts:
+        out.append(views[k:k + c])
         k += c
     return out
 
