@@ -45,6 +45,7 @@ import sys
 import time
 
 import numpy as np
+import psutil
 import zmq
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -232,7 +233,21 @@ def main() -> int:
         if not ok:
             failures.append(f"send-side copy in mode {m}")
 
+    receiver = psutil.Process(proc.pid)
+
+    def cpu_now() -> float:  # CPU seconds of both processes, every thread (ZeroMQ I/O included)
+        t = receiver.cpu_times()
+        return time.process_time() + t.user + t.system
+
+    cpu_used = {}
+
     def run(mode: str, sample: Sample, n: int) -> float:
+        c0 = cpu_now()
+        dt = _run(mode, sample, n)
+        cpu_used.setdefault(mode, []).append(cpu_now() - c0)
+        return dt
+
+    def _run(mode: str, sample: Sample, n: int) -> float:
         if mode == "raw":
             frames = encode(sample)
             t = time.perf_counter()
@@ -266,6 +281,7 @@ def main() -> int:
         for m in modes:  # warm-up
             run(m, sample, max(2, n // 10))
         times = {m: [] for m in modes}
+        cpu_used.clear()
         for r in range(args.rounds):
             order = modes[r % len(modes):] + modes[:r % len(modes)]
             for m in order:
@@ -273,6 +289,11 @@ def main() -> int:
         row = {"message_bytes": msg_bytes, "n": n}
         for m in modes:
             row[f"{m}_GBps"] = round(n * msg_bytes / statistics.median(times[m]) / 1e9, 3)
+            # CPU seconds per GB moved (both processes) and cores busy while it ran
+            row[f"{m}_cpu_s_per_GB"] = round(statistics.median(
+                cpu_used[m][-args.rounds:]) / (n * msg_bytes / 1e9), 3)
+            row[f"{m}_cores_busy"] = round(statistics.median(
+                c / t for c, t in zip(cpu_used[m][-args.rounds:], times[m])), 2)
             if m != "raw":
                 ratios = [tr / tm for tr, tm in zip(times["raw"], times[m])]
                 row[f"{m}_ratio"] = round(statistics.median(ratios), 3)

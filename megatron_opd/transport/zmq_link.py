@@ -55,6 +55,7 @@ MAX_BATCH_MESSAGES = 1024
 PACK_BELOW = 64 << 10  # pyzmq copies frames under 64 KiB anyway (zmq.COPY_THRESHOLD)
 _BATCH_HEAD = struct.Struct("<4sB3xII")
 _PART = struct.Struct("<IQQ")  # data frame, offset, length
+_PAD = [b"\x00" * k for k in range(8)]
 
 
 def _view(f) -> memoryview:
@@ -70,15 +71,14 @@ def pack_batch(messages: list[list]) -> list:
             n = memoryview(f).nbytes
             if n < PACK_BELOW:
                 parts += (0, at, n)
-                small.append((at, n, f))
+                small.append(f)
+                if n & 7:
+                    small.append(_PAD[8 - (n & 7)])
                 at += (n + 7) & ~7
             else:
                 big.append(f)
                 parts += (len(big), 0, n)  # data frame 0 is the packed one
-    packed = bytearray(at)
-    for off, n, f in small:
-        if n:
-            packed[off:off + n] = f
+    packed = b"".join(small)  # one pass over the small parts, no zero-filling first
     p = len(parts) // 3
     index = _BATCH_HEAD.pack(BATCH_MAGIC, BATCH_VERSION, len(messages), p) \
         + struct.pack(f"<{len(counts)}I{'IQQ' * p}", *counts, *parts)
