@@ -129,8 +129,9 @@ def test_acks_clear_unacked(pair):
     assert client.stats["acked"] == 6 and server.stats["pending_acks"] == 0
 
 
-def test_resend_after_timeout_then_server_dedups(pair):
-    server, client = pair(credit=8, resend_after_s=0.3)
+@pytest.mark.parametrize("batch_max", [1, 8])  # resends travel in batches too
+def test_resend_after_timeout_then_server_dedups(pair, batch_max):
+    server, client = pair(credit=8, resend_after_s=0.3, batch_max=batch_max)
     for i in range(3):
         assert client.send(make_sample(sid=sid(i)), timeout_ms=2000)
     # a slow learner: the samples wait in the server, unreported, past resend_after_s
@@ -145,14 +146,16 @@ def test_resend_after_timeout_then_server_dedups(pair):
     assert client.wait_acked(3.0)
 
 
-def test_restarted_server_gets_every_unacked_sample_exactly_once(pair):
+@pytest.mark.parametrize("batch_max", [1, 4])
+def test_restarted_server_gets_every_unacked_sample_exactly_once(pair, batch_max):
     # A message the client sends while its DEALER still holds the dead server's pipe is lost
     # (ZeroMQ notices the disconnect asynchronously; ~1 run in 5 here): the timed resend is the
     # protocol's repair, so it must fire within the test's window.
-    server, client = pair(credit=8, resend_after_s=2.0)
+    server, client = pair(credit=8, resend_after_s=2.0, batch_max=batch_max)
     ep = server.endpoint
     for i in range(5):
         assert client.send(make_sample(sid=sid(i)), timeout_ms=2000)
+    assert client.flush()
     first = [server.recv(timeout_ms=2000).sample_id for _ in range(3)]
     assert first == [sid(0), sid(1), sid(2)]
     checkpoint = json.loads(json.dumps(server.seen_state()))  # s0..s2 are in the checkpoint
