@@ -154,7 +154,8 @@ def main() -> None:
         "cpu_compat_patches": patched, "patches_without_te": without_te,
         "backend": "cpu:gloo,cuda:nccl" if on_gpu else "gloo",
         "te_version": env.te_version, "te_error": env.te_error,
-        "memory_gib": memory / 2 ** 30, "layers": layers, "layers_full_model": full_layers, "layer_search": tried,
+        "memory_gib": memory / 2 ** 30,  # what the layer search planned for
+        "memory_fraction": GPU_MEMORY_FRACTION if on_gpu else None, "layers": layers, "layers_full_model": full_layers, "layer_search": tried,
         "plan_estimate_gib": plan_gib,
         "model": {k: getattr(spec, k) for k in (
             "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads",
