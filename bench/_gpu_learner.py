@@ -40,7 +40,7 @@ def main() -> None:
                              model_flops, slice_config, with_layers)
     from learner_step import _rate, matmul_baseline, peak_for, run_mode, skip_reason
 
-    from megatron_opd.compat.megatron_cpu import install_megatron_cpu_compat
+    from megatron_opd.compat.megatron_cpu import install_megatron_compat, install_megatron_cpu_compat
     from megatron_opd.config import ParallelConfig
     from megatron_opd.gpu_metrics import GpuMetrics
     from megatron_opd.learner.parallel import destroy_distributed, init_distributed
@@ -52,15 +52,10 @@ def main() -> None:
     on_gpu = env.cuda_capability is not None
     if args.dry_run and on_gpu:
         raise SystemExit("--dry-run must not see a GPU (gpu_suite.py hides them)")
-    patched = install_megatron_cpu_compat()  # [] on a GPU: nothing is patched there
-    without_te = []
-    if on_gpu and env.te_version is None:
-        # Not a CPU stand-in: megatron-core 0.16.1's router reads a name bound only when
-        # Transformer Engine imports (NameError on any device without TE); the lent GPUs have none.
-        from megatron_opd.compat.megatron_cpu import patch_moe_te_general_gemm_name
-
-        patch_moe_te_general_gemm_name()
-        without_te.append("patch_moe_te_general_gemm_name")
+    patched = install_megatron_cpu_compat()  # [] on a GPU: no CPU stand-in there
+    # on a GPU without Transformer Engine, the one device-independent patch (the learner's own
+    # install_megatron_compat applies it too): what this run needed is reported
+    without_te = [] if not on_gpu else install_megatron_compat()
     groups = init_distributed(ParallelConfig(), seed=0)
     if on_gpu:
         device_name = torch.cuda.get_device_name()

@@ -38,6 +38,31 @@ print(install_megatron_cpu_compat(), torch.cuda.current_device is orig)
     assert run_fresh(with_cuda) == "[] True"
 
 
+def test_a_gpu_without_transformer_engine_gets_only_the_router_gemm_name():
+    """megatron-core 0.16.1's router reads `te_general_gemm`, bound only when Transformer Engine
+    imports: on a GPU without TE the learner's install_megatron_compat applies that one patch
+    (no CPU stand-in); with CUDA and TE it applies nothing (TE is faked importable here)."""
+    gpu_without_te = """
+import torch
+torch.cuda.is_available = lambda: True
+orig = torch.cuda.current_device
+from megatron_opd.compat.megatron_cpu import install_megatron_compat
+from megatron.core.transformer.moe import moe_utils
+print(install_megatron_compat(), install_megatron_compat(), moe_utils.te_general_gemm,
+      torch.cuda.current_device is orig)
+"""
+    assert run_fresh(gpu_without_te) == "['patch_moe_te_general_gemm_name'] [] None True"
+    gpu_with_te = """
+import sys, types, torch
+torch.cuda.is_available = lambda: True
+te = types.ModuleType("transformer_engine"); te.pytorch = types.ModuleType("transformer_engine.pytorch")
+sys.modules.update({"transformer_engine": te, "transformer_engine.pytorch": te.pytorch})
+from megatron_opd.compat.megatron_cpu import install_megatron_compat
+print(install_megatron_compat())
+"""
+    assert run_fresh(gpu_with_te) == "[]"
+
+
 def test_loss_and_gradients_equal_transformers():
     from transformers import Qwen3MoeForCausalLM
 

@@ -2,8 +2,10 @@
 
 megatron-core calls CUDA directly in many places. Each patch below redirects one such call to its
 CPU equivalent, names the upstream target and the version it was written against, and is applied
-only by `install_megatron_cpu_compat()` when CUDA is absent (on GPUs nothing is patched). They
-patch process-wide state, so only the learner process (never SGLang's) installs them.
+only by `install_megatron_cpu_compat()` when CUDA is absent (on GPUs nothing is patched), except
+`patch_moe_te_general_gemm_name`, which `install_megatron_compat()` (what the learner and the
+converter call) also applies on a GPU without Transformer Engine. They patch process-wide state,
+so only the learner process (never SGLang's) installs them.
 """
 
 from __future__ import annotations
@@ -248,6 +250,27 @@ _PATCHES = (patch_cuda_current_device, patch_cuda_rng_to_cpu, patch_cuda_streams
             patch_moe_te_general_gemm_name, patch_cuda_device_factories,
             patch_tensor_type_strings, patch_alltoall_split_sizes,
             patch_torch_norm_sequence_parallel, patch_distrib_optimizer_torch_adam_step)
+
+
+def _transformer_engine_imports() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # ImportError, or a broken build (missing CUDA libraries)
+        return False
+    return True
+
+
+def install_megatron_compat() -> list[str]:
+    """Every process that builds megatron models calls this, on any device: the CPU stand-ins
+    when CUDA is absent, and on a GPU without Transformer Engine the one patch that is not a CPU
+    stand-in (`patch_moe_te_general_gemm_name`: megatron-core's router raises NameError on any
+    device without TE). Returns the names applied by this call."""
+    applied = install_megatron_cpu_compat()
+    if "patch_moe_te_general_gemm_name" not in _installed and not _transformer_engine_imports():
+        patch_moe_te_general_gemm_name()
+        _installed.add("patch_moe_te_general_gemm_name")
+        applied.append("patch_moe_te_general_gemm_name")
+    return applied
 
 
 def install_megatron_cpu_compat() -> list[str]:

@@ -170,12 +170,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args, spec, layout) -> int:
-    from megatron_opd.compat.megatron_cpu import install_megatron_cpu_compat
+    from megatron_opd.compat.megatron_cpu import install_megatron_compat
     from megatron_opd.convert import convert
     from megatron_opd.convert.hf_export import HFSource
     from megatron_opd.learner.parallel import destroy_distributed, init_distributed
 
-    install_megatron_cpu_compat()
+    install_megatron_compat()
     groups = init_distributed(layout, seed=0)
     try:
         if args.command == "hf-to-megatron":
