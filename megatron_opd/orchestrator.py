@@ -32,8 +32,10 @@ import numpy as np
 
 from megatron_opd.config import Config, load_config
 from megatron_opd.envs import Environment, EnvPrompt
+from megatron_opd.envs.privileged import teacher_prompt_ids
 from megatron_opd.episodes import Trajectory, run_episodes
 from megatron_opd.interrupt_sync import InterruptGate, generate_continuing
+from megatron_opd.serving.self_teacher import wrap_self_teacher
 from megatron_opd.serving.teachers import TeacherRouter, route_key
 from megatron_opd.transport import (ControlSubscriber, Interrupt, PartialRollouts, Sample,
                                     SampleClient, Shutdown, WeightsPublished)
@@ -124,9 +126,12 @@ def make_groups(cfg: Config, env: Environment, examples: list[EnvPrompt], result
         group = []
         for j, (res, sc) in enumerate(members):
             n = len(res.output_ids)
+            hidden = getattr(sc, "hidden", None)  # teacher.signal=hidden: [n, d]
             if isinstance(res, Trajectory):
                 mask, logprobs, versions = res.arrays()
                 reward, meta = res.reward, {**ex.metadata, **res.metadata}
+                if hidden is not None:  # tool tokens: zero rows (masked; never a target)
+                    hidden = np.where(mask[:, None] > 0, hidden, hidden.dtype.type(0))
             else:
                 mask = env.loss_mask(ex, res.output_ids)
                 logprobs = np.asarray(res.output_logprobs, dtype=np.float32)
@@ -134,6 +139,8 @@ def make_groups(cfg: Config, env: Environment, examples: list[EnvPrompt], result
                 reward, meta = env.reward(ex, res.output_ids), dict(ex.metadata)
                 if getattr(res, "stale_kv", False):
                     meta["stale_kv"] = True
+            if getattr(sc, "http_bytes", 0):  # payload accounting: the learner's teacher/* metrics
+                meta["teacher_http_bytes"] = float(sc.http_bytes)
             group.append(Sample(
                 sample_id=gid if g == 1 else f"{gid}-{j}", group_id=gid,
                 prompt_ids=np.asarray(ex.token_ids, dtype=np.int32),
@@ -144,6 +151,7 @@ def make_groups(cfg: Config, env: Environment, examples: list[EnvPrompt], result
                 teacher_topk_logprobs=np.asarray(sc.topk_logprobs, dtype=np.float32).reshape(n, k),
                 teacher_revision=revisions[i * g + j] if revisions else cfg.teacher.revision,
                 routed_experts=_compact(res.routed_experts),
+                teacher_hidden=hidden,
                 reward=reward, metadata=meta,
                 created_at=time.time(), finish_reason=res.finish_reason,
                 temperature=float(cfg.rollout.temperature), top_p=float(cfg.rollout.top_p),
@@ -198,8 +206,11 @@ def rollout_and_score(cfg: Config, env: Environment, rollout, teacher, examples:
     if results is None:  # stopped (shutting down)
         return []
     per_seq = [ex for ex in examples for _ in range(cfg.rollout.group_size)]
-    scored = teacher.score([p + list(r.output_ids) for p, r in zip(prompts, results)],
-                           start=[len(p) for p in prompts],
+    # the teacher's prompt: the student's, or with teacher.prompt=privileged the hinted one
+    # (tokenised once by the environment); the response tokens and positions are the same
+    t_prompts = [list(teacher_prompt_ids(ex)) for ex in per_seq]
+    scored = teacher.score([p + list(r.output_ids) for p, r in zip(t_prompts, results)],
+                           start=[len(p) for p in t_prompts],
                            keys=[route_key(cfg, env.name, ex.metadata) for ex in per_seq])
     groups = make_groups(cfg, env, examples, results, scored.results, group_ids,
                          scored.revisions)
@@ -248,6 +259,8 @@ def run_orchestrator(cfg: Config, wiring: RunWiring) -> None:
     # each teacher's fleet (several teachers: routed per sequence, serving/teachers.py)
     teacher = TeacherRouter.from_config(cfg, wiring.teacher_clients(cfg.server),
                                         wiring.teacher_servers())
+    # teacher.source=self: revisions self@v<version> read from the teacher servers
+    teacher = wrap_self_teacher(cfg, teacher, wiring.teacher_urls)
     # Admission counts samples: a request of k prompts is k x group_size samples. In offline mode
     # the same budget only bounds how far the feeder runs ahead of the learner (flow control).
     admission = Admission(cfg.train.batch_size, cfg.async_.max_staleness)

@@ -19,12 +19,14 @@ import torch.distributed as dist
 
 from megatron_opd.config import Config, load_config
 from megatron_opd.logs import event, quiet_known_warnings
+from megatron_opd.sample_fields import teacher_payload_metrics
+from megatron_opd.serving.self_teacher import make_refresher
 from megatron_opd.serving.teachers import TeacherRouter, current_revisions
 from megatron_opd.wiring import RunWiring
 
 
 def run_learner(cfg: Config, wiring: RunWiring) -> dict:
-    from megatron_opd.compat.megatron_cpu import install_megatron_cpu_compat
+    from megatron_opd.compat.megatron_cpu import install_megatron_compat
     from megatron_opd.envs import make_env
     from megatron_opd.learner.checkpoint import (TrainerState, latest_checkpoint,
                                                  load_checkpoint, save_checkpoint)
@@ -43,7 +45,7 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
     from megatron_opd.models.qwen3_moe import build_model_chunks, transformer_config
 
     run_dir = Path(wiring.run_dir)
-    install_megatron_cpu_compat()
+    install_megatron_compat()
     groups = init_distributed(cfg.parallel, seed=cfg.run.seed)
     rank0 = dist.get_rank() == 0
     env = make_env(cfg, wiring.student_dir)  # special ids, held-out prompts, decoding
@@ -72,12 +74,18 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
         state = TrainerState(counters={"skipped_steps": 0, "dropped_stale_tokens": 0})
     proximal.start(state.version)
     io = _RankZeroIO(cfg, wiring, state, resumed=resume_from is not None) if rank0 else None
+    hidden = cfg.teacher.signal == "hidden"  # the teacher's exact distribution from its head
     loss_fn = objective_loss_fn(cfg.objective, groups.tp,
                                 masked_token_ids(cfg.objective.masked_tokens, wiring.student_dir),
-                                cfg.correction)
+                                cfg.correction,
+                                teacher_head=_teacher_head(cfg, spec, wiring, groups) if hidden
+                                else None)
     eval_set = env.eval_prompts() if rank0 else []  # rank 0 asks the servers
 
     interrupt = cfg.correction.proximal == "interrupt"
+    refresher = make_refresher(cfg, wiring, rank0)  # teacher.source=self (serving/self_teacher)
+    if rank0 and refresher is not None:
+        io.teacher_revisions = refresher.revisions
 
     def next_published(state) -> int:  # what the fleet gets after this step (if it steps)
         final = state.step + 1 == cfg.train.steps
@@ -97,6 +105,11 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
                                      io.publisher if rank0 else None, version,
                                      attempts=cfg.server.max_restarts + 1)
         proximal.on_publish(version)
+        if refresher is not None and refresher.due(version):  # teacher.source=self: its copy
+            t += refresher.refresh(lambda: iter_hf_weights(chunks, spec, groups, dst=0), version,
+                                   attempts=cfg.server.max_restarts + 1)
+            if rank0:
+                io.teacher_revisions = refresher.revisions
         if rank0:
             io.announce(state, version)
         return t
@@ -159,7 +172,7 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
         if r3 and batch.routed_experts is None:
             raise RuntimeError("train.routing_replay=r3: samples arrived without routed_experts "
                                "(is the rollout server started with --enable-return-routed-experts?)")
-        fields = objective_fields(cfg.objective) + ("token_versions", "revision_changed") + \
+        fields = objective_fields(cfg.objective, hidden) + ("token_versions", "revision_changed") + \
             (("routed_experts",) if r3 else ()) + (("interrupt_logprobs",) if interrupt else ())
         micro = split_microbatches(batch, fields, groups, cfg.parallel.micro_batch_size)
         offpolicy = proximal.fill_old_logprobs(
@@ -175,7 +188,7 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
             replay.off()
         if interrupt and next_published(state) != proximal.fleet_version:
             offpolicy |= interrupt_sync(io, proximal, score_old, groups, cfg, special.pad,
-                                        objective_fields(cfg.objective), seq=time.time_ns())
+                                        objective_fields(cfg.objective, hidden), seq=time.time_ns())
         stepped, grad_norm = optimizer_step(optimizer, scheduler, loss)
         state.step += 1
         t_sync = 0.0
@@ -232,6 +245,22 @@ def _proximal_policy(cfg: Config, spec, config, chunks, ddp, groups, replay, te_
     return policy, make_scorer(cfg.objective, groups, lambda models: replays.get(id(models)))
 
 
+def _teacher_head(cfg: Config, spec, wiring: RunWiring, groups):
+    """teacher.signal=hidden: this TP rank's rows of the teacher's output head, read once from the
+    Hugging Face directory the teacher servers load, split like the student's vocab-parallel
+    logits (docs/teacher-signals.md)."""
+    from megatron_opd.learner.hidden_teacher import TeacherHead
+    from megatron_opd.models.spec import padded_vocab_size
+
+    tp = cfg.parallel.tensor_parallel
+    head = TeacherHead.from_hf(wiring.teacher_dir, tp_rank=groups.tp_rank, tp_size=tp,
+                               padded_vocab_size=padded_vocab_size(spec, tp))
+    if head.vocab_size != spec.vocab_size:
+        raise ValueError(f"teacher.signal=hidden: the teacher's head has {head.vocab_size} rows, "
+                         f"the student's vocabulary {spec.vocab_size}")
+    return head
+
+
 def masked_token_ids(tokens: list[str], tokenizer_dir) -> tuple[int, ...]:
     """`objective.masked_tokens` as ids of the student's tokenizer; each must be one token."""
     if not tokens:
@@ -267,6 +296,8 @@ class _RankZeroIO:
         self.control = ControlPublisher(wiring.control_endpoint, secret=secret, mac=tr.mac)
         self.publisher = _make_publisher(cfg, wiring)
         self.announced = state.version  # the fleet's version, as last announced
+        # the revisions that score samples now (teacher.source=self: the refreshed version's)
+        self.teacher_revisions = current_revisions(cfg)
         from megatron_opd.learner.interrupt import InterruptStore
 
         self.interrupts = InterruptStore()  # correction.proximal=interrupt: log pi_old per id
@@ -349,7 +380,7 @@ class _RankZeroIO:
         samples = [s for _, s in taken]
         # Offline OPD data is fixed off-policy data by design (version 0): no staleness bound.
         bound = None if cfg.teacher.mode == "offline" else cfg.async_.max_staleness
-        batch, stale = collate(samples, pad_id, state.version, bound, current_revisions(cfg))
+        batch, stale = collate(samples, pad_id, state.version, bound, self.teacher_revisions)
         batch.interrupt_logprobs = self.interrupts.take(samples, batch.response_ids.shape[1])
         return samples, batch, stale
 
@@ -377,6 +408,7 @@ class _RankZeroIO:
             # decoded partly on KV of older weights (weight_sync.pause_mode=in_place)
             "samples/stale_kv_fraction": sum(bool(s.metadata.get("stale_kv")) for s in samples)
             / len(samples),
+            **teacher_payload_metrics(samples),  # bytes per token on each leg
             **_fleet_stats(self.fleet_stats_path),
             "weights/version": state.version, **self.gpu.sample()})
 
