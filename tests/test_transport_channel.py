@@ -15,8 +15,8 @@ import zmq
 from megatron_opd.cli import main as cli_main
 from megatron_opd.transport import (
     AuthRequired, ControlPublisher, ControlSubscriber, Hello, ProtocolError, SampleClient,
-    SampleServer, SecretFileError, SeenIds, WeightsPublished, decode, free_tcp_endpoint,
-    generate_secret, is_loopback_endpoint, load_secret, write_secret,
+    SampleReceiver, SampleServer, SecretFileError, SeenIds, WeightsPublished, decode,
+    free_tcp_endpoint, generate_secret, is_loopback_endpoint, load_secret, write_secret,
 )
 from megatron_opd.transport.auth import Opener, Sealer
 from megatron_opd.transport.schema import encode
@@ -536,3 +536,20 @@ def test_tampered_batches_are_rejected_and_counted_and_give_their_credit_back(ma
     # 16 at the handshake, + 2 per rejected message (10), + the 2 taken, + 2 for the replay
     assert max(totals) == 16 + 2 * 10 + 2 + 2
     dealer.close(), server.close()
+
+
+def test_a_batch_on_a_single_message_socket_is_refused_and_counted():
+    rx = SampleReceiver("tcp://127.0.0.1:0", secret=KEY)
+    ep = rx.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(ep)
+    sealer = Sealer(KEY)
+    push.send_multipart(sealer.seal(pack_batch([encode(make_sample())])))
+    push.send_multipart(sealer.seal(encode(make_sample(sid="single"))))
+    got, deadline = None, time.monotonic() + 5
+    while got is None and time.monotonic() < deadline:
+        got = rx.recv(timeout_ms=50)
+    assert got.sample_id == "single"
+    assert rx.stats["rejected_by_reason"] == {"unexpected_batch": 1}
+    push.close(), rx.close()
