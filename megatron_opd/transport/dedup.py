@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
+from functools import lru_cache
 from typing import Iterable, Iterator
 
 FORMAT = "megatron-opd/seen-ids/1"
 _DIGITS = re.compile(r"\d+")
 
 
+@lru_cache(maxsize=4096)  # the server splits each id twice (duplicate check, then add)
 def _split(sample_id: str) -> tuple[tuple[str, int, str], int] | None:
     best = None
     for m in _DIGITS.finditer(sample_id):
