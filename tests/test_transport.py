@@ -181,7 +181,7 @@ def test_sampler_fields_are_in_the_header_and_default_to_plain_sampling():
     s = make_sample(temperature=0.7, top_p=0.9)
     s.teacher_temperature = 1.25
     head = orjson.loads(encode(s)[0])
-    assert head["version"] == SCHEMA_VERSION == 3
+    assert head["version"] == SCHEMA_VERSION == 4
     assert head["fields"]["temperature"] == 0.7 and head["fields"]["top_p"] == 0.9
     assert head["fields"]["teacher_temperature"] == 1.25
     assert decode(encode(s)).teacher_temperature == 1.25
