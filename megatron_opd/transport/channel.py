@@ -70,7 +70,9 @@ from megatron_opd.transport.dedup import SeenIds
 from megatron_opd.transport.schema import (
     MAX_IDS_PER_MESSAGE, Ack, Credit, Hello, PartialRollouts, ProtocolError, Sample, encode,
 )
-from megatron_opd.transport.zmq_link import DEFAULT_MAX_MESSAGE_BYTES, _Socket, batch_claims
+from megatron_opd.transport.zmq_link import (
+    DEFAULT_MAX_MESSAGE_BYTES, MAX_BATCH_MESSAGES, _Socket, batch_claims,
+)
 
 
 @dataclass
@@ -336,8 +338,9 @@ class SampleClient(_Socket):
                  allow_insecure: bool = False, max_age_s: float | None = None,
                  batch_bytes: int = 1 << 20, batch_max: int = 1,
                  context: zmq.Context | None = None):
-        if batch_max < 1 or batch_bytes < 0:
-            raise ValueError("batch_max must be >= 1 and batch_bytes >= 0")
+        if not 1 <= batch_max <= MAX_BATCH_MESSAGES or batch_bytes < 0:
+            raise ValueError(f"batch_max must be in 1..{MAX_BATCH_MESSAGES} (what a server "
+                             f"takes) and batch_bytes >= 0")
         super().__init__(zmq.DEALER, context, endpoint, secret=secret, mac=mac,
                          allow_insecure=allow_insecure, max_age_s=max_age_s,
                          max_message_bytes=max_message_bytes, kinds=(Credit, Ack),
