@@ -352,7 +352,10 @@ def run_orchestrator(cfg: Config, wiring: RunWiring) -> None:
     tr, secret = cfg.transport, wiring.secret_file or None
     sender = SampleClient(wiring.samples_endpoint, secret=secret, mac=tr.mac, run_id=cfg.run.name,
                           name="orchestrator", resend_after_s=tr.resend_after_s,
-                          max_unacked=tr.max_unacked or None)
+                          max_unacked=tr.max_unacked or None,
+                          # a group's samples travel in one ZeroMQ message (flushed by the poll
+                          # after each group, or when send waits for credit): docs/transport.md
+                          batch_max=64)
     control = ControlSubscriber(wiring.control_endpoint, secret=secret, mac=tr.mac)
     for t in threads:
         t.start()

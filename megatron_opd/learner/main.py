@@ -187,8 +187,10 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
         if r3:
             replay.off()
         if interrupt and next_published(state) != proximal.fleet_version:
+            # (that pass only scores tokens: its rows, partial rollouts among them, carry no
+            # teacher_hidden, so the hidden signal's fields are not asked for)
             offpolicy |= interrupt_sync(io, proximal, score_old, groups, cfg, special.pad,
-                                        objective_fields(cfg.objective, hidden), seq=time.time_ns())
+                                        objective_fields(cfg.objective), seq=time.time_ns())
         stepped, grad_norm = optimizer_step(optimizer, scheduler, loss)
         state.step += 1
         t_sync = 0.0

@@ -459,6 +459,17 @@ def _layout(cls) -> tuple[tuple[str, ...], frozenset, frozenset]:
     return lay
 
 
+_DTYPE_NAMES: dict = {}
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    # numpy builds `dtype.name` anew on every access (~3.6 us): a tenth of a small sample's encode
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = dtype.name
+    return name
+
+
 def encode(msg: Message) -> list:
     """Header bytes + one buffer per tensor (views of the arrays, never copies)."""
     msg.validate()
@@ -471,7 +482,7 @@ def encode(msg: Message) -> list:
             arr = np.ascontiguousarray(value)  # no copy when already contiguous
             if arr.dtype.byteorder == ">":
                 arr = arr.astype(arr.dtype.newbyteorder("<"))
-            table.append({"name": name, "dtype": arr.dtype.name, "shape": list(arr.shape)})
+            table.append({"name": name, "dtype": _dtype_name(arr.dtype), "shape": list(arr.shape)})
             frames.append(memoryview(arr).cast("B") if arr.size else b"")
         else:
             scalars[name] = value
