@@ -70,7 +70,11 @@ def test_digits_environment_is_the_quickstart_task():
 
 
 def _real_configs():
-    return sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if p.name != "quickstart.yaml")
+    """Every config but the digits ones (quickstart variants: their models are made here)."""
+    import yaml
+
+    return sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
+                  if (yaml.safe_load(p.read_text()).get("env") or {}).get("name") != "digits")
 
 
 @pytest.mark.parametrize("name", _real_configs())
