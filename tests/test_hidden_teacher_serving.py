@@ -81,7 +81,8 @@ def teacher(tmp_path_factory):
     path = save_model(root / "teacher", 0)
     srv = SGLangServer("teacher", str(path), free_port(), str(root / "teacher.log"),
                        max_total_tokens=2048, threads=1,
-                       extra_args=("--enable-return-hidden-states",),
+                       # the teacher fleet's own flags (launch/fleet.py)
+                       extra_args=("--enable-return-hidden-states", "--chunked-prefill-size", "4096"),
                        hidden_states_dtype="float32")
     srv.start()
     try:
@@ -351,6 +352,12 @@ def test_teacher_servers_of_the_hidden_signal_return_hidden_states_as_frames(tmp
         cfg = _config(f"teacher.hidden_dtype={dtype}")
         fleets = fleet_specs(cfg, models)
         assert all("--enable-return-hidden-states" in s.extra_args for s in fleets["teacher"])
+        # a chunked prefill answers with its last chunk's rows only: a chunk holds a sequence
+        longest = cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens,
+                                                   cfg.env.max_response_tokens)
+        for s in fleets["teacher"]:
+            chunk = int(s.extra_args[s.extra_args.index("--chunked-prefill-size") + 1])
+            assert chunk >= max(4096, longest)
         assert not any("--enable-return-hidden-states" in s.extra_args for s in fleets["rollout"])
         envs = {s.role: SGLangServer(s.name, s.model_dir, 1, str(tmp_path / "log"),
                                      extra_args=s.extra_args, **server_options(cfg)).environment()

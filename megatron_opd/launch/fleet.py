@@ -73,8 +73,10 @@ def fleet_specs(cfg: Config, models, nodes: dict[str, int] | None = None,
             extra = ("--tp-size", str(per_server), "--base-gpu-id", str(gpu_ids[0])) \
                 if gpu_ids else ()
             if role == "teacher" and cfg.teacher.signal == "hidden":
-                # the final hidden states of scored positions (docs/teachers.md)
-                extra += ("--enable-return-hidden-states",)
+                # the final hidden states of scored positions (docs/teachers.md); a chunked
+                # prefill returns only its last chunk's rows, so a chunk holds a whole sequence
+                extra += ("--enable-return-hidden-states",
+                          "--chunked-prefill-size", str(hidden_prefill_chunk(cfg)))
             if role == "rollout" or cfg.teacher.source == "self":  # self: refreshed versions
                 extra += ("--weight-version", "0")
                 # in_place updates cannot flush the cache: no prefix may outlive them
@@ -102,6 +104,15 @@ def _named_teachers(cfg: Config, models) -> list[ServerSpec]:
                 model_dir=t.init or str(models.teacher_dir), node=0, gpu_ids=(), extra_args=(),
                 routed_experts=False, teacher=t.name))
     return out
+
+
+def hidden_prefill_chunk(cfg: Config) -> int:
+    """A hidden-state teacher's prefill chunk: twice the longest sequence it scores (a
+    privileged prompt adds its hint), at least SGLang's default of 4096. (Unchunked, -1, leaves
+    a CPU server no KV cache: SGLang sizes its memory by the chunk.)"""
+    longest = cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens,
+                                               cfg.env.max_response_tokens)
+    return max(4096, 2 * longest)
 
 
 def server_options(cfg: Config) -> dict:
