@@ -104,6 +104,32 @@ def test_the_digits_hint_is_the_answer_as_a_copy_prompt():
         assert p.token_ids[1] in (t.ids["copy"], t.ids["rev"])  # the student's prompt is plain
 
 
+def test_evaluation_scores_held_out_responses_after_the_privileged_prompt():
+    from megatron_opd.envs.privileged import privileged_scoring
+
+    cfg = load_config(OPSD, [CACHE])
+    env = make_env(cfg)
+    prompts = env.eval_prompts()[:3]
+    calls = []
+
+    class Recorder:  # what the evaluation's scoring client receives
+        def score(self, input_ids, *, start, top_k=0, temperature=1.0):
+            calls.append((input_ids, start, top_k))
+            return ["ok"] * len(input_ids)
+
+    client = privileged_scoring(cfg, Recorder(), prompts)
+    response = [5, 6, 2]
+    other = [1, 9, 9, 9]  # a prompt it was not given: scored as is
+    assert client.score([list(p.token_ids) + response for p in prompts] + [other + response],
+                        start=[len(p.token_ids) for p in prompts] + [4], top_k=32) == ["ok"] * 4
+    ((seqs, start, top_k),) = calls
+    assert seqs == [list(teacher_prompt_ids(p)) + response for p in prompts] + [other + response]
+    assert start == [len(teacher_prompt_ids(p)) for p in prompts] + [4] and top_k == 32
+    plain = Recorder()
+    assert privileged_scoring(load_config(OPSD, [CACHE, "teacher.prompt=plain"]), plain,
+                              prompts) is plain
+
+
 def test_refresh_schedule_and_revisions():
     r = TeacherRefresher(every=4)
     assert r.revisions == {"self@v0"}
@@ -250,17 +276,20 @@ def _accuracy_by_op(path: Path) -> dict[str, float]:
 
 
 @slow
-def test_opsd_quickstart_raises_held_out_accuracy(tmp_path):
-    """The privileged self-teacher (the student init asked to copy the answer) teaches `rev`:
-    measured 0.18 -> 0.33 on the 64 held-out rev prompts in 80 steps (~110 s)."""
+def test_opsd_quickstart_closes_the_held_out_gap_to_the_privileged_teacher(tmp_path):
+    """The student learns what its own privileged init says: the held-out reverse KL from the
+    student (plain prompt) to the self teacher (privileged prompt, frozen) falls."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "megatron_opd.cli", "train", "--config", OPSD,
            f"run.dir={run_dir}", CACHE, "logging.progress=false", f"train.steps={E2E_STEPS}",
            f"eval.interval={E2E_STEPS}"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["eval/version"]: r for r in records if "eval/version" in r}
+    kl0, kl1 = evals[0]["eval/reverse_kl"], evals[E2E_STEPS]["eval/reverse_kl"]
     before = _accuracy_by_op(run_dir / "samples" / "eval-0.jsonl")
     after = _accuracy_by_op(run_dir / f"samples/eval-{E2E_STEPS}.jsonl")
-    assert after["rev"] >= before["rev"] + 0.08, (before, after)
+    assert kl1 < 0.85 * kl0, (kl0, kl1, before, after)
     # the teacher was never refreshed (self_refresh > steps): no teacher weights were written
     assert not list((run_dir / "teacher_weights").glob("v*"))

@@ -130,3 +130,27 @@ def privileged_env(cfg, tokenizer_dir=None):
         return PrivilegedChatEnv(cfg, tokenizer_dir)
     raise ValueError(f"teacher.prompt: privileged needs an environment with hints, not "
                      f"{cfg.env.name}")
+
+
+class PrivilegedScoring:
+    """A scoring client (`score(input_ids, *, start, ...)`) that scores every sequence starting
+    with one of `prompts` after that prompt's privileged prompt instead, from its length on:
+    the same response positions. Evaluation uses it, so the held-out reverse KL is the one the
+    privileged teacher is distilled by (teacher.prompt=privileged)."""
+
+    def __init__(self, client, prompts):
+        self.client = client
+        self.hinted = {tuple(p.token_ids): tuple(teacher_prompt_ids(p)) for p in prompts}
+
+    def score(self, input_ids, *, start, **kwargs):
+        seqs, starts = [], []
+        for x, s in zip(input_ids, start):
+            hinted = self.hinted.get(tuple(x[:s]))
+            seqs.append(list(x) if hinted is None else list(hinted) + list(x[s:]))
+            starts.append(s if hinted is None else len(hinted))
+        return self.client.score(seqs, start=starts, **kwargs)
+
+
+def privileged_scoring(cfg, client, prompts):
+    """`client`, or with teacher.prompt=privileged a PrivilegedScoring over `prompts`."""
+    return PrivilegedScoring(client, prompts) if cfg.teacher.prompt == "privileged" else client

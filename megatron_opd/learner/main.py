@@ -28,6 +28,7 @@ from megatron_opd.wiring import RunWiring
 def run_learner(cfg: Config, wiring: RunWiring) -> dict:
     from megatron_opd.compat.megatron_cpu import install_megatron_compat
     from megatron_opd.envs import make_env
+    from megatron_opd.envs.privileged import privileged_scoring
     from megatron_opd.learner.checkpoint import (TrainerState, latest_checkpoint,
                                                  load_checkpoint, save_checkpoint)
     from megatron_opd.learner.evaluate import EvalVersionError, evaluate
@@ -122,7 +123,10 @@ def run_learner(cfg: Config, wiring: RunWiring) -> dict:
             try:
                 with proximal.holding(version):
                     return evaluate(ddp, groups, env, eval_set, io and io.rollout,
-                                    io and io.teacher.for_prompts(cfg, env.name, eval_set),
+                                    # teacher.prompt=privileged: after the hinted prompts
+                                    io and privileged_scoring(
+                                        cfg, io.teacher.for_prompts(cfg, env.name, eval_set),
+                                        eval_set),
                                     version, spec.vocab_size,
                                     cfg.rollout.max_new_tokens, seed=cfg.run.seed + version,
                                     micro_batch_size=cfg.parallel.micro_batch_size,
