@@ -49,6 +49,23 @@ def test_round_trip_order_and_release(tmp_path):
     assert again.ids() == ["run-000000003", "run-000000004", "run-x"]
 
 
+def test_numbering_continues_after_the_resumed_cursor_when_every_segment_was_released(tmp_path):
+    """A finished run has consumed and released everything; continued with more steps, the
+    resumed learner's new samples must number after the checkpoint's cursor (found by the
+    lifecycle test: they restarted at 0, below the kept checkpoints' cursors, so a fallback to
+    the older checkpoint would have skipped them and a release deleted them untrained)."""
+    spool = SampleSpool(tmp_path / "spool")
+    assert spool.append([make_sample(sid=f"run-{i:09d}") for i in range(4)]) == [0, 1, 2, 3]
+    assert spool.release_through(3) == 4 and spool.pending(after=-1) == []
+    resumed = SampleSpool(tmp_path / "spool", consumed_through=3)
+    assert resumed.append([make_sample(sid="run-new")]) == [4]
+    assert [s.sample_id for _, s in resumed.pending(after=3)] == ["run-new"]
+    assert resumed.release_through(3) == 0  # the older checkpoint's cursor keeps it
+    # segments on disk beyond the cursor still decide (the cursor never moves numbering back)
+    assert SampleSpool(tmp_path / "spool", consumed_through=1).append(
+        [make_sample(sid="run-newer")]) == [5]
+
+
 def test_corrupt_and_partial_files_are_never_read(tmp_path):
     spool = SampleSpool(tmp_path)
     spool.append([make_sample(sid=f"s-{i}") for i in range(3)])

@@ -334,8 +334,8 @@ class _RankZeroIO:
 
         from megatron_opd.learner.spool import SampleSpool
 
-        self.spool = SampleSpool(directory)
         consumed = int(state.data_cursor.get("consumed_through", -1))
+        self.spool = SampleSpool(directory, consumed_through=consumed)
         self.spool.release_through(consumed)
         self.queue = deque(self.spool.pending(after=consumed))
         if self.spool.corrupt:

@@ -39,13 +39,18 @@ def _fsync_dir(path: Path) -> None:
 
 
 class SampleSpool:
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, consumed_through: int = -1):
+        """`consumed_through`: the resumed checkpoint's cursor. Sequence numbers only grow over
+        a run's whole history, even when every segment was released (a finished run continued
+        with more steps): numbering again from 0 would put new samples at or below the cursors
+        of kept checkpoints, so a fallback to an older one would skip them and a release would
+        delete them untrained."""
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         for tmp in self.dir.glob("*.tmp"):  # a write interrupted by a crash: never acknowledged
             tmp.unlink()
         segs = self._segments()
-        self.next_seq = (segs[-1][0] + segs[-1][1]) if segs else 0
+        self.next_seq = max((segs[-1][0] + segs[-1][1]) if segs else 0, consumed_through + 1)
         self.corrupt: list[str] = []
 
     def _segments(self) -> list[tuple[int, int, Path]]:
