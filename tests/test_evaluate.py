@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_opd.envs.base import Environment, EnvPrompt, SpecialIds
 from megatron_opd.learner.evaluate import (METHOD_EXACT, METHOD_K3, eval_records, kl_inputs,
@@ -27,6 +26,7 @@ from megatron_opd.learner.losses import EVAL_KL_COLUMNS, eval_kl_fn, sampled_kl_
 from megatron_opd.learner.train_step import MicroBatch
 from megatron_opd.procs import free_port
 from megatron_opd.serving.sglang_client import GenerateResult, ScoreResult
+from tests.alloc_probe import AllocationProbe
 
 # ----------------------------------------------------------------------------- references
 
@@ -206,24 +206,6 @@ def test_tp2_shards_equal_one_process(tmp_path, vocab):
 # ----------------------------------------------------------------------------- memory, inputs
 
 
-class _AllocationProbe(TorchDispatchMode):
-    """Every storage larger than `bound` bytes an op returns (the inputs' own excepted)."""
-
-    def __init__(self, bound: int, inputs: list[torch.Tensor]):
-        super().__init__()
-        self.bound, self.big = bound, []
-        self.skip = {t.untyped_storage().data_ptr() for t in inputs}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                s = t.untyped_storage()
-                if s.nbytes() > self.bound and s.data_ptr() not in self.skip:
-                    self.big.append((func.__name__, tuple(t.shape)))
-        return out
-
-
 def test_sampled_path_builds_nothing_vocab_wide_beyond_a_chunk():
     """V = 50k (padded to 50,048), 4 x 16 response tokens, chunks of 8: no storage beyond one
     float32 [chunk, V_local] scratch, i.e. nothing of [rows, T, V] (the exact path builds it)."""
@@ -236,7 +218,7 @@ def test_sampled_path_builds_nothing_vocab_wide_beyond_a_chunk():
     out: dict = {}
     fn = eval_kl_fn(None, 0, vocab, exact=False, rows_out=out, chunk_tokens=chunk)
     mb = MicroBatch(torch.zeros(1), data)
-    probe = _AllocationProbe(bound=chunk * padded * 4, inputs=[z, *data.values()])
+    probe = AllocationProbe(bound=chunk * padded * 4, inputs=[z, *data.values()])
     with torch.no_grad(), probe:
         fn(z, mb)
     assert probe.big == []
@@ -244,10 +226,11 @@ def test_sampled_path_builds_nothing_vocab_wide_beyond_a_chunk():
     # the exact path on the same input does build [rows, T, V] tensors (what the probe detects)
     fn_exact = eval_kl_fn(None, 0, vocab, exact=True, rows_out={}, chunk_tokens=chunk)
     data_exact = dict(data, teacher_full_logprobs=torch.zeros(rows, T, 1).expand(rows, T, vocab))
-    probe = _AllocationProbe(bound=chunk * padded * 4, inputs=[z, *data.values()])
+    probe = AllocationProbe(bound=chunk * padded * 4, inputs=[z, *data.values()])
     with torch.no_grad(), probe:
         fn_exact(z, MicroBatch(torch.zeros(1), data_exact))
-    assert any(shape[-1] >= vocab and math.prod(shape[:-1]) == rows * T for _, shape in probe.big)
+    assert any(shape[-1] >= vocab and math.prod(shape[:-1]) == rows * T
+               for shape in (a.shape for a in probe.big))
 
 
 class _StubTeacher:

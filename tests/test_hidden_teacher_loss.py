@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_opd.learner.hidden_teacher import (KINDS, TeacherHead, fused_hidden_kl,
                                                  hidden_teacher_kl, teacher_logprobs_from_hidden)
 from megatron_opd.procs import free_port
+from tests.alloc_probe import AllocationProbe
 
 N, V, D_T, D_S = 11, 13, 6, 5  # tokens, true vocabulary (odd: TP=2 pads it to 14), hidden sizes
 V_PAD = 14
@@ -285,24 +285,6 @@ def test_from_hf_rows_and_logprobs_equal_transformers(tiny_ckpt):
     assert (got - ref).abs().max() <= 1e-5
 
 
-class _AllocationProbe(TorchDispatchMode):
-    """Storages larger than `bound` bytes that ops return (inputs excluded)."""
-
-    def __init__(self, bound: int, inputs):
-        super().__init__()
-        self.bound, self.big = bound, set()
-        self.skip = {t.untyped_storage().data_ptr() for t in inputs}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                s = t.untyped_storage()
-                if s.nbytes() > self.bound and s.data_ptr() not in self.skip:
-                    self.big.add((s.data_ptr(), s.nbytes()))
-        return out
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_no_buffer_beyond_a_chunk(kind):
     """Forward + backward allocate nothing larger than one float32 [chunk, V] block, except the
@@ -311,14 +293,14 @@ def test_no_buffer_beyond_a_chunk(kind):
     head = TeacherHead(torch.randn(vocab, d), vocab_size=vocab)
     ht, hs, ws = torch.randn(n, d), torch.randn(n, d, requires_grad=True), torch.randn(vocab, d, requires_grad=True)
     z = torch.randn(n, vocab, requires_grad=True)
-    probe = _AllocationProbe(chunk * vocab * 4, [z, ht, hs, ws, head.weight])
+    probe = AllocationProbe(chunk * vocab * 4, [z, ht, hs, ws, head.weight])
     with probe:
         hidden_teacher_kl(z, ht, head, kind=kind, chunk_tokens=chunk).sum().backward()
-    assert probe.big == {(z.grad.untyped_storage().data_ptr(), n * vocab * 4)}
-    probe = _AllocationProbe(chunk * vocab * 4, [z, ht, hs, ws, head.weight])
+    assert {(a.data_ptr, a.nbytes) for a in probe.big} == {(z.grad.untyped_storage().data_ptr(), n * vocab * 4)}
+    probe = AllocationProbe(chunk * vocab * 4, [z, ht, hs, ws, head.weight])
     with probe:
         fused_hidden_kl(hs, ws, ht, head, kind=kind, chunk_tokens=chunk).sum().backward()
-    assert probe.big == set()
+    assert probe.big == []
 
 
 # --- the learner's loss with teacher.signal=hidden -----------------------------------------

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_opd.learner.vocab_parallel import vocab_parallel_token_stats
 from megatron_opd.procs import free_port
+from tests.alloc_probe import AllocationProbe
 
 LEAD = (2, 7)  # leading token shape; N = 14
 V = 38  # full vocabulary, split in two halves for TP=2
@@ -138,25 +138,6 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(f, (z,), eps=1e-6, atol=1e-7)
 
 
-class _AllocationProbe(TorchDispatchMode):
-    """Records (data_ptr, nbytes, dtype) of every storage an op returns that is larger than
-    `bound` bytes and not one of the `inputs`' storages; timing plays no part."""
-
-    def __init__(self, bound: int, inputs: list[torch.Tensor]):
-        super().__init__()
-        self.bound, self.big = bound, set()
-        self.skip = {t.untyped_storage().data_ptr() for t in inputs}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                s = t.untyped_storage()
-                if s.nbytes() > self.bound and s.data_ptr() not in self.skip:
-                    self.big.add((s.data_ptr(), s.nbytes(), t.dtype))
-        return out
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_extra_memory_is_per_chunk(dtype):
     """Forward + backward create no storage larger than a float32 [chunk, V] buffer except the
@@ -165,12 +146,13 @@ def test_extra_memory_is_per_chunk(dtype):
     z = torch.randn(n, vocab, dtype=dtype, requires_grad=True)
     ids = torch.randint(0, vocab, (n,))
     topk = torch.randint(0, vocab, (n, 4))
-    probe = _AllocationProbe(bound=chunk * vocab * 4, inputs=[z, ids, topk])
+    probe = AllocationProbe(bound=chunk * vocab * 4, inputs=[z, ids, topk])
     with probe:
         st = vocab_parallel_token_stats(z, ids, entropy=True, topk_ids=topk, chunk_tokens=chunk)
         (st.logprobs.sum() + st.entropy.sum() + st.topk_logits.sum()).backward()
     grad = z.grad.untyped_storage()
-    assert probe.big == {(grad.data_ptr(), n * vocab * z.element_size(), dtype)}
+    assert {(a.data_ptr, a.nbytes, a.dtype) for a in probe.big} == \
+        {(grad.data_ptr(), n * vocab * z.element_size(), dtype)}
 
 
 def test_input_validation():
