@@ -16,6 +16,7 @@ from megatron_opd.learner.hidden_teacher import (KINDS, TeacherHead, fused_hidde
                                                  hidden_teacher_kl, teacher_logprobs_from_hidden)
 from megatron_opd.procs import free_port
 from tests.alloc_probe import AllocationProbe
+from tests.gloo import gloo_rank
 
 N, V, D_T, D_S = 11, 13, 6, 5  # tokens, true vocabulary (odd: TP=2 pads it to 14), hidden sizes
 V_PAD = 14
@@ -177,11 +178,7 @@ def test_teacher_logprobs_and_validation():
 # --- two processes, gloo, TP=2 -------------------------------------------------------------
 
 def _tp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    try:
+    with gloo_rank(rank, world, port):
         group = dist.new_group([0, 1])
         z, ht, wt, hs, ws, w, tt = _inputs(5)
         vl = V_PAD // 2
@@ -201,8 +198,6 @@ def _tp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         for terms in (["lsm"], ["aopd"], ["vopd", "sampled_token_opd"]):
             res["learner_" + "+".join(terms)] = _learner_loss(terms, rank, 2, group)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_tp2_gloo_equals_one_rank(tmp_path):

@@ -26,6 +26,7 @@ from megatron_opd.learner.losses import objective_fields, objective_loss_fn
 from megatron_opd.learner.train_step import MicroBatch
 from megatron_opd.objectives.grpo import group_normalized_advantages
 from megatron_opd.procs import free_port
+from tests.gloo import gloo_rank
 
 B, T, V, K = 3, 6, 20, 5
 
@@ -409,11 +410,7 @@ def test_group_normalized_advantages_closed_form():
 
 
 def _tp_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    try:
+    with gloo_rank(rank, world, port):
         group = dist.new_group([0, 1])
         res = {}
         for name, cfg in CASES.items():
@@ -424,8 +421,6 @@ def _tp_worker(rank: int, world: int, port: int, out: str) -> None:
             (g,) = torch.autograd.grad(loss, zt)
             res[name] = (loss.detach(), g)
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_tp2_vocab_sharded_equals_reference(tmp_path):

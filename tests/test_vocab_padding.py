@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from megatron_opd.learner.vocab_parallel import vocab_parallel_reverse_kl, vocab_parallel_token_stats
 from megatron_opd.models.spec import MoEModelSpec, hf_causal_lm_class, padded_vocab_size, to_hf_config
 from megatron_opd.procs import free_port
+from tests.gloo import gloo_rank
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).parent / "workers" / "vocab_padding_worker.py"
@@ -156,11 +157,7 @@ _TP_CASES = {  # name -> (padded vocabulary, dtype, chunk_tokens)
 
 
 def _tp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    try:
+    with gloo_rank(rank, world, port):
         group = dist.new_group([0, 1])
         results = {}
         for name, (padded_v, dtype, chunk) in _TP_CASES.items():
@@ -173,8 +170,6 @@ def _tp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             results[name]["kl"] = vocab_parallel_reverse_kl(
                 shard, topk, q, results[name]["lse"], group=group, vocab_size=V)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_tp2_padded_shards_equal_the_unpadded_reference(tmp_path):

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from megatron_opd.learner.vocab_parallel import vocab_parallel_token_stats
 from megatron_opd.procs import free_port
 from tests.alloc_probe import AllocationProbe
+from tests.gloo import gloo_rank
 
 LEAD = (2, 7)  # leading token shape; N = 14
 V = 38  # full vocabulary, split in two halves for TP=2
@@ -188,11 +189,7 @@ _CASES = {  # name -> (dtype, chunk_tokens, outputs in the loss)
 
 
 def _tp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    try:
+    with gloo_rank(rank, world, port):
         tp_group = dist.new_group([0, 1])
         singles = [dist.new_group([r]) for r in range(world)]  # every rank must create every group
         v_local = V // world
@@ -205,8 +202,6 @@ def _tp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         # must come from the rank in the group, not the global rank
         results["single"] = _run(z.float(), ids, topk, w, group=singles[rank], chunk_tokens=5)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_tp2_gloo_matches_unsharded_reference(tmp_path):
