@@ -51,6 +51,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from megatron_opd.learner.vocab_parallel import _group_coords
+
 __all__ = ["KINDS", "TeacherHead", "fused_hidden_kl", "hidden_teacher_kl",
            "teacher_logprobs_from_hidden"]
 
@@ -133,12 +135,6 @@ def _safetensors_files(hf_dir: str) -> list[str]:
     if not files:
         raise ValueError(f"{hf_dir}: no safetensors files")
     return [os.path.join(hf_dir, f) for f in files]
-
-
-def _group_coords(group) -> tuple[int, int]:
-    if group is None:
-        return 1, 0
-    return dist.get_world_size(group), dist.get_rank(group)
 
 
 def _cdtype(*ts: Tensor) -> torch.dtype:
