@@ -233,8 +233,12 @@ def _generate_during_update(fleet, mode, update):
 
     def work(i, url):
         try:
+            client = SGLangClient(url)
+            # as a long-lived client that has seen the served version: a fresh one flags every
+            # in_place response, conservatively (serving/resume.py's _stale_kv)
+            client.newest_version_seen = int(client.weight_version())
             out[i] = generate_through_updates(
-                SGLangClient(url), PROMPTS,
+                client, PROMPTS,
                 {"temperature": 0.0, "max_new_tokens": N, "ignore_eos": True}, pause_mode=mode)
         except Exception as e:  # reported by the test thread
             errors.append(e)
@@ -260,9 +264,9 @@ def _check(results, fleet, old, new, served, mode):
             v = r.token_versions.tolist()
             assert set(v) <= {old, new} and v == sorted(v), v
             spanned += len(set(v)) == 2
-            # in_place flags spanning responses, and (conservatively: this fresh client had
-            # seen no version) every one whose first token is new: its prompt may have been
-            # prefilled by the old weights, the first token tagged after the update
+            # in_place flags spanning responses, and every one whose first token is newer than
+            # the client had seen: its prompt may have been prefilled by the old weights, the
+            # first token tagged after the update
             assert r.stale_kv == (mode == "in_place" and (len(set(v)) == 2 or v[0] == new))
             seq = list(prompt) + list(r.output_ids)
             fresh = {m: _reference(fleet["models"], m, seq)[len(prompt) - 1:] for m in "AB"}
