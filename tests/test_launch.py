@@ -166,7 +166,7 @@ def test_servers_started_at_once_get_distinct_ports(tmp_path):
     ports = []
     for s in servers["rollout"] + servers["teacher"]:
         cmd = s.command()
-        assert cmd[1:4] == ["-m", "megatron_opd.serving.watchdog", "--"]
+        assert cmd[1:6] == ["-m", "megatron_opd.serving.watchdog", "--grace", "0", "--"]
         ports += [int(cmd[cmd.index("--port") + 1]), int(cmd[cmd.index("--nccl-port") + 1])]
     assert len(ports) == len(set(ports)) == 16
 

@@ -83,7 +83,8 @@ class SGLangServer:
 
         if self.nccl_port is None:
             self.nccl_port = port_for_later(self.host)
-        return [sys.executable, "-m", "megatron_opd.serving.watchdog", "--",
+        # --grace 0: stopped by SIGKILL (nothing to save; SGLang's own shutdown takes 6-10 s)
+        return [sys.executable, "-m", "megatron_opd.serving.watchdog", "--grace", "0", "--",
                 sys.executable, "-m", "sglang.launch_server", "--host", self.host,
                 "--port", str(self.port), "--nccl-port", str(self.nccl_port),
                 *self.server_args()]

@@ -13,7 +13,11 @@ process watches both ends and, when either goes, kills every process of its grou
   launcher's supervisor sees the server's own exit status;
 - the launcher disappears (SIGKILL: PR_SET_PDEATHSIG delivers SIGTERM here; or reparenting seen
   by polling getppid()), or SIGTERM/SIGINT arrives: SIGTERM to the group, `--grace` seconds for
-  it to exit, then SIGKILL to whatever of the group is left.
+  it to exit, then SIGKILL to whatever of the group is left. `--grace 0`: SIGKILL at once.
+
+SGLang servers run with `--grace 0`: a server holds nothing to save, and SGLang 0.5.23 takes 6-10 s
+to stop on SIGTERM (it drains, and when it sees its scheduler terminated its crash handler sleeps
+5 s "to let GPU activity settle"), which every stop and restart of a run would wait for.
 """
 
 from __future__ import annotations
@@ -72,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(POLL_S)
     code = server.poll()
     if code is None:  # asked to stop, or the launcher is gone: take the group down
-        _kill_group(signal.SIGTERM)
+        if args.grace > 0:
+            _kill_group(signal.SIGTERM)
         if not _group_empty(time.time() + args.grace):
             _kill_group(signal.SIGKILL)
         server.wait()
