@@ -54,28 +54,28 @@ def _records(run_dir: Path) -> list[dict]:
 
 def test_qwen3_moe_student_from_hf_dirs_learns_on_chat_prompts(hf, tmp_path):
     root, dirs = hf
-    run_dir, steps = tmp_path / "run", 100
+    run_dir, steps = tmp_path / "run", 60
     t0 = time.time()
     out = _run(_cmd(run_dir, dirs["qwen"], dirs["teacher"], root / "train.jsonl",
-                    root / "eval.parquet", f"train.steps={steps}", "eval.interval=50"),
+                    root / "eval.parquet", f"train.steps={steps}", "eval.interval=30"),
                timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     records = _records(run_dir)
     train = [r for r in records if "train/loss" in r]
     assert [r["weights/version"] for r in train] == list(range(1, steps + 1))
     evals = {r["eval/version"]: r for r in records}
-    assert set(evals) == {0, 50, 100} and all(r["eval/served_version_ok"] == 1.0
+    assert set(evals) == {0, 30, 60} and all(r["eval/served_version_ok"] == 1.0
                                              for r in evals.values())
     kl0, kl1 = evals[0]["eval/reverse_kl"], evals[steps]["eval/reverse_kl"]
     print(f"qwen3-moe from HF dirs: {time.time() - t0:.0f} s, held-out reverse KL "
           f"{kl0:.3f} -> {kl1:.3f} ({1 - kl1 / kl0:.0%} lower)")
-    assert kl1 < 0.8 * kl0, (kl0, kl1)
+    assert kl1 < 0.8 * kl0, (kl0, kl1)  # 0.79 -> 0.51 (0.64x) at 60 steps measured
     assert "eval/accuracy" in evals[steps]  # the rows carry labels: exact-match verifier
     # what the student says, decoded, per evaluation
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(dirs["qwen"]))
-    for version in (0, 50, 100):
+    for version in (0, 30, 60):
         rows = [json.loads(x) for x in
                 (run_dir / "samples" / f"eval-{version}.jsonl").read_text().splitlines()]
         assert len(rows) == 32 and {r["version"] for r in rows} == {version}
