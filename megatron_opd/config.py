@@ -1111,7 +1111,13 @@ def validate_cluster_fit(cfg: Config) -> None:
     for role in ("rollout", "teacher"):  # a Slurm job fills its fleets' nodes (docs/slurm.md)
         f, wanted = getattr(c, role), getattr(cfg, role).num_servers
         filled = f.nodes * (c.gpus_per_node // f.gpus_per_server if c.gpus_per_node else 1)
-        if wanted not in (1, filled):
+        if role == "teacher" and cfg.teacher.teachers:  # they take the slots in order
+            total = sum(n.num_servers for n in cfg.teacher.teachers)
+            if total != filled:
+                raise ConfigError(f"teacher.teachers: the Slurm job runs {filled} teacher "
+                                  f"server(s) (cluster.teacher), but the teachers' num_servers "
+                                  f"add up to {total}; make them add up to {filled}")
+        elif wanted not in (1, filled):
             raise ConfigError(f"{role}.num_servers: the Slurm job runs {filled} {role} server(s) "
                               f"(cluster.{role}); set it to {filled}, or 1 to fill the nodes")
 

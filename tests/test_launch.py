@@ -209,3 +209,51 @@ def test_fleet_probe_reads_sglang_counters():
     assert _counter(text, "sglang:generation_tokens_total") == 40.0
     assert _counter(text, "sglang:prompt_tokens_total") == 16.0
     assert _counter("", "sglang:generation_tokens_total") == 0.0
+
+
+TWO_TEACHERS = ["teacher.route_by=column", "teacher.route_column=domain",
+                "teacher.teachers=[{name: math, revision: m1, num_servers: 3},"
+                " {name: prose, revision: p1, init: /m/prose}]"]
+
+
+def test_several_teachers_fill_a_slurm_jobs_teacher_slots_in_order(tmp_path):
+    """In a Slurm job the named teachers take the teacher nodes' server slots in config order
+    (math: 3 servers, prose: 1 on 2 nodes x 2 servers of 4 GPUs); each server is placed on its
+    slot's node and GPUs, and the slots must be filled exactly."""
+    cfg = _cfg(*TWO_TEACHERS, "cluster.gpus_per_node=8", "cluster.teacher.gpus_per_server=4",
+               "parallel.world_size=8", "parallel.micro_batch_size=8")
+    specs = fleet_specs(cfg, Models, {"teacher": 2, "rollout": 1}, 8)["teacher"]
+    assert [(s.name, s.teacher, s.node, s.gpu_ids) for s in specs] == [
+        ("teacher-math-0", "math", 0, (0, 1, 2, 3)), ("teacher-math-1", "math", 0, (4, 5, 6, 7)),
+        ("teacher-math-2", "math", 1, (0, 1, 2, 3)), ("teacher-prose", "prose", 1, (4, 5, 6, 7))]
+    assert [s.model_dir for s in specs] == [str(Models.teacher_dir)] * 3 + ["/m/prose"]
+    assert specs[3].extra_args == ("--tp-size", "4", "--base-gpu-id", "4")
+    # one machine: every teacher here, no GPU placement
+    local = fleet_specs(_cfg(*TWO_TEACHERS), Models)["teacher"]
+    assert [(s.name, s.node, s.gpu_ids, s.extra_args) for s in local] == [
+        (f"teacher-math-{i}", 0, (), ()) for i in range(3)] + [("teacher-prose", 0, (), ())]
+    # the Slurm site starts each teacher through srun on its slot's node (CPU: one per node)
+    one_each = [*TWO_TEACHERS[:2], "teacher.teachers=[{name: math, revision: m1},"
+                " {name: prose, revision: p1}]", "cluster.teacher.nodes=2",
+                "slurm.heterogeneous=false"]
+    cfg = _cfg(*one_each)
+    site = SlurmSite(cfg, tmp_path, {"SLURM_JOB_NODELIST": "l1,r1,t[1-2]"})
+    servers = make_servers(cfg, Models, tmp_path, site)["teacher"]
+    assert [(s.name, s.launch_prefix[s.launch_prefix.index("--nodelist=" + h)])
+            for s, h in zip(servers, ("t1", "t2"))] == \
+        [("teacher-math", "--nodelist=t1"), ("teacher-prose", "--nodelist=t2")]
+    # a job whose slots the teachers do not fill is refused before it is submitted, and
+    # where the fleets are made, naming the key
+    from megatron_opd.config import validate_cluster_fit
+
+    validate_cluster_fit(cfg)
+    with pytest.raises(ConfigError, match=r"^teacher.teachers: the Slurm job runs 2 teacher "
+                                          r"server\(s\) .* add up to 4; make them add up to 2"):
+        validate_cluster_fit(_cfg(*TWO_TEACHERS, "cluster.teacher.nodes=2"))
+    with pytest.raises(ConfigError, match=r"^teacher.teachers: the Slurm job runs 4 teacher "
+                                          r"server\(s\) .* add up to 3; make them add up to 4"):
+        fleet_specs(load_config(ROOT / "configs/quickstart.yaml", [
+            *TWO_TEACHERS[:2], "teacher.teachers=[{name: math, revision: m1, num_servers: 2},"
+            " {name: prose, revision: p1}]", "cluster.gpus_per_node=8",
+            "cluster.teacher.gpus_per_server=4", "parallel.world_size=8",
+            "parallel.micro_batch_size=8"]), Models, {"teacher": 2, "rollout": 1}, 8)

@@ -62,16 +62,11 @@ def fleet_specs(cfg: Config, models, nodes: dict[str, int] | None = None,
             layout = [(node, i) for node in range(nodes[role]) for i in range(per_node)]
         fleets[role] = []
         if role == "teacher" and cfg.teacher.teachers:
-            if nodes is not None:
-                raise ConfigError("teacher.teachers: several teachers run on one machine only "
-                                  "so far (a Slurm job's teacher nodes serve one teacher)")
-            fleets[role] = _named_teachers(cfg, models)
+            fleets[role] = _named_teachers(cfg, models, None if nodes is None else layout,
+                                           per_node, per_server if gpus_per_node else 0)
             continue
         for node, i in layout:
-            gpu_ids = tuple(range(i * per_server, (i + 1) * per_server)) \
-                if gpus_per_node else ()
-            extra = ("--tp-size", str(per_server), "--base-gpu-id", str(gpu_ids[0])) \
-                if gpu_ids else ()
+            gpu_ids, extra = _gpu_placement(i, per_server if gpus_per_node else 0)
             if role == "teacher" and cfg.teacher.signal == "hidden":
                 # the final hidden states of scored positions (docs/teachers.md); a chunked
                 # prefill returns only its last chunk's rows, so a chunk holds a whole sequence
@@ -90,19 +85,42 @@ def fleet_specs(cfg: Config, models, nodes: dict[str, int] | None = None,
     return fleets
 
 
-def _named_teachers(cfg: Config, models) -> list[ServerSpec]:
-    """One machine, several teachers (teacher.teachers): each one's `num_servers` servers of its
-    checkpoint ("" = the run's teacher), named `teacher-<name>` (`teacher-<name>-<i>` with
-    several)."""
+def _gpu_placement(i: int, per_server: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """The GPUs of a node's `i`-th server of `per_server` GPUs (0: no GPUs) and the SGLang
+    arguments that put it there."""
+    if not per_server:
+        return (), ()
+    gpu_ids = tuple(range(i * per_server, (i + 1) * per_server))
+    return gpu_ids, ("--tp-size", str(per_server), "--base-gpu-id", str(gpu_ids[0]))
+
+
+def _named_teachers(cfg: Config, models, slots: list[tuple[int, int]] | None, per_node: int,
+                    per_server: int) -> list[ServerSpec]:
+    """Several teachers (teacher.teachers): each one's `num_servers` servers of its checkpoint
+    ("" = the run's teacher), named `teacher-<name>` (`teacher-<name>-<i>` with several). On one
+    machine (`slots` None) they all run here; in a Slurm job they take the teacher nodes' server
+    slots ((node, index on the node), in order) in config order, which they must fill exactly
+    (a slot left over would hold GPUs no teacher uses)."""
     from megatron_opd.serving.teachers import teacher_specs
 
-    out = []
-    for t in teacher_specs(cfg):
+    teachers = teacher_specs(cfg)
+    total = sum(t.num_servers for t in teachers)
+    if slots is not None and total != len(slots):
+        raise ConfigError(
+            f"teacher.teachers: the Slurm job runs {len(slots)} teacher server(s) "
+            f"({len(slots) // per_node} node(s) x {per_node} per node: cluster.teacher.nodes, "
+            f"cluster.gpus_per_node / cluster.teacher.gpus_per_server), but the teachers' "
+            f"num_servers add up to {total}; make them add up to {len(slots)}")
+    out, k = [], 0
+    for t in teachers:
         for i in range(t.num_servers):
+            node, index = slots[k] if slots is not None else (0, 0)
+            gpu_ids, extra = _gpu_placement(index, per_server)
+            k += 1
             out.append(ServerSpec(
                 role="teacher", name=f"teacher-{t.name}" + (f"-{i}" if t.num_servers > 1 else ""),
-                model_dir=t.init or str(models.teacher_dir), node=0, gpu_ids=(), extra_args=(),
-                routed_experts=False, teacher=t.name))
+                model_dir=t.init or str(models.teacher_dir), node=node, gpu_ids=gpu_ids,
+                extra_args=extra, routed_experts=False, teacher=t.name))
     return out
 
 
