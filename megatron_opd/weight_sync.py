@@ -1,9 +1,18 @@
 """Publishing the learner's weights to SGLang servers, as policy version v.
 
-Distributed (default): the learner (rank 0) and every server rank join one extra process group
-(gloo on CPU, NCCL on GPUs) that is separate from the learner's own world; for each bucket the
-learner asks the servers to receive (`update_weights_from_distributed`, which blocks until the
-broadcasts arrive) and broadcasts the tensors in the announced order. Disk (fallback): write a
+Distributed (default): the learner (rank 0) forms one extra process group (gloo on CPU, NCCL on
+GPUs) with each server's ranks, separate from the learner's own world and from the other
+servers'; for each bucket the learner asks every server to receive
+(`update_weights_from_distributed`, which blocks until the broadcasts arrive) and broadcasts the
+tensors in the announced order into every server's group (asynchronously, all at once).
+A group per server, not one for the fleet: a server that dies while a broadcast is in flight
+leaves the ranks still waiting on it in the same group blocked until the group's timeout
+(measured with gloo: its peers' pending receives are not woken when the dead peer's or the
+learner's connections close, whatever the learner does with the group: abort, shutdown,
+destroy), and a survivor's scheduler cannot do anything else meanwhile. With a group each, the
+dead server's broadcasts fail on their own (~0.3 s) and the others are unaffected. The price:
+the learner sends each server its own copy (the same for one server; for a large fleet on
+NCCL, one group's pipelined broadcast would send the learner's copy once). Disk (fallback): write a
 complete HF model directory for the version and ask the servers to load it.
 Both wrap the update in begin/end_weight_update and tag it with `weight_version = str(v)`,
 and reach every rollout server of the fleet.
@@ -20,15 +29,21 @@ Overlap: the distributed publisher remembers the (name, dtype, shape) of every t
 first publish (the stream's order is fixed by the model and layout). Later publishes announce
 each bucket to the servers before its tensors exist and broadcast every tensor asynchronously
 as soon as it is produced, so producing (on a parallel learner: gathering) tensor i+1 overlaps
-the broadcast of tensor i; a stream that departs from the remembered one is an error.
+the broadcast of tensor i; a stream that departs from the remembered one is an error. Pausing
+and opening the update (HTTP round trips, in each server's own thread) overlap producing the
+first tensors, which wait for it; the cache is flushed once, with the last bucket (the servers
+stay paused between buckets).
 
-A server that dies and is restarted by the launcher (docs/fault-tolerance.md) comes back with the
-student init at version 0 and outside the update group. The next publish then fails (HTTP
-connection errors, or the gloo broadcast to the dead peer); the distributed publisher drains the
-weights it was given (on a parallel learner every rank takes part in gathering them), waits for
-every server to answer again, re-forms the update group on a fresh rendezvous port and raises
-`PublishInterrupted`: `publish_with_retries` then gathers and sends the full weights again. The
-disk publisher keeps the written directory and simply asks the restarted server to load it.
+A server that fails during an update (an HTTP error, a broadcast to it failing: a dead server
+fails both at once) is dropped from that update and the others finish it: the publish returns,
+having reached them. A dropped server rejoins at a later publish once it answers (a new group
+on a fresh rendezvous port, then the full weights with everyone else); a restarted one comes
+back with the student init at version 0 and is served the current weights then. Only when no
+server got the version (a fleet of one, or all failed) does the publisher drain the weights it
+was given (on a parallel learner every rank takes part in gathering them), wait for every
+server to answer again, re-form the groups and raise `PublishInterrupted`:
+`publish_with_retries` then gathers and sends the full weights again. The disk publisher keeps
+the written directory and simply asks the restarted server to load it.
 """
 
 from __future__ import annotations
@@ -143,6 +158,10 @@ def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
+class _Failed(Exception):
+    """A server dropped from this update (its own error is the cause)."""
+
+
 class DistributedWeightPublisher:
     def __init__(self, clients: list[SGLangClient], master_addr: str = "127.0.0.1",
                  master_port: int | None = None, backend: str = "gloo",
@@ -151,10 +170,10 @@ class DistributedWeightPublisher:
                  pause_mode: str | None = "retract", reconnect_timeout_s: float = 0.0):
         from megatron_opd.serving.sglang_server import free_port
 
-        self.clients, self.backend, self.group_name = clients, backend, group_name
+        self.clients, self.backend = clients, backend
         self.base_group_name = group_name
-        # How long a failed publish waits for every server to answer again (a restart) before
-        # giving up; 0: a failed publish raises its error (no reconnection).
+        # How long a publish that reached no server waits for them to answer again (a restart)
+        # before giving up; 0: a failed publish raises its error (no reconnection).
         self.reconnect_timeout_s = reconnect_timeout_s
         self.reconnects = 0
         self.master_addr, self.master_port = master_addr, master_port or free_port(master_addr)
@@ -168,54 +187,95 @@ class DistributedWeightPublisher:
         self.pause_mode = pause_mode
         # [(name, dtype, shape)] of the stream, learnt on the first publish (see module doc)
         self.manifest: list[tuple[str, str, list[int]]] | None = None
-        self.group = None
+        # One update group per server (see the module docstring); None: the server is out
+        # (never joined, or failed an update) and rejoins at a publish once it answers.
+        self.groups: list = [None] * len(clients)
+        self.group_names = [self._name(i) for i in range(len(clients))]
+        self._connected = False
+        # Set to a dict to have each publish record where its time went (seconds, rank 0's
+        # wall clock; bench/weight_sync.py prints them): see _Update.
+        self.timings: dict | None = None
+        self._stale: list = []  # groups of dropped servers, destroyed once their work ended
+        self.dropped: list[str] = []  # servers dropped from an update (URL), for the record
         self._pool = ThreadPoolExecutor(max_workers=max(2, len(clients)))
-        # one thread per server for its bucket requests: they reach it in bucket order
+        # one thread per server for its control and bucket requests: they reach it in order
         self._lanes = [ThreadPoolExecutor(max_workers=1) for _ in clients]
+
+    def _name(self, i: int) -> str:
+        name = self.base_group_name + (f"_r{self.reconnects}" if self.reconnects else "")
+        return name if i == 0 else f"{name}_s{i}"
+
+    # One server: the attributes callers knew (bench/_gpu_publish.py, tests)
+    @property
+    def group(self):
+        return next((g for g in self.groups if g is not None), None)
+
+    @group.setter
+    def group(self, value) -> None:
+        self.groups = [value] * len(self.clients)
+        self._connected = value is not None
+
+    @property
+    def group_name(self) -> str:
+        return self.group_names[0]
 
     @property
     def world_size(self) -> int:
-        return 1 + self.server_world_size * len(self.clients)
+        """Ranks of one server's update group: this process and the server's ranks."""
+        return 1 + self.server_world_size
 
     def connect(self) -> None:
-        """Form the update group: servers join in threads while this process hosts the store."""
+        """Form every server's update group (each joins from a thread while this process hosts
+        its rendezvous)."""
+        check_servers_for_mode(self.clients, self.pause_mode)
+        for i in range(len(self.clients)):
+            self._connect_one(i, self.master_port if i == 0 else None)
+        self._connected = True
+
+    def _connect_one(self, i: int, port: int | None = None) -> None:
         from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
 
-        check_servers_for_mode(self.clients, self.pause_mode)
-
-        futures = [self._pool.submit(c.init_weights_update_group, self.master_addr, self.master_port,
-                                     1 + i * self.server_world_size, self.world_size,
-                                     self.group_name, self.backend)
-                   for i, c in enumerate(self.clients)]
         from megatron_opd.listeners import loopback_socket_env, tcp_store
+        from megatron_opd.serving.sglang_server import free_port
 
+        port = port or free_port(self.master_addr)
+        name, c = self.group_names[i], self.clients[i]
+        joined = self._pool.submit(c.init_weights_update_group, self.master_addr, port, 1,
+                                   self.world_size, name, self.backend)
         # gloo/NCCL of this group listen on `lo` too when the rendezvous is on loopback
         os.environ.update(loopback_socket_env(self.master_addr))
         timeout = timedelta(seconds=self.timeout_s)
         # The rendezvous listens on master_addr only (loopback on one machine, the node's
         # address in a job), never on every interface as a plain TCPStore would.
-        store = tcp_store(self.master_addr, self.master_port, self.world_size, is_master=True,
+        store = tcp_store(self.master_addr, port, self.world_size, is_master=True,
                           timeout=timeout)
         # Servers wrap the rendezvous store in PrefixStore(group_name); match it exactly.
-        store = PrefixStore(self.group_name, store)
-        self.group, _ = _new_process_group_helper(
-            self.world_size, 0, [], Backend(self.backend), store, group_name=self.group_name,
+        store = PrefixStore(name, store)
+        group, _ = _new_process_group_helper(
+            self.world_size, 0, [], Backend(self.backend), store, group_name=name,
             backend_options=None, timeout=timeout)
-        _world.pg_group_ranks[self.group] = {i: i for i in range(self.world_size)}
-        for f in futures:
-            f.result(timeout=self.timeout_s)
+        _world.pg_group_ranks[group] = {r: r for r in range(self.world_size)}
+        joined.result(timeout=self.timeout_s)
+        self.groups[i] = group
 
     def publish(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
                 flush_cache: bool = True) -> float:
         """Send every tensor; afterwards the servers answer with `weight_version == version`.
-        The servers are paused and their update opened (HTTP round trips) in the background while
-        the first bucket is produced (on a parallel learner: gathered by every rank), so
-        generation runs on the old weights until there is something to send."""
-        if self.group is None:
+        Every server is paused and its update opened (HTTP round trips, in its own thread) while
+        the first tensors are produced (on a parallel learner: gathered by every rank).
+
+        A server that fails during the update is dropped from it and the others get the
+        version; it rejoins (a new group, the full weights) at a later publish once it
+        answers. Only when no server got the version does this reconnect and raise
+        `PublishInterrupted`."""
+        if not self._connected:
             raise RuntimeError("DistributedWeightPublisher.publish before connect()")
         t0 = time.time()
+        self._rejoin(wait_s=0.0)
         source = _Source(named_tensors)
         try:
+            if not any(g is not None for g in self.groups):
+                raise SGLangError("no rollout server is in the update group")
             self._send(source, version, flush_cache)
         except Exception as e:
             if source.failed or self.reconnect_timeout_s <= 0:
@@ -229,144 +289,322 @@ class DistributedWeightPublisher:
         return time.time() - t0
 
     def reconnect(self) -> None:
-        """Wait until every server answers (within reconnect_timeout_s), drop the old group on
-        every side, and form a new one on a fresh rendezvous port and group name."""
-        from megatron_opd.serving.sglang_server import free_port
+        """Wait until every server answers (within reconnect_timeout_s), drop the old groups on
+        every side, and form new ones on fresh rendezvous ports and group names."""
+        for i, g in enumerate(self.groups):
+            if g is not None:
+                self._drop(i, None)
+        self._rejoin(wait_s=self.reconnect_timeout_s, all_of_them=True)
 
-        if self.group is not None:
+    def _rejoin(self, wait_s: float, all_of_them: bool = False) -> None:
+        """Servers out of the update that answer (within wait_s; all_of_them: every one must)
+        get a new group; the others stay out."""
+        out = [i for i, g in enumerate(self.groups) if g is None]
+        if not out:
+            return
+        self._destroy_stale()
+        back = []
+        for i in out:
+            c = self.clients[i]
             try:
-                torch.distributed.destroy_process_group(self.group)
-            except Exception:
-                pass
-            self.group = None
-        for c in self.clients:
-            c.wait_ready(self.reconnect_timeout_s)
-            try:  # a server that survived still holds the old group
-                c.destroy_weights_update_group(self.group_name)
+                c.wait_ready(wait_s)
+            except ServerUnavailable:
+                if all_of_them:
+                    raise
+                continue
+            try:  # a server that survived still holds its old group
+                c.destroy_weights_update_group(self.group_names[i])
             except SGLangError:
                 pass  # a restarted server has none
+            back.append(i)
+        if not back:
+            return
+        check_servers_for_mode([self.clients[i] for i in back], self.pause_mode)
         self.reconnects += 1
-        self.group_name = f"{self.base_group_name}_r{self.reconnects}"
-        self.master_port = free_port(self.master_addr)
-        self.connect()
+        for i in back:
+            self.group_names[i] = self._name(i)
+            self._connect_one(i)
+            print(f"[weight_sync] {self.clients[i].url} joined the update group again "
+                  f"({self.group_names[i]})", file=sys.stderr, flush=True)
 
-    def _send(self, named_tensors, version: int, flush_cache: bool) -> None:
-        paused, opened = [], []
-        opening = self._pool.submit(self._open_update, paused, opened)
+    def _drop(self, i: int, works) -> None:
+        """Server i is out of the update group (its group is destroyed once its works end)."""
+        self._stale.append((self.groups[i], list(works or ())))
+        self.groups[i] = None
+        self._destroy_stale()
+
+    def _destroy_stale(self) -> None:
+        keep = []
+        for group, works in self._stale:
+            if all(w.is_completed() for w, _ in works):
+                try:
+                    torch.distributed.destroy_process_group(group)
+                except Exception:
+                    pass
+            else:  # a hung peer: its work ends at the group's timeout
+                keep.append((group, works))
+        self._stale = keep
+
+    def _send(self, source, version: int, flush_cache: bool) -> None:
+        live = [i for i, g in enumerate(self.groups) if g is not None]
         flush = update_flushes_cache(self.pause_mode, flush_cache)
-        sent = False
+        u = _Update(self, live, version)
+        t0 = time.perf_counter()
         try:
             if self.manifest is None:
-                self._send_learning(named_tensors, version, flush, opening)
+                self._send_learning(source, u, flush)
             else:
-                self._send_overlapped(named_tensors, version, flush, opening)
-            opening.result(timeout=self.timeout_s)  # (nothing to send: still report its error)
-            sent = True
+                self._send_overlapped(source, u, flush)
+            for i in live:  # (nothing to send: still report a failed opening)
+                u.opened_ok(i, wait=True)
         finally:
-            wait([opening], timeout=self.timeout_s)
+            u.close()
+            u.add("total_s", time.perf_counter() - t0)
+        for i, e in u.errors.items():
+            self._drop(i, u.works.get(i))
+            self.dropped.append(self.clients[i].url)
+            if u.ok:
+                print(f"[weight_sync] {self.clients[i].url} failed during version {version} "
+                      f"({e}); {len(u.ok)} other server(s) got it; it rejoins at a later "
+                      "publish", file=sys.stderr, flush=True)
+        if not u.ok:
+            raise u.first_error()
 
-            def close(c) -> list:  # every server resumes, even if one of them failed
-                errs = []
-                for done, call in ((opened, c.end_weight_update), (paused, c.continue_generation)):
-                    if c in done:
-                        try:
-                            call()
-                        except Exception as e:
-                            errs.append(e)
-                return errs
-
-            errors = [e for errs in self._pool.map(close, self.clients) for e in errs]
-            if sent and errors:  # (after a failure, the first error is the one that matters)
-                raise errors[0]
-
-    def _announce(self, bucket_meta, version: int, flush: bool) -> list:
-        """Every server starts receiving one bucket (its HTTP call returns once it is loaded)."""
-        names, dtypes, shapes = (list(x) for x in zip(*bucket_meta))
-        return [lane.submit(c.update_weights_from_distributed, names, dtypes, shapes,
-                            self.group_name, str(version), flush)
-                for lane, c in zip(self._lanes, self.clients)]
-
-    def _send_learning(self, named_tensors, version: int, flush: bool, opening) -> None:
+    def _send_learning(self, source, u: "_Update", flush: bool) -> None:
         """Bucket by bucket, each produced whole before it is announced; records the manifest."""
         manifest = []
-        for bucket in _buckets(named_tensors, self.bucket_bytes):
-            opening.result(timeout=self.timeout_s)  # raises if pausing or beginning failed
+        for bucket in _buckets(u.timed_iter(source), self.bucket_bytes):
             meta = [(n, _dtype_name(t), list(t.shape)) for n, t in bucket]
-            futures = self._announce(meta, version, flush)
+            u.announce(meta, flush)
             for _, t in bucket:
-                torch.distributed.broadcast(t.detach().contiguous(), src=0, group=self.group)
-            for f in futures:
-                f.result(timeout=self.timeout_s)
+                u.broadcast(t.detach().contiguous())
+            u.finish_bucket()
             manifest += meta
         self.manifest = manifest
 
-    def _send_overlapped(self, named_tensors, version: int, flush: bool, opening) -> None:
+    def _send_overlapped(self, source, u: "_Update", flush: bool) -> None:
         """Each bucket is announced from the manifest, then every tensor is broadcast
         asynchronously as soon as the stream yields it (the next one is produced meanwhile).
         Two buckets are in flight: bucket i+1 is announced (queued behind bucket i on each
         server), produced and broadcast while the servers still receive and load bucket i."""
-        it = iter(named_tensors)
-        inflight = []  # per bucket: (HTTP futures, [(work, tensor)]): tensors live until sent
-        try:
-            for bucket in _buckets(((m, (m[2], m[1])) for m in self.manifest),
-                                   self.bucket_bytes, nbytes=_meta_nbytes):
-                meta = [m for m, _ in bucket]
-                opening.result(timeout=self.timeout_s)
-                pending = []
-                inflight.append((self._announce(meta, version, flush), pending))
-                for name, dtype, shape in meta:
-                    got = next(it, None)
-                    if got is None or got[0] != name or _dtype_name(got[1]) != dtype \
-                            or list(got[1].shape) != shape:
-                        self.manifest = None
-                        raise RuntimeError(
-                            f"weight stream departs from the first publish's at {name} "
-                            f"{dtype}{shape}: got {_describe(got)}")
-                    t = got[1].detach().contiguous()
-                    pending.append((torch.distributed.broadcast(t, src=0, group=self.group,
-                                                                async_op=True), t))
-                while len(inflight) > 1:
-                    self._finish(*inflight.pop(0))
-            while inflight:
-                self._finish(*inflight.pop(0))
-        finally:
-            # After an error, the broadcasts already queued finish (their tensors live till
-            # then). A bucket announced but not wholly produced leaves the servers waiting for
-            # the rest until the update group's timeout: a stream that fails midway (a gather
-            # error) is fatal to the learner anyway, and loading a partial bucket would be worse.
-            for _, pending in inflight:
-                for work, _ in pending:
-                    work.wait()
-        extra = next(it, None)
+        it = iter(source)
+        buckets = list(_buckets(((m, (m[2], m[1])) for m in self.manifest),
+                                self.bucket_bytes, nbytes=_meta_nbytes))
+        for k, bucket in enumerate(buckets):
+            meta = [m for m, _ in bucket]
+            # the servers are paused until the last bucket is loaded: one flush, with it
+            u.announce(meta, flush and k == len(buckets) - 1)
+            for name, dtype, shape in meta:
+                got = u.timed("produce_s", next, it, None)
+                if got is None or got[0] != name or _dtype_name(got[1]) != dtype \
+                        or list(got[1].shape) != shape:
+                    self.manifest = None
+                    raise RuntimeError(
+                        f"weight stream departs from the first publish's at {name} "
+                        f"{dtype}{shape}: got {_describe(got)}")
+                u.broadcast(got[1].detach().contiguous())
+            u.end_bucket()
+            while len(u.buckets) > 1:
+                u.finish_bucket(oldest=True)
+        while u.buckets:
+            u.finish_bucket(oldest=True)
+        extra = u.timed("produce_s", next, it, None)
         if extra is not None:
             self.manifest = None
             raise RuntimeError(f"weight stream has more tensors than the first publish's: "
                                f"{_describe(extra)}")
 
-    def _finish(self, futures, pending) -> None:
-        for work, _ in pending:
-            work.wait()
-        for f in futures:
-            f.result(timeout=self.timeout_s)
-
-    def _open_update(self, paused: list, opened: list) -> None:
-        pause_servers(self.clients, self.pause_mode, paused)
-        for c in self.clients:
-            c.begin_weight_update()
-            opened.append(c)
-
     def close(self) -> None:
-        if self.group is not None:
-            for c in self.clients:
+        for i, g in enumerate(self.groups):
+            if g is not None:
                 try:
-                    c.destroy_weights_update_group(self.group_name)
+                    self.clients[i].destroy_weights_update_group(self.group_names[i])
                 except Exception:
                     pass  # the server may already be gone at shutdown
-            torch.distributed.destroy_process_group(self.group)
-            self.group = None
+                torch.distributed.destroy_process_group(g)
+                self.groups[i] = None
+        self._destroy_stale()
+        self._connected = False
         self._pool.shutdown(wait=False)
         for lane in self._lanes:
             lane.shutdown(wait=False)
+
+
+class _Update:
+    """One publish to the servers `live`: per server, its opening (pause, begin), its bucket
+    requests (queued in its lane behind the opening), the broadcasts in its own group and
+    its errors. A server that fails is dropped from the rest of the update; nothing waits
+    on it again (a dead peer's broadcasts error out on their own).
+
+    With `pub.timings` a dict, it is refilled with seconds per phase: produce_s (in the
+    weights iterator: on a parallel learner, the gather), broadcast_s (issuing the async
+    broadcasts), open_wait_s / finish_s / close_s (blocked on the servers: their opening,
+    their bucket answers, end + continue), total_s; and, per server summed over servers (in
+    their threads, overlapping the above): open_calls_s (pause + begin), update_calls_s
+    (the bucket requests: receive, load, flush), close_calls_s (end + continue)."""
+
+    def __init__(self, pub: DistributedWeightPublisher, live: list[int], version: int):
+        self.pub, self.live, self.version = pub, live, version
+        self.times = pub.timings
+        if self.times is not None:
+            self.times.clear()
+            self.times.update(dict.fromkeys(
+                ("produce_s", "broadcast_s", "open_wait_s", "finish_s", "close_s", "total_s",
+                 "open_calls_s", "update_calls_s", "close_calls_s"), 0.0))
+        self.errors: dict[int, BaseException] = {}
+        self.paused: set[int] = set()
+        self.begun: set[int] = set()
+        self.works: dict[int, list] = {i: [] for i in live}
+        self.backlog: dict[int, list] = {i: [] for i in live}  # produced before it opened
+        self.buckets: list[dict] = []  # in flight: {server: HTTP future}
+        self.opening = {i: pub._lanes[i].submit(self._open, i) for i in live}
+
+    def add(self, key: str, dt: float) -> None:
+        if self.times is not None:
+            self.times[key] += dt  # (one writer per key at a time: float adds under the GIL)
+
+    def timed(self, key: str, fn, *args):
+        if self.times is None:
+            return fn(*args)
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.times[key] += time.perf_counter() - t0
+
+    def timed_iter(self, it):
+        it = iter(it)
+        while True:
+            try:
+                item = self.timed("produce_s", next, it)
+            except StopIteration:
+                return
+            yield item
+
+    def _open(self, i: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._open_calls(i)
+        finally:
+            self.add("open_calls_s", time.perf_counter() - t0)
+
+    def _open_calls(self, i: int) -> None:
+        c = self.pub.clients[i]
+        paused = []
+        try:
+            pause_servers([c], self.pub.pause_mode, paused)
+        finally:
+            if paused:
+                self.paused.add(i)
+        c.begin_weight_update()
+        self.begun.add(i)
+
+    @property
+    def ok(self) -> list[int]:
+        return [i for i in self.live if i not in self.errors]
+
+    def first_error(self) -> BaseException:
+        return self.errors[min(self.errors)]
+
+    def fail(self, i: int, e: BaseException) -> None:
+        self.errors.setdefault(i, e)
+        self.backlog[i] = []
+
+    def opened_ok(self, i: int, wait: bool = False) -> bool | None:
+        """True once server i is paused and its update begun; None while it is opening."""
+        if i in self.errors:
+            return False
+        f = self.opening[i]
+        if not wait and not f.done():
+            return None
+        try:
+            f.result(timeout=self.pub.timeout_s)
+            return True
+        except Exception as e:
+            self.fail(i, e)
+            return False
+
+    def announce(self, meta, flush: bool) -> None:
+        """Every server starts receiving one bucket (its HTTP call returns once it is loaded),
+        in its lane: after its opening, and only if that succeeded."""
+        names, dtypes, shapes = (list(x) for x in zip(*meta))
+
+        def request(i):
+            if not self.opening[i].done() or self.opening[i].exception() is not None:
+                raise _Failed("its update did not open")
+            self.timed("update_calls_s", self.pub.clients[i].update_weights_from_distributed,
+                       names, dtypes, shapes, self.pub.group_names[i], str(self.version), flush)
+        self.buckets.append({i: self.pub._lanes[i].submit(request, i) for i in self.ok})
+
+    def broadcast(self, t: torch.Tensor) -> None:
+        """Send t to every server whose update is open (async); hold it for the others."""
+        for i in self.ok:
+            self.backlog[i].append(t)
+            if self.opened_ok(i):
+                self._flush(i)
+
+    def _flush(self, i: int) -> None:
+        t0 = time.perf_counter()
+        group = self.pub.groups[i]
+        for t in self.backlog[i]:
+            self.works[i].append(
+                (torch.distributed.broadcast(t, src=0, group=group, async_op=True), t))
+        self.backlog[i] = []
+        self.add("broadcast_s", time.perf_counter() - t0)
+
+    def end_bucket(self) -> None:
+        """The bucket is produced: a server still opening gets it once open."""
+        for i in self.ok:
+            if self.backlog[i] and self.timed("open_wait_s", self.opened_ok, i, True):
+                self._flush(i)
+
+    def finish_bucket(self, oldest: bool = False) -> None:
+        """Wait for the oldest (or only) bucket in flight: its broadcasts, then every server's
+        answer (received and loaded). A server that fails is dropped."""
+        if not oldest:
+            self.end_bucket()
+        t0 = time.perf_counter()
+        try:
+            self._finish_bucket()
+        finally:
+            self.add("finish_s", time.perf_counter() - t0)
+
+    def _finish_bucket(self) -> None:
+        futures = self.buckets.pop(0)
+        for i, f in futures.items():
+            if i in self.errors:
+                continue
+            try:
+                f.result(timeout=self.pub.timeout_s)
+                # (answered: it received every tensor, so these broadcasts have ended)
+                works, self.works[i] = self.works[i], []
+                for w, _ in works:
+                    w.wait()
+            except Exception as e:
+                self.opened_ok(i, wait=True)  # (its opening's error, if that is what failed)
+                self.fail(i, e)
+
+    def close(self) -> None:
+        """Every server that was paused resumes and every opened update ends, even after a
+        failure (a dead server's calls fail at once; their errors are not reported)."""
+        t0 = time.perf_counter()
+        for i in self.live:
+            try:
+                self.opening[i].result(timeout=self.pub.timeout_s)
+            except Exception as e:
+                self.fail(i, e)
+        self.add("open_wait_s", time.perf_counter() - t0)
+
+        def close_one(i) -> None:
+            c = self.pub.clients[i]
+            for done, call in ((self.begun, c.end_weight_update),
+                               (self.paused, c.continue_generation)):
+                if i in done:
+                    try:
+                        self.timed("close_calls_s", call)
+                    except Exception as e:
+                        self.fail(i, e)
+        self.timed("close_s", lambda: list(self.pub._pool.map(close_one, self.live)))
 
 
 def publish_with_retries(make_weights, publisher, version: int, attempts: int = 1,
