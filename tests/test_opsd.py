@@ -291,6 +291,6 @@ def test_opsd_quickstart_closes_the_held_out_gap_to_the_privileged_teacher(tmp_p
     kl0, kl1 = evals[0]["eval/reverse_kl"], evals[E2E_STEPS]["eval/reverse_kl"]
     before = _accuracy_by_op(run_dir / "samples" / "eval-0.jsonl")
     after = _accuracy_by_op(run_dir / f"samples/eval-{E2E_STEPS}.jsonl")
-    assert kl1 < 0.85 * kl0, (kl0, kl1, before, after)
+    assert kl1 < 0.85 * kl0, (kl0, kl1, before, after)  # 0.62x at 80 steps measured (0.80x at 40, 0.81x at 50)
     # the teacher was never refreshed (self_refresh > steps): no teacher weights were written
     assert not list((run_dir / "teacher_weights").glob("v*"))

@@ -55,6 +55,22 @@ def test_install_is_a_no_op_with_cuda(monkeypatch, clean_meta_path):
     assert sys.meta_path == before
 
 
+def test_teacher_temperature_patch_is_a_run_patch_on_every_device(monkeypatch, clean_meta_path):
+    """A GPU teacher scores at teacher.temperature too: the patch is installed with the run
+    patches, which do not look at the device (the CPU compat, a no-op with CUDA, lacks it)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert sglang_cpu.install_sglang_cpu_compat() == []
+    for other in ("patch_rendezvous_store_binds_its_host", "patch_server_args_log_line_short"):
+        monkeypatch.setattr(sglang_cpu, other, lambda: False)  # (they patch torch for good)
+    sglang_cpu.install_sglang_run_patches()
+    target = sglang_cpu._LOGITS_MODULE
+    hooked = any(getattr(f, "fullname", None) == target for f in sys.meta_path)
+    module = sys.modules.get(target)
+    assert hooked or getattr(module.InputLogprobProcessor.forward, "__megatron_opd_patch__", False)
+
+
 def test_rendezvous_store_listens_on_the_host_it_is_given(monkeypatch):
     """SGLang's scheduler creates its torch.distributed store through
     `torch.distributed.rendezvous._create_c10d_store` (`tcp://<--host>:<port>`): upstream's

@@ -15,13 +15,13 @@ Gaps on CPU (measured, see docs/sglang-on-cpu.md):
    attention backend (torch_native), so a seed was silently ignored; and seeded sampling hashes
    with sgl_kernel's `murmur_hash32_cpu`, absent here. Two patches make a CPU server honour
    per-request seeds (reproducible evaluation, learner/evaluate.py).
-5. Prompt-token log-probs (teacher scoring) ignore the request's temperature: one patch scores
-   them at it (`patch_input_logprobs_at_request_temperature`; device-independent code, applied
-   here with the CPU compat: docs/temperatures.md says what a GPU teacher needs).
 
-Two more patches are applied on every device (`install_sglang_run_patches`, from the same
+Three more patches are applied on every device (`install_sglang_run_patches`, from the same
 sitecustomize): the scheduler's torch.distributed store listens on the host it was given, not
-on every interface; the ~20 kB `server_args=` log line becomes a short, wrapped one.
+on every interface; the ~20 kB `server_args=` log line becomes a short, wrapped one; and
+prompt-token log-probs (teacher scoring), which ignore the request's temperature, are scored at
+it (`patch_input_logprobs_at_request_temperature`: device-independent code, tested on CPU; on a
+GPU the orchestrator's measured-temperature check still refuses a server where it does not act).
 
 One more, on every device but only on teacher servers of teacher.signal=hidden (the launcher
 sets HIDDEN_STATES_ENV; sitecustomize then applies it): hidden states leave the server as base64
@@ -323,7 +323,8 @@ def install_sglang_run_patches() -> list[str]:
     listen and what the log says, not about the hardware); returns the names applied."""
     warn_if_untested("sglang", TESTED_SGLANG, "megatron_opd.compat.sglang_cpu")
     applied = [p.__name__ for p in (patch_rendezvous_store_binds_its_host,
-                                    patch_server_args_log_line_short) if p()]
+                                    patch_server_args_log_line_short,
+                                    patch_input_logprobs_at_request_temperature) if p()]
     _applied.extend(applied)
     return applied
 
@@ -528,8 +529,9 @@ def patch_input_logprobs_at_request_temperature() -> bool:
     is log_softmax(z / T); requests at T = 1 (and greedy ones, which SGLang sets to 1) and
     SGLANG_RETURN_ORIGINAL_LOGPROB=1 take upstream's path unchanged. The rows handed to the
     sampler are multiplied back by T (it divides by T itself; exact for powers of two, within
-    one float rounding otherwise). Device-independent code, tested on CPU: a GPU server needs
-    the same patch (install it with the run patches there) for teacher.temperature != 1."""
+    one float rounding otherwise). Device-independent code, tested on CPU; installed with the
+    run patches, so GPU teachers get it too (untested there: the orchestrator's measured-
+    temperature check, TeacherRouter.verify_temperature, refuses a server where it fails)."""
     return _patch_when_imported(_LOGITS_MODULE, _tempered_input_logprobs)
 
 
@@ -543,7 +545,7 @@ def install_sglang_cpu_compat() -> list[str]:
     applied = []
     for patch in (patch_sgl_kernel_stand_in, patch_torchvision_stand_in,
                   patch_cuda_host_register_no_op, patch_sampling_seed_honoured,
-                  patch_seeded_sampler_on_cpu, patch_input_logprobs_at_request_temperature):
+                  patch_seeded_sampler_on_cpu):
         if patch():
             applied.append(patch.__name__)
     _applied.extend(applied)
