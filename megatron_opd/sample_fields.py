@@ -128,6 +128,7 @@ FIELDS: tuple[SampleField, ...] = (
     # token t, i.e. the positions of teacher_logprobs. Wire: uint16 = bfloat16 bits (numpy has no
     # bfloat16; `bf16_bits_to_float32` is exact), float32 with teacher.hidden_dtype=float32.
     # Multi-turn tool tokens carry zero rows (masked). Not in the offline store (config refuses).
+    # Batch: bfloat16 when every sample is (kept so through the broadcast), else float32.
     F("teacher_hidden", TENSOR, "the teacher's final hidden state at each response position",
       wire=("uint16", "float32"), shape="TD", batch="float32", batch_shape="BTD", pad=0,
       optional=True, values="finite_bf16", reads="hidden"),

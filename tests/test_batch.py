@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_opd import sample_fields
 from megatron_opd.learner.batch import TrainBatch, collate
 from megatron_opd.transport import Sample
 
@@ -142,7 +143,35 @@ def test_broadcast_covers_every_batch_field():
     assert set(_BATCH_FIELDS) == names - {"routed_experts", "teacher_hidden"}  # optional: flagged
 
 
-BROADCAST_KS = (3, 0)
+BROADCAST_KS = (3, 0)  # top-K support K; K = 0 also carries teacher hidden states (bf16 bits)
+
+
+def _broadcast_samples(K: int) -> list[Sample]:
+    samples = make_samples(K=K, seed=5)
+    if K == 0:
+        rng = np.random.default_rng(7)
+        for s in samples:
+            s.teacher_hidden = sample_fields.float32_to_bf16_bits(
+                rng.standard_normal((len(s.response_ids), 6)))
+    return samples
+
+
+def test_bf16_hidden_states_stay_bf16_in_the_batch_and_exact():
+    """teacher.hidden_dtype=bfloat16: the batch keeps bfloat16 (half of float32's memory and
+    broadcast bytes), bit for bit; float32 samples (or a mix) give float32, exact for both."""
+    samples = _broadcast_samples(0)
+    batch, _ = collate(samples, PAD, step=0, max_staleness=2)
+    h = batch.teacher_hidden
+    assert h.dtype == torch.bfloat16 and h.shape == (len(samples), batch.response_ids.shape[1], 6)
+    for b, s in enumerate(samples):
+        n = len(s.response_ids)
+        want = sample_fields.bf16_bits_to_float32(s.teacher_hidden)
+        assert np.array_equal(h[b, :n].float().numpy(), want)
+        assert not h[b, n:].float().any()  # padded with 0
+    samples[0].teacher_hidden = sample_fields.bf16_bits_to_float32(samples[0].teacher_hidden)
+    mixed, _ = collate(samples, PAD, step=0, max_staleness=2)
+    assert mixed.teacher_hidden.dtype == torch.float32
+    assert torch.equal(mixed.teacher_hidden, h.float())
 
 
 def test_broadcast_batch_gives_every_rank_rank0s_batch(tmp_path):
@@ -156,7 +185,7 @@ def test_broadcast_batch_gives_every_rank_rank0s_batch(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     for K in BROADCAST_KS:
         got = torch.load(tmp_path / f"rank1-k{K}.pt")
-        want, _ = collate(make_samples(K=K, seed=5), PAD, step=0, max_staleness=2)
+        want, _ = collate(_broadcast_samples(K), PAD, step=0, max_staleness=2)
         for f in dataclasses.fields(TrainBatch):
             a, b = getattr(want, f.name), got[f.name]
             if a is None:
@@ -164,6 +193,7 @@ def test_broadcast_batch_gives_every_rank_rank0s_batch(tmp_path):
             else:
                 assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.isnan(), b.isnan()) \
                         and torch.equal(a.nan_to_num(), b.nan_to_num()), (K, f.name)  # NaN: none
+    assert got["teacher_hidden"].dtype == torch.bfloat16  # (K = 0, the last case)
 
 
 def _worker(out: Path) -> None:
@@ -176,7 +206,7 @@ def _worker(out: Path) -> None:
     for K in BROADCAST_KS:  # with a top-K support, and with none ([B, T, 0])
         batch = None  # only rank 0 has samples
         if rank == 0:
-            batch, _ = collate(make_samples(K=K, seed=5), PAD, step=0, max_staleness=2)
+            batch, _ = collate(_broadcast_samples(K), PAD, step=0, max_staleness=2)
         got = broadcast_batch(batch)
         if rank == 1:
             torch.save({f.name: getattr(got, f.name) for f in dataclasses.fields(TrainBatch)},

@@ -136,8 +136,11 @@ def collate(samples, pad_id: int, step: int, max_staleness: int | None,
 
 
 def _teacher_hidden(samples, T: int) -> torch.Tensor | None:
-    """[B, T, D] float32 from the samples' teacher_hidden (bfloat16 bits or float32), right-padded
-    with 0; None when no sample has one. All or none: a batch mixing signals is a bug upstream."""
+    """[B, T, D] from the samples' teacher_hidden, right-padded with 0; None when no sample has
+    one. bfloat16 when every sample carries bfloat16 bits (teacher.hidden_dtype=bfloat16: half
+    the memory and broadcast bytes of float32; the loss widens only the rows it uses, per
+    micro-batch), else float32 (exact for both). All or none: a batch mixing signals is a bug
+    upstream."""
     have = [s.teacher_hidden is not None for s in samples]
     if not any(have):
         return None
@@ -147,7 +150,13 @@ def _teacher_hidden(samples, T: int) -> torch.Tensor | None:
     dims = {s.teacher_hidden.shape[1] for s in samples}
     if len(dims) != 1:
         raise ValueError(f"samples disagree on the teacher's hidden size: {sorted(dims)}")
-    out = np.zeros((len(samples), T, dims.pop()), dtype=np.float32)
+    d = dims.pop()
+    if all(s.teacher_hidden.dtype == np.uint16 for s in samples):
+        bits = np.zeros((len(samples), T, d), dtype=np.uint16)  # 0 bits = +0.0
+        for b, s in enumerate(samples):
+            bits[b, :s.teacher_hidden.shape[0]] = s.teacher_hidden
+        return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+    out = np.zeros((len(samples), T, d), dtype=np.float32)
     for b, s in enumerate(samples):
         h = s.teacher_hidden
         out[b, :h.shape[0]] = sample_fields.bf16_bits_to_float32(h) if h.dtype == np.uint16 else h

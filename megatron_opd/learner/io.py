@@ -45,11 +45,23 @@ def broadcast_batch(batch: TrainBatch | None) -> TrainBatch:
         out[name] = t
     for name, (dtype, dims) in _OPTIONAL_FIELDS.items():
         t = getattr(batch, name) if dist.get_rank() == 0 else None
-        has = torch.tensor([t is not None], dtype=torch.int64)
-        dist.broadcast(has, src=0)
-        out[name] = broadcast_tensor(None if t is None else t.to(dtype), len(dims), dtype) \
-            if has.item() else None
+        if t is not None and t.dtype in _KEPT_DTYPES:
+            dtype = t.dtype  # e.g. teacher_hidden in bfloat16: sent and kept as it is
+        # 0: absent; else 1 + the index of its dtype
+        code = torch.tensor([0 if t is None else 1 + _SENT_DTYPES.index(dtype)])
+        dist.broadcast(code, src=0)
+        if code.item() == 0:
+            out[name] = None
+            continue
+        dtype = _SENT_DTYPES[code.item() - 1]
+        out[name] = broadcast_tensor(None if t is None else t.to(dtype), len(dims), dtype)
     return TrainBatch(**out)
+
+
+# An optional field's tensor already in one of these dtypes is broadcast as it is (not cast to
+# its table dtype); the code sent before it names the dtype.
+_KEPT_DTYPES = (torch.bfloat16,)
+_SENT_DTYPES = tuple(dict.fromkeys([*(d for d, _ in _OPTIONAL_FIELDS.values()), *_KEPT_DTYPES]))
 
 
 def broadcast_tensor(t: torch.Tensor | None, ndim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -61,7 +73,8 @@ def broadcast_tensor(t: torch.Tensor | None, ndim: int, dtype: torch.dtype) -> t
         shape[:] = torch.tensor(t.shape)
     dist.broadcast(shape, src=0)
     buf = t.contiguous() if dist.get_rank() == 0 else torch.empty(shape.tolist(), dtype=dtype)
-    dist.broadcast(buf, src=0)
+    # bfloat16 travels as its bytes (gloo has neither bfloat16 nor int16; uint8 everywhere)
+    dist.broadcast(buf.view(torch.uint8) if dtype == torch.bfloat16 else buf, src=0)
     return buf
 
 

@@ -156,7 +156,9 @@ def hidden_teacher_inputs(logits: torch.Tensor, d: dict, temperature: torch.Tens
         head.weight = head.weight.to(logits.device)
     keep = torch.nonzero((d["loss_mask"] > 0).reshape(-1)).view(-1)
     rows = (pos.long() + torch.arange(b, device=pos.device)[:, None] * s).reshape(-1)[keep]
+    # only the rows in the loss are widened (the batch may hold bfloat16)
     ht = d["teacher_hidden"].to(logits.device).reshape(b * t_len, -1)[keep]
+    ht = ht.to(torch.promote_types(ht.dtype, torch.float32))
     temp = 1.0 if temperature is None else temperature.reshape(-1)[keep]
     flat = logits.reshape(b * s, v)
     lq = teacher_logprobs_from_hidden(head, ht, d["response_ids"].reshape(-1)[keep],
