@@ -160,6 +160,31 @@ def test_logprobs_from_hidden_equal_the_servers_top_k_one_rank(teacher, referenc
 
 
 @pytest.mark.slow
+def test_hidden_states_through_the_smg_router_equal_direct_calls(teacher, tmp_path):
+    """A hidden-state teacher fleet of several servers is scored through smg (RoutedClient, one
+    sequence per request): the router passes `return_hidden_states` and the frames through, so
+    the rows, top-K and log-probs equal a direct call's."""
+    from megatron_opd.procs import free_port
+    from megatron_opd.serving.router import RoutedClient, SmgRouter
+
+    router = SmgRouter("teacher-router", [teacher[1]], "round_robin", free_port(),
+                       str(tmp_path / "router.log"))
+    router.start()
+    try:
+        router.wait_ready(120)
+        routed = RoutedClient(router.url, timeout=60).score(SEQS, start=STARTS, top_k=K,
+                                                            hidden="float32")
+    finally:
+        router.stop()
+    # (one sequence per request there, a batch here: sums in another order, ~5e-7 apart)
+    for got, want in zip(routed, _score(teacher[1], "float32", 1.0)):
+        assert got.hidden.dtype == np.float32 and got.hidden.shape == want.hidden.shape
+        np.testing.assert_allclose(got.hidden, want.hidden, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got.topk_logprobs, want.topk_logprobs, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
 def test_logprobs_from_hidden_equal_the_servers_top_k_under_tp2(teacher, tmp_path):
     """The same under TP2: two gloo processes, each with half of the (padded) head."""
     temperature = 0.7
