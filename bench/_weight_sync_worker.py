@@ -64,6 +64,14 @@ def run_layout(args, spec) -> None:
         from megatron_opd.serving.sglang_client import SGLangClient
         from megatron_opd.weight_sync import DistributedWeightPublisher
 
+        if args.publisher_file:  # another version of weight_sync.py, to compare (A/B)
+            import importlib.util
+
+            mod_spec = importlib.util.spec_from_file_location("weight_sync_alt",
+                                                              args.publisher_file)
+            mod = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(mod)
+            DistributedWeightPublisher = mod.DistributedWeightPublisher  # noqa: N806
         raw = _RawSender(args, spec)
         client = SGLangClient(args.url, timeout=600)
         pub = DistributedWeightPublisher([client], backend="gloo", group_name=args.group_name,
@@ -202,6 +210,7 @@ def main() -> None:
     ap.add_argument("--hf", required=True)
     ap.add_argument("--out", default="")
     ap.add_argument("--raw-port", type=int, required=True)
+    ap.add_argument("--publisher-file", default="")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--bucket-bytes", type=int, default=64 << 20)
     ap.add_argument("--layout", default="{}")  # JSON of config.ParallelConfig fields

@@ -138,7 +138,9 @@ def run_size(size: str, names: list[str], args, work: Path) -> dict:
     build_checkpoint(hf, spec)
     base_ref = reference_logprobs(hf)
     common = ["--spec", json.dumps(dataclasses.asdict(spec)), "--hf", str(hf),
-              "--repeats", str(args.n), "--bucket-bytes", str(int(args.bucket_mb * (1 << 20)))]
+              "--repeats", str(args.n), "--bucket-bytes", str(int(args.bucket_mb * (1 << 20))),
+              "--publisher-file", str(Path(args.publisher_file).resolve()) if args.publisher_file
+              else ""]
     server = SGLangServer(f"bench-{size}", str(hf), free_port(), str(work / "server.log"),
                           max_total_tokens=2048, threads=1, extra_args=("--weight-version", "0"))
     results: dict[str, dict] = {}
@@ -178,8 +180,8 @@ def run_size(size: str, names: list[str], args, work: Path) -> dict:
                   and sorted(res["names"]) == sorted(res["raw_names"]))
             res["check_ok"] = ok
             res["paired_ratios"] = [p / r for p, r in zip(res["publish_s"], res["raw_s"])]
-            res["phase_medians_s"] = {k: statistics.median(ph[k] for ph in res["phases"])
-                                      for k in PHASES}
+            res["phase_medians_s"] = {k: statistics.median(ph.get(k, 0.0) for ph in res["phases"])
+                                      for k in PHASES}  # (all 0: a publisher without timings)
             results[name] = res
             print(f"[{size}] {name:7s} raw     {_stats(res['raw_s'])} ({res['bytes'] / 2**20:.1f}"
                   f" MiB, {res['tensors']} tensors, {res['buckets']} bucket(s))", flush=True)
@@ -210,6 +212,9 @@ def main() -> None:
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
     ap.add_argument("--sizes", default=",".join(SIZES))
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--publisher-file", default="",
+                    help="publish with the DistributedWeightPublisher of this weight_sync.py "
+                         "(e.g. an older version, to compare)")
     args = ap.parse_args()
     if args.n < 1:
         ap.error("--n must be >= 1")
