@@ -367,8 +367,8 @@ class DistributedWeightPublisher:
                 print(f"[weight_sync] {self.clients[i].url} failed during version {version} "
                       f"({e}); {len(u.ok)} other server(s) got it; it rejoins at a later "
                       "publish", file=sys.stderr, flush=True)
-        if not u.ok:
-            raise u.first_error()
+        if not u.ok or (u.errors and self.reconnect_timeout_s <= 0):
+            raise u.first_error()  # (reconnect_timeout_s 0: any failure raises, as documented)
 
     def _send_learning(self, source, u: "_Update", flush: bool) -> None:
         """Bucket by bucket, each produced whole before it is announced; records the manifest."""
