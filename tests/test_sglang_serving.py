@@ -66,6 +66,16 @@ def test_greedy_generation_and_logprobs_match_transformers(server, models):
     assert res.weight_version == 0 and list(res.token_versions) == [0] * len(res.output_ids)
 
 
+def test_flush_cache_drops_the_prefix_cache(server):
+    """SGLang answers /flush_cache in plain text: the client reads the status only."""
+    client = SGLangClient(server.url)
+    prompt, params = SEQ[:7], {"temperature": 0.0, "max_new_tokens": 1}
+    client.generate([prompt], params)
+    assert client.generate([prompt], params)[0].meta_info["cached_tokens"] > 0
+    client.flush_cache()
+    assert client.generate([prompt], params)[0].meta_info["cached_tokens"] == 0
+
+
 def test_teacher_scoring_matches_transformers_including_top_k(server, models):
     client = SGLangClient(server.url)
     start = 6

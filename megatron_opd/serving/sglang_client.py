@@ -407,7 +407,13 @@ class SGLangClient:
         self._post("continue_generation", {})
 
     def flush_cache(self) -> None:
-        self._post("flush_cache", {})
+        """Drop the server's prefix cache (refused, HTTP 400, while requests run). SGLang answers
+        in plain text, not JSON: only the status is read."""
+        try:
+            r = self._session.post(f"{self.url}/flush_cache", timeout=self.timeout)
+        except requests.RequestException as e:
+            raise ServerUnavailable(f"{self.url}/flush_cache: {e}") from e
+        _raise_for(f"{self.url}/flush_cache", r)
 
     def _check(self, out, what: str) -> None:
         if isinstance(out, dict) and out.get("success") is False:
