@@ -245,7 +245,7 @@ def _samples(cfg, url, responses):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_samples_carry_hidden_rows_through_zeromq_to_the_batch(teacher, dtype):
     """make_groups -> Sample.teacher_hidden (float32, or bfloat16 bits) -> real ZeroMQ -> collate:
-    [B, T, d] float32, the scored rows exactly (bf16: widened exactly), zero padding; a
+    [B, T, d] in the samples' precision (bf16 stays bf16), the scored rows exactly, zero padding; a
     multi-turn sample's tool-token rows are zeros; the payload metrics are the bytes sent."""
     from megatron_opd.episodes import Trajectory
     from megatron_opd.learner.batch import collate
@@ -276,14 +276,15 @@ def test_samples_carry_hidden_rows_through_zeromq_to_the_batch(teacher, dtype):
         assert np.array_equal(s.teacher_hidden, want)
         assert s.metadata["teacher_http_bytes"] == pytest.approx(sc.http_bytes)
     batch, _ = collate(got, pad_id=0, step=0, max_staleness=None)
-    assert batch.teacher_hidden.dtype == torch.float32
+    assert batch.teacher_hidden.dtype == getattr(torch, dtype)
     assert list(batch.teacher_hidden.shape) == [2, 6, 64]
+    rows = batch.teacher_hidden.float()  # (bf16 -> float32 is exact)
     for b, s in enumerate(got):
         h = s.teacher_hidden
         wide = sf.bf16_bits_to_float32(h) if h.dtype == np.uint16 else h
-        assert torch.equal(batch.teacher_hidden[b, :s.num_tokens], torch.from_numpy(wide))
-        assert not batch.teacher_hidden[b, s.num_tokens:].any()
-    assert not batch.teacher_hidden[1, 2:4].any()  # the tool tokens
+        assert torch.equal(rows[b, :s.num_tokens], torch.from_numpy(wide))
+        assert not rows[b, s.num_tokens:].any()
+    assert not rows[1, 2:4].any()  # the tool tokens
     if dtype == "bfloat16":  # the server's float32 rows rounded to bfloat16 (half an ulp: 2^-9;
         # this request is computed in another batch, so its float32 rows may differ in the last bits)
         f32 = SGLangClient(teacher[1], timeout=60).score(
