@@ -18,6 +18,12 @@ Learner side (V = 152064, Qwen3's padded vocabulary; N tokens and hidden size d 
     logits     hidden_teacher_kl(the baseline's logits, teacher hidden, teacher head): the
                teacher's head fused, the student's logits given (what the learner runs today,
                megatron's output layer having made the logits)
+    unfused    the same reverse KL the plain way: both heads' [N, V] logits materialised
+               (2 products), log_softmax of each, the KL, autograd.grad w.r.t. the student's
+               hidden and head (2 more products): the path the fused one replaces, matmuls
+               included. `fused_over_unfused_time` / `_mem` compare like with like; the issue's
+               baseline does no matmul at all, so at a real d (4096) its ratio is bounded by
+               the 6 fused products on any device (docs/benchmarks.md)
 
 Peak extra memory: CPU peak RSS over the window minus RSS before it (VmHWM reset through
 /proc/self/clear_refs; glibc told to mmap and return every block >= 256 KiB, as in
@@ -125,6 +131,13 @@ def run_worker(args) -> None:
         return torch.autograd.grad(
             hidden_teacher_kl(logits, ht, head, chunk_tokens=chunk).sum(), logits)
 
+    def unfused():
+        lp = torch.log_softmax(hs @ ws.T, -1)
+        with torch.no_grad():
+            lq = torch.log_softmax(ht @ wt.T, -1)
+        kl = (lp.exp() * (lp - lq)).sum()
+        return torch.autograd.grad(kl, [hs, ws])
+
     def matmuls():  # the fused path's 6 products alone, in the same chunks
         h_, w_ = hs.detach(), ws.detach()
         for s in range(0, n, chunk):
@@ -137,7 +150,8 @@ def run_worker(args) -> None:
             blk.T @ h_[s:e]
         return None
 
-    cases = {"baseline": baseline, "fused": fused, "logits": from_logits, "matmul": matmuls}
+    cases = {"baseline": baseline, "fused": fused, "logits": from_logits, "unfused": unfused,
+             "matmul": matmuls}
     times: dict = {k: [] for k in cases}
     peaks: dict = {k: [] for k in cases}
     for r in range(args.repeats + 1):
@@ -208,7 +222,7 @@ def main() -> int:
               f"{t['full_logits_fp32']} ({t['full_over_hidden']}x hidden)")
     print(f"learner side, V={w['vocab']}, N={w['tokens']}, d={w['hidden']}, chunk "
           f"{w['chunk_tokens']}, {w['threads']} threads:")
-    for k in ("baseline", "fused", "logits", "matmul"):
+    for k in ("baseline", "fused", "logits", "unfused", "matmul"):
         print(f"  {k:<9} {med[k]:8.3f} s  ({w['min_max_s'][k][0]:.3f}-{w['min_max_s'][k][1]:.3f})"
               f"  peak extra {pk[k] / GIB:6.3f} GiB  time x{med[k] / med['baseline']:.2f}  "
               f"mem x{pk[k] / w['logits_bytes']:.3f} of one fp32 [N, V]")
@@ -220,7 +234,9 @@ def main() -> int:
         "time_goal_met": time_ratio <= GOAL_TIME, "mem_goal_met": mem_ratio <= GOAL_MEM,
         "logits_path_time_ratio": round(logits_time_ratio, 3),
         "logits_path_mem_ratio": round(logits_mem_ratio, 3),
-        "fused_matmuls_time_ratio": round(matmul_ratio, 3), "worker": w}))
+        "fused_matmuls_time_ratio": round(matmul_ratio, 3),
+        "fused_over_unfused_time": round(med["fused"] / med["unfused"], 3),
+        "fused_over_unfused_mem": round(pk["fused"] / max(pk["unfused"], 1), 3), "worker": w}))
     return 0
 
 
