@@ -22,6 +22,24 @@ def process_tree(pid: int) -> list[int]:
         return []
 
 
+def kill_tree(pid: int, timeout: float = 30) -> None:
+    """SIGKILL `pid` and every process below it (some run in sessions of their own), and wait
+    until they are gone."""
+    import signal
+
+    try:
+        root = psutil.Process(pid)
+        victims = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in victims:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=timeout)
+
+
 def _socket_inodes(pids) -> dict[str, int]:
     inodes = {}
     for pid in pids:

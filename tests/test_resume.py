@@ -59,19 +59,9 @@ def run(tmp: Path, *args, nproc: int = 1, layout: dict | None = None, expect_kil
 
 def _kill_group(proc) -> None:
     """SIGKILL torchrun and every process below it (its workers run in sessions of their own)."""
-    import psutil
+    from tests.net_listeners import kill_tree
 
-    try:
-        root = psutil.Process(proc.pid)
-        victims = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in victims:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(victims, timeout=30)
+    kill_tree(proc.pid)
 
 
 def _kill_worker_groups(log: Path) -> None:

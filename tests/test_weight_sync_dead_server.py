@@ -10,12 +10,9 @@ log-probs are checked against transformers on the tensors sent.
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 
 import numpy as np
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -24,6 +21,7 @@ from megatron_opd.models.spec import MoEModelSpec, to_hf_config
 from megatron_opd.serving.sglang_client import SGLangClient, SGLangError
 from megatron_opd.serving.sglang_server import SGLangServer, free_port
 from megatron_opd.tokenizer import SPECIALS, save_tokenizer
+from tests.net_listeners import kill_tree
 
 SPEC = MoEModelSpec()
 TOL = 1e-4  # fp32 on both sides; SGLang's torch-native attention sums in another order
@@ -49,18 +47,6 @@ def _expected(model_dir) -> np.ndarray:
     with torch.no_grad():
         lp = torch.log_softmax(m(torch.tensor([SEQ])).logits[0].double(), -1)
     return np.array([lp[j - 1, SEQ[j]].item() for j in range(START, len(SEQ))])
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL the server and every process under it (a node lost), and wait for them."""
-    procs = [psutil.Process(pid)]
-    procs += procs[0].children(recursive=True)
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +111,7 @@ def test_server_killed_mid_update_is_dropped_and_the_other_gets_the_weights(two_
         def update_then_die(*args):  # the victim dies after loading its second bucket
             calls.append(args[0])
             if len(calls) == 3:
-                _kill_tree(servers[1].pid)
+                kill_tree(servers[1].pid)  # the server and all below it: a node lost
             return original(*args)
         victim.update_weights_from_distributed = update_then_die
 
