@@ -1111,15 +1111,24 @@ def validate_cluster_fit(cfg: Config) -> None:
     for role in ("rollout", "teacher"):  # a Slurm job fills its fleets' nodes (docs/slurm.md)
         f, wanted = getattr(c, role), getattr(cfg, role).num_servers
         filled = f.nodes * (c.gpus_per_node // f.gpus_per_server if c.gpus_per_node else 1)
-        if role == "teacher" and cfg.teacher.teachers:  # they take the slots in order
-            total = sum(n.num_servers for n in cfg.teacher.teachers)
-            if total != filled:
-                raise ConfigError(f"teacher.teachers: the Slurm job runs {filled} teacher "
-                                  f"server(s) (cluster.teacher), but the teachers' num_servers "
-                                  f"add up to {total}; make them add up to {filled}")
+        if role == "teacher" and cfg.teacher.teachers:
+            validate_teacher_slots(cfg, filled)
         elif wanted not in (1, filled):
             raise ConfigError(f"{role}.num_servers: the Slurm job runs {filled} {role} server(s) "
                               f"(cluster.{role}); set it to {filled}, or 1 to fill the nodes")
+
+
+def validate_teacher_slots(cfg: Config, slots: int) -> None:
+    """Several teachers in a Slurm job take its `slots` teacher servers in config order
+    (launch/fleet.py): their num_servers must fill them exactly (a slot left over would hold
+    GPUs no teacher uses)."""
+    total = sum(n.num_servers for n in cfg.teacher.teachers)
+    if total != slots:
+        raise ConfigError(f"teacher.teachers: the Slurm job runs {slots} teacher server(s) "
+                          f"(cluster.teacher.nodes x cluster.gpus_per_node / "
+                          f"cluster.teacher.gpus_per_server, one per node without GPUs), but "
+                          f"the teachers' num_servers add up to {total}; make them add up to "
+                          f"{slots}")
 
 
 def validate_slurm_section(s: SlurmConfig) -> None:

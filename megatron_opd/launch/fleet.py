@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_opd.config import Config, ConfigError
+from megatron_opd.config import Config, ConfigError, validate_teacher_slots
 
 FLEETS = ("teacher", "rollout")  # started in this order
 LEARNER_MODULE = "megatron_opd.learner.main"
@@ -63,7 +63,7 @@ def fleet_specs(cfg: Config, models, nodes: dict[str, int] | None = None,
         fleets[role] = []
         if role == "teacher" and cfg.teacher.teachers:
             fleets[role] = _named_teachers(cfg, models, None if nodes is None else layout,
-                                           per_node, per_server if gpus_per_node else 0)
+                                           per_server if gpus_per_node else 0)
             continue
         for node, i in layout:
             gpu_ids, extra = _gpu_placement(i, per_server if gpus_per_node else 0)
@@ -94,7 +94,7 @@ def _gpu_placement(i: int, per_server: int) -> tuple[tuple[int, ...], tuple[str,
     return gpu_ids, ("--tp-size", str(per_server), "--base-gpu-id", str(gpu_ids[0]))
 
 
-def _named_teachers(cfg: Config, models, slots: list[tuple[int, int]] | None, per_node: int,
+def _named_teachers(cfg: Config, models, slots: list[tuple[int, int]] | None,
                     per_server: int) -> list[ServerSpec]:
     """Several teachers (teacher.teachers): each one's `num_servers` servers of its checkpoint
     ("" = the run's teacher), named `teacher-<name>` (`teacher-<name>-<i>` with several). On one
@@ -103,16 +103,10 @@ def _named_teachers(cfg: Config, models, slots: list[tuple[int, int]] | None, pe
     (a slot left over would hold GPUs no teacher uses)."""
     from megatron_opd.serving.teachers import teacher_specs
 
-    teachers = teacher_specs(cfg)
-    total = sum(t.num_servers for t in teachers)
-    if slots is not None and total != len(slots):
-        raise ConfigError(
-            f"teacher.teachers: the Slurm job runs {len(slots)} teacher server(s) "
-            f"({len(slots) // per_node} node(s) x {per_node} per node: cluster.teacher.nodes, "
-            f"cluster.gpus_per_node / cluster.teacher.gpus_per_server), but the teachers' "
-            f"num_servers add up to {total}; make them add up to {len(slots)}")
+    if slots is not None:
+        validate_teacher_slots(cfg, len(slots))
     out, k = [], 0
-    for t in teachers:
+    for t in teacher_specs(cfg):
         for i in range(t.num_servers):
             node, index = slots[k] if slots is not None else (0, 0)
             gpu_ids, extra = _gpu_placement(index, per_server)
