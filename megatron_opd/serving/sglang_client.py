@@ -149,7 +149,9 @@ class SGLangClient:
         self._session = requests.Session()
         self._last = threading.local()  # body size of this thread's latest response
     def _post(self, path: str, payload: dict | None = None, timeout: float | None = None,
-              url: str | None = None):
+              url: str | None = None, json_answer: bool = True):
+        """POST `payload`; the answer parsed as JSON (None if empty; with json_answer=False
+        always None: a route that answers in plain text)."""
         url = url or self.url
         try:
             r = self._session.post(f"{url}/{path}", json=payload if payload is not None else {},
@@ -158,7 +160,7 @@ class SGLangClient:
             raise ServerUnavailable(f"{url}/{path}: {e}") from e
         _raise_for(f"{url}/{path}", r)
         self._last.response_bytes = len(r.content)
-        return r.json() if r.content else None
+        return r.json() if r.content and json_answer else None
 
     def _get(self, path: str, url: str | None = None, timeout: float | None = None):
         url = url or self.url
@@ -409,11 +411,7 @@ class SGLangClient:
     def flush_cache(self) -> None:
         """Drop the server's prefix cache (refused, HTTP 400, while requests run). SGLang answers
         in plain text, not JSON: only the status is read."""
-        try:
-            r = self._session.post(f"{self.url}/flush_cache", timeout=self.timeout)
-        except requests.RequestException as e:
-            raise ServerUnavailable(f"{self.url}/flush_cache: {e}") from e
-        _raise_for(f"{self.url}/flush_cache", r)
+        self._post("flush_cache", {}, json_answer=False)
 
     def _check(self, out, what: str) -> None:
         if isinstance(out, dict) and out.get("success") is False:
